@@ -1,0 +1,69 @@
+# dermkohya — `make train` trains the embedded demo (or RUN=runs/<run>.toml); `make test` runs the tests.
+# Two environments: .venv is dermkohya's own (CLI, tests, generation); .venv-kohya is kohya's, built
+# from sd-scripts' pinned requirements. KOHYA_PYTHON / SD_SCRIPTS_DIR select existing ones instead.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+DK          := $(VENV)/bin/dermkohya
+# dermkohya's environment: a CPU torch is enough for tests and the CPU demo.
+TORCH_SPEC  ?= torch==2.13.0
+# kohya's environment: a torch/torchvision pair that imports together.
+KOHYA_TORCH ?= torch==2.14.1 torchvision==0.29.1
+KOHYA_VENV  ?= .venv-kohya
+SD_SCRIPTS_DIR ?= vendor/sd-scripts
+export SD_SCRIPTS_DIR
+RUN ?=
+
+.PHONY: setup sd-scripts kohya-env env train test test-all bench bench-gpu clean-venvs
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q -e ".[ml,test]"
+	touch $@
+
+# The submodule, where GitHub is reachable; an existing checkout in SD_SCRIPTS_DIR is used as it is.
+sd-scripts:
+	@if [ ! -f "$(SD_SCRIPTS_DIR)/train_network.py" ]; then \
+	  git submodule update --init vendor/sd-scripts || { \
+	    echo "error: sd-scripts is missing: clone kohya-ss/sd-scripts and set SD_SCRIPTS_DIR, or make GitHub reachable"; exit 1; }; \
+	fi
+
+# kohya's requirements minus their trailing `-e .` (it installs stub top-level packages; kohya runs from its folder).
+kohya-env: sd-scripts
+	@if [ -n "$$KOHYA_PYTHON" ]; then echo "using KOHYA_PYTHON=$$KOHYA_PYTHON"; else $(MAKE) --no-print-directory $(KOHYA_VENV)/.installed; fi
+
+$(KOHYA_VENV)/.installed:
+	$(PYTHON) -m venv $(KOHYA_VENV)
+	$(KOHYA_VENV)/bin/pip install -q --upgrade pip
+	$(KOHYA_VENV)/bin/pip install -q $(KOHYA_TORCH)
+	grep -v '^-e' "$(SD_SCRIPTS_DIR)/requirements.txt" > $(KOHYA_VENV)/requirements.txt
+	printf '%s\n' $(KOHYA_TORCH) > $(KOHYA_VENV)/constraints.txt
+	$(KOHYA_VENV)/bin/pip install -q -r $(KOHYA_VENV)/requirements.txt -c $(KOHYA_VENV)/constraints.txt
+	$(KOHYA_VENV)/bin/pip check
+	touch $@
+
+setup: env kohya-env
+
+train: setup
+ifeq ($(RUN),)
+	$(DK) demo-data datasets/demo/data
+	$(DK) train runs/demo.toml
+else
+	$(DK) train $(RUN)
+endif
+
+# CI's command: no sd-scripts, no GPU needed; tests that need them skip with one line saying why.
+test: env
+	$(VENV)/bin/python -m pytest
+
+bench: env
+	$(VENV)/bin/python bench/check_scan.py
+	$(VENV)/bin/python bench/prepare_throughput.py
+	$(VENV)/bin/python bench/overhead.py
+
+clean-venvs:
+	rm -rf $(VENV) $(KOHYA_VENV)

@@ -1,0 +1,10 @@
+"""Where dermkohya's own files live (templates, the vendored sd-scripts, kohya's environment)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATES_DIR = PROJECT_ROOT / "templates"
+VENDORED_SD_SCRIPTS = PROJECT_ROOT / "vendor" / "sd-scripts"
+DEFAULT_KOHYA_PYTHON = PROJECT_ROOT / ".venv-kohya" / "bin" / "python"
