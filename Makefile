@@ -5,8 +5,8 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 DK          := $(VENV)/bin/dermkohya
-# dermkohya's environment: a CPU torch is enough for tests and the CPU demo.
-TORCH_SPEC  ?= torch==2.13.0
+# dermkohya's environment: the same torch/torchvision pair as kohya's (torchvision is needed by the metrics).
+TORCH_SPEC  ?= torch==2.14.1 torchvision==0.29.1
 # kohya's environment: a torch/torchvision pair that imports together.
 KOHYA_TORCH ?= torch==2.14.1 torchvision==0.29.1
 KOHYA_VENV  ?= .venv-kohya
@@ -21,7 +21,7 @@ env: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)"
+	$(VENV)/bin/pip install -q $(TORCH_SPEC)
 	$(VENV)/bin/pip install -q -e ".[ml,test]"
 	touch $@
 

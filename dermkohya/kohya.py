@@ -1,15 +1,32 @@
-"""Find and verify sd-scripts and kohya's Python, build kohya's argv, launch it, follow its progress."""
+"""Find and verify sd-scripts and kohya's Python, ask kohya's own parser what it accepts, launch kohya as a
+subprocess in its own process group, and follow its progress.
+
+Nothing of kohya is imported here: kohya lives in its own environment and is only ever run.
+"""
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import os
+import re
+import signal
 import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermkohya.errors import DermkohyaError
-from dermkohya.paths import DEFAULT_KOHYA_PYTHON, VENDORED_SD_SCRIPTS
+from dermkohya.paths import DEFAULT_KOHYA_PYTHON, VENDORED_SD_SCRIPTS, cache_root
 
 PINNED_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
+DEFAULT_PYTHON_HINT = DEFAULT_KOHYA_PYTHON
+DEFAULT_SD_SCRIPTS_HINT = VENDORED_SD_SCRIPTS
+# What kohya's scripts import at start-up; a missing one is named before a GPU hour is spent.
+REQUIRED_MODULES = ("torch", "torchvision", "accelerate", "diffusers", "transformers", "safetensors",
+                    "voluptuous", "toml", "imagesize", "cv2", "einops")
 
 
 def find_sd_scripts() -> Path:
@@ -47,3 +64,220 @@ def sd_scripts_commit(folder: Path) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return out.stdout.strip() or None
+
+
+def verify_commit(folder: Path, *, strict: bool = False) -> str | None:
+    """The pinned commit is what dermkohya was verified against; another one is a warning (error if strict)."""
+    commit = sd_scripts_commit(folder)
+    if commit == PINNED_COMMIT:
+        return None
+    found = commit or "no git commit (not a git checkout)"
+    message = (
+        f"sd-scripts at {folder} is at {found}, not the pinned {PINNED_COMMIT[:12]}: "
+        f"`git -C {folder} checkout {PINNED_COMMIT}` or accept the difference"
+    )
+    if strict:
+        raise DermkohyaError(message + " (--strict makes this an error)")
+    return message
+
+
+def _cached(name: str, key: str, compute: Callable[[], object]) -> object:
+    path = cache_root() / name / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+    return value
+
+
+def verify_python(python: Path) -> None:
+    """kohya's interpreter imports kohya's requirements (cached until its site-packages change)."""
+    probe = subprocess.run(
+        [str(python), "-c", "import json, site; print(json.dumps(site.getsitepackages()))"],
+        capture_output=True, text=True,
+    )
+    if probe.returncode != 0:
+        raise DermkohyaError(f"kohya's Python {python} does not run: {probe.stderr.strip()[-300:]} (rebuild with `make setup`)")
+    stamps = [f"{p}:{Path(p).stat().st_mtime_ns}" for p in json.loads(probe.stdout) if Path(p).exists()]
+    key = hashlib.sha256("\n".join([str(python), *stamps]).encode()).hexdigest()[:24]
+
+    def compute() -> list[str]:
+        code = (
+            "import importlib, json, sys\nmissing = []\n"
+            f"for name in {list(REQUIRED_MODULES)!r}:\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception as exc:\n        missing.append(f'{name} ({type(exc).__name__}: {exc})')\n"
+            "print(json.dumps(missing))"
+        )
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+        if out.returncode != 0:
+            return [out.stderr.strip()[-300:]]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    missing = _cached("kohya-python", key, compute)
+    if missing:
+        raise DermkohyaError(
+            f"kohya's Python {python} cannot import: {'; '.join(missing)} — install sd-scripts' requirements "
+            "into it (`make setup` builds .venv-kohya) or point KOHYA_PYTHON at a working kohya environment"
+        )
+
+
+def argument_names(script: str) -> set[str]:
+    """Every option `script`'s own argparse parser knows (cached by the script and train_util contents)."""
+    folder = find_sd_scripts()
+    python = find_python()
+    sources = [folder / script, folder / "library" / "train_util.py", folder / "train_network.py"]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.is_file())).hexdigest()[:24]
+
+    def compute() -> list[str]:
+        code = (
+            "import importlib, json, sys\nsys.path.insert(0, '.')\n"
+            f"parser = importlib.import_module({Path(script).stem!r}).setup_parser()\n"
+            "print('DERMKOHYA-ARGS ' + json.dumps(sorted(a.dest for a in parser._actions)))"
+        )
+        out = subprocess.run([str(python), "-c", code], cwd=folder, capture_output=True, text=True,
+                             env=kohya_env())
+        lines = [line for line in out.stdout.splitlines() if line.startswith("DERMKOHYA-ARGS ")]
+        if out.returncode != 0 or not lines:
+            raise DermkohyaError(f"could not read {script}'s options with {python}: {out.stderr.strip()[-400:]}")
+        return json.loads(lines[-1].removeprefix("DERMKOHYA-ARGS "))
+
+    return set(_cached("kohya-args", f"{Path(script).stem}-{digest}", compute))  # type: ignore[arg-type]
+
+
+def kohya_env(*, online: bool = False) -> dict[str, str]:
+    """kohya's environment: offline unless the user opts in, unbuffered so progress arrives as it happens."""
+    env = dict(os.environ)
+    if not online:
+        env.setdefault("HF_HUB_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+_PROGRESS = re.compile(r"steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^\]]*)\]")
+_RATE = re.compile(r"([\d.]+)\s*(it/s|s/it)")
+_LOSS = re.compile(r"avr_loss=([-\d.eE+naif]+)")
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    it_per_s: float | None
+    loss: float | None
+
+
+def parse_progress(line: str) -> Progress | None:
+    """kohya's tqdm line `steps:  50%|█▌ | 1/2 [00:10<00:10, 0.10it/s, avr_loss=0.123]`, or None."""
+    match = _PROGRESS.search(line)
+    if not match:
+        return None
+    inside = match.group(3)
+    rate = _RATE.search(inside)
+    it_per_s = None
+    if rate:
+        value = float(rate.group(1))
+        it_per_s = value if rate.group(2) == "it/s" else (1.0 / value if value else None)
+    loss = _LOSS.search(inside)
+    try:
+        loss_value = float(loss.group(1)) if loss else None
+    except ValueError:
+        loss_value = None
+    return Progress(int(match.group(1)), int(match.group(2)), it_per_s, loss_value)
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    interrupted: bool
+    tail: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def launch(
+    argv: list[str],
+    *,
+    cwd: Path,
+    log_path: Path,
+    env: dict[str, str],
+    on_line: Callable[[str], None] | None = None,
+    tail_lines: int = 40,
+) -> LaunchResult:
+    """Run kohya in its own process group, teeing every byte to log_path and every line to on_line.
+
+    Ctrl-C is forwarded to kohya's whole process group as SIGINT (accelerate passes it on), then
+    SIGTERM, then SIGKILL, so no orphaned worker keeps the GPU.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+    start = time.monotonic()
+    interrupted = False
+    with log_path.open("ab") as log:
+        log.write(f"$ {' '.join(argv)}\n".encode())
+        log.flush()
+        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        assert process.stdout is not None
+        buffer = b""
+        try:
+            while True:
+                chunk = os.read(process.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                buffer += chunk
+                *lines, buffer = re.split(rb"[\r\n]", buffer)
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace").rstrip()
+                    if line:
+                        tail.append(line)
+                        if on_line:
+                            on_line(line)
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop_group(process)
+        if buffer.strip():
+            tail.append(buffer.decode("utf-8", "replace").rstrip())
+        returncode = process.wait()
+    return LaunchResult(returncode=returncode, interrupted=interrupted, tail=list(tail), seconds=time.monotonic() - start)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:
+            continue
+
+
+HINTS: tuple[tuple[str, str], ...] = (
+    ("CUDA out of memory", "out of GPU memory: lower [train] batch_size, set gradient_checkpointing = true, or use cache_latents"),
+    ("No data found", "kohya found no images: [dataset] must point at the parent of the `N_concept` folders"),
+    ("fp16 mixed precision requires a GPU", "fp16 needs a GPU: set [train] mixed_precision = \"no\" (or \"bf16\") on a CPU"),
+    ("xformers", "xformers is not installed in kohya's environment: set [train] attention = \"sdpa\""),
+    ("cannot identify image file", "an image does not decode: run `dermkohya check --decode` on the dataset"),
+    ("image file is truncated", "an image is truncated: run `dermkohya check --decode` on the dataset"),
+    ("We couldn't connect to 'https://huggingface.co'", "kohya tried to download from the hub: give a local base model / tokenizer cache"),
+    ("does not appear to have a file named", "the base model path is not a model kohya can read: check [model] base"),
+    ("No such file or directory", "a path kohya was given does not exist: check the paths in the rendered config.toml"),
+)
+
+
+def hint_for(lines: list[str]) -> str | None:
+    """A fix for the known failures, from the tail of kohya's log."""
+    text = "\n".join(lines)
+    for needle, hint in HINTS:
+        if needle in text:
+            return hint
+    return None

@@ -8,3 +8,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = PROJECT_ROOT / "templates"
 VENDORED_SD_SCRIPTS = PROJECT_ROOT / "vendor" / "sd-scripts"
 DEFAULT_KOHYA_PYTHON = PROJECT_ROOT / ".venv-kohya" / "bin" / "python"
+
+
+def cache_root() -> Path:
+    """dermkohya's machine-local cache (hashes, kohya's option lists): $DERMKOHYA_CACHE or ~/.cache/dermkohya."""
+    import os
+
+    return Path(os.environ.get("DERMKOHYA_CACHE") or Path.home() / ".cache" / "dermkohya")

@@ -1,0 +1,372 @@
+"""Run file → the files kohya and a person read: config.toml, dataset.toml, sample_prompts.txt,
+train_command.sh, manifest.json.
+
+The templates in templates/ are the readable truth of what kohya receives. Values are serialised by a
+TOML writer (never quoted by hand), so a caption or path with quotes, spaces or unicode cannot break or
+inject anything. Rendering is deterministic and needs neither the base model nor a GPU. Paths in the
+rendered files are relative to the project root, which is where kohya runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import tomli_w
+
+from dermkohya import __version__, dataset, kohya
+from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.paths import TEMPLATES_DIR
+from dermkohya.skin import FST_TYPES
+from dermkohya.spec import SMOKE_BASES, RunSpec, load_run
+
+SMOKE_MODELS_DIR = "models"
+SMOKE_SEED = 0
+
+
+@dataclass(frozen=True)
+class Subset:
+    image_dir: str
+    repeats: int
+    concept: str
+
+
+@dataclass
+class RenderedRun:
+    """What render wrote, and what train needs to launch it."""
+
+    name: str
+    spec: RunSpec
+    run_file: Path
+    project_root: Path
+    out_dir: Path
+    output_dir: Path
+    files: dict[str, Path]
+    launch_args: list[str]
+    script_args: list[str]
+    manifest: dict[str, Any]
+    dataset_dir: Path
+    base_path: Path
+    warnings: list[str] = field(default_factory=list)
+
+    def argv(self, python: Path, sd_scripts: Path) -> list[str]:
+        """The exact argv `dermkohya train` runs (and train_command.sh spells out)."""
+        return [str(python), *self.launch_args, str(sd_scripts / self.spec.script), *self.script_args]
+
+
+def toml_value(value: Any) -> str:
+    """A value as TOML writes it (the `toml` filter of every template)."""
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["toml"] = toml_value
+    return env
+
+
+def _rel(path: Path, root: Path) -> str:
+    """A path as written in rendered files: relative to the project root when inside it."""
+    path = path if path.is_absolute() else root / path
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path.resolve().as_posix()
+
+
+def smoke_model_paths(family: str, project_root: Path) -> tuple[Path, Path]:
+    """Where `random:<family>` lives: a git-ignored models/ folder of the project (built by train)."""
+    models = project_root / SMOKE_MODELS_DIR
+    return models / "smoke" / f"random-{family}-seed{SMOKE_SEED}", models / "tokenizers"
+
+
+def _subsets(spec: RunSpec, root: Path) -> tuple[Path, list[Subset], dict[str, Any]]:
+    """The kohya subsets and what is known about the data (counts, template) from a folder or a prepared set."""
+    info: dict[str, Any] = {}
+    if spec.dataset.prepared is not None:
+        from dermkohya import prepare  # the prepared dataset's record says where its kohya folders are
+
+        recipe_dir = root / spec.dataset.prepared
+        info = prepare.load_prepared(recipe_dir)
+        data_dir = recipe_dir / info["train_data_dir"]
+    else:
+        data_dir = root / spec.dataset.train_data_dir  # type: ignore[operator]
+    if not data_dir.is_dir():
+        where = spec.dataset.prepared or spec.dataset.train_data_dir
+        raise DermkohyaError(
+            f"dataset folder {data_dir} not found (run file [dataset] = {where!r}): "
+            "create it (e.g. `dermkohya demo-data` or `dermkohya prepare`) or fix the path"
+        )
+    subsets = [
+        Subset(image_dir=_rel(s.path, root), repeats=s.repeats, concept=s.concept) for s in dataset.find_subsets(data_dir)
+    ]
+    return data_dir, subsets, info
+
+
+def _sample_prompts(spec: RunSpec, counts: dict[str, Any]) -> list[dict[str, Any]]:
+    """Explicit prompts, else a diagnosis × skin-type grid from the caption template."""
+    sample = spec.sample
+    if sample.prompts:
+        texts = list(sample.prompts)
+    else:
+        diagnoses = sample.diagnoses or sorted(counts)
+        if not diagnoses:
+            return []
+        template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(sample.template)
+        try:
+            texts = [template.render(diagnosis=d, fst=f) for d in diagnoses for f in sample.skin_types]
+        except jinja2.UndefinedError as exc:
+            raise DermkohyaError(f"[sample] template: {exc}; use only {{{{ diagnosis }}}} and {{{{ fst }}}}") from None
+    bad = [t for t in texts if " --" in f" {t}" or "\n" in t]
+    if bad:
+        raise DermkohyaError(f"[sample] prompt {bad[0]!r} contains `--` or a newline, which kohya reads as an option: remove it")
+    return [{"text": t, "seed": sample.seed + i} for i, t in enumerate(texts)]
+
+
+def _launch_args(spec: RunSpec) -> list[str]:
+    """accelerate's arguments: explicit, so no accelerate config file on the machine changes the run."""
+    launch = spec.launch
+    args = ["-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", str(launch.cpu_threads_per_process)]
+    args += ["--num_processes", str(launch.processes * launch.machines), "--num_machines", str(launch.machines)]
+    if launch.processes * launch.machines > 1:
+        args.append("--multi_gpu")
+    if launch.machines > 1:
+        args += ["--machine_rank", str(launch.machine_rank)]
+        args += ["--main_process_ip", str(launch.main_process_ip), "--main_process_port", str(launch.main_process_port)]
+    if launch.gpu_ids:
+        args += ["--gpu_ids", launch.gpu_ids]
+    args += ["--mixed_precision", spec.train.mixed_precision, "--dynamo_backend", "no"]
+    return args + list(launch.extra_args)
+
+
+def render(
+    run_file: Path,
+    *,
+    project_root: Path | None = None,
+    out_dir: Path | None = None,
+    check_keys: bool = True,
+) -> RenderedRun:
+    """Validate the run file and write runs/<run>/; returns what train needs to launch it."""
+    root = (project_root or Path.cwd()).resolve()
+    run_file = run_file if run_file.is_absolute() else root / run_file
+    spec, name = load_run(run_file)
+    out_dir = out_dir or run_file.with_suffix("")
+    warnings: list[str] = []
+
+    data_dir, subsets, info = _subsets(spec, root)
+    if spec.train.cache_latents_to_disk and spec.dataset.prepared is None:
+        raise DermkohyaError(
+            f"{run_file}: [train] cache_latents_to_disk writes .npz files into {data_dir}, your source images: "
+            "use a prepared dataset ([dataset] prepared = ...) or set cache_latents_to_disk = false"
+        )
+    counts = info.get("counts_after") or _sidecar_counts(data_dir)
+
+    if spec.model.base in SMOKE_BASES:
+        base_path, tokenizer_dir = smoke_model_paths(spec.model.family, root)
+        warnings.append(f"base `{spec.model.base}` is a RANDOM-WEIGHT smoke model: the LoRA proves the pipeline, not the data")
+    else:
+        base_path, tokenizer_dir = root / spec.model.base, None
+        if base_path.suffix == ".ckpt":
+            warnings.append(f"{spec.model.base}: kohya unpickles .ckpt files with weights_only=False; prefer .safetensors")
+
+    resolution = spec.resolution
+    output_dir = root / "output" / name
+    prompts = _sample_prompts(spec, counts)
+    sample_width = spec.sample.width or resolution
+    sample_height = spec.sample.height or resolution
+    out_rel = _rel(out_dir, root)
+    context: dict[str, Any] = {
+        "spec": spec,
+        "run_name": name,
+        "run_file": _rel(run_file, root),
+        "version": __version__,
+        "base_path": _rel(base_path, root),
+        "tokenizer_cache_dir": _rel(tokenizer_dir, root) if tokenizer_dir else None,
+        "vae": _rel(root / spec.model.vae, root) if spec.model.vae else None,
+        "resolution": [resolution, resolution],
+        "resolution_arg": f"{resolution},{resolution}",
+        "min_bucket_reso": spec.dataset.min_bucket_reso or max(64, resolution // 2),
+        "max_bucket_reso": spec.dataset.max_bucket_reso or resolution * 2,
+        "output_dir": _rel(output_dir, root),
+        "logging_dir": _rel(output_dir / "logs", root),
+        "sample_prompts_path": f"{out_rel}/sample_prompts.txt" if prompts else None,
+        "subsets": subsets,
+        "prompts": prompts,
+        "negative": spec.sample.negative,
+        "width": sample_width,
+        "height": sample_height,
+        "steps": spec.sample.steps,
+        "guidance": spec.sample.guidance,
+        "passthrough": sorted(spec.kohya.items()),
+    }
+    env = _environment()
+    texts = {
+        "config.toml": env.get_template("config.toml.j2").render(context),
+        "dataset.toml": env.get_template("dataset.toml.j2").render(context),
+    }
+    if prompts:
+        texts["sample_prompts.txt"] = env.get_template("sample_prompts.txt.j2").render(context)
+
+    config = tomllib.loads(texts["config.toml"])
+    config_keys = _flatten_keys(config)
+    own_keys = _flatten_keys({k: v for k, v in config.items() if k != "kohya"}) | {"config_file", "dataset_config"}
+    clashes = sorted(set(spec.kohya) & own_keys)
+    if clashes:
+        raise DermkohyaError(
+            f"{run_file}: [kohya] sets {', '.join(clashes)}, which dermkohya renders itself: "
+            "set it in the run file's own section instead"
+        )
+    if check_keys:
+        _check_against_kohya(spec.script, config_keys, run_file, warnings)
+
+    script_args = ["--config_file", f"{out_rel}/config.toml", "--dataset_config", f"{out_rel}/dataset.toml"]
+    launch_args = _launch_args(spec)
+    depth = len(Path(out_rel).parts)
+    texts["train_command.sh"] = env.get_template("train_command.sh.j2").render(
+        context,
+        up="/".join([".."] * depth) if depth else ".",
+        default_python=_rel(kohya.DEFAULT_PYTHON_HINT, root),
+        default_sd_scripts=_rel(kohya.DEFAULT_SD_SCRIPTS_HINT, root),
+        launch_args=shlex.join(launch_args),
+        script=spec.script,
+        script_args=shlex.join(script_args),
+    )
+
+    manifest = _manifest(spec, name, root, run_file, base_path, data_dir, info, counts, prompts, texts, launch_args, script_args)
+    texts["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    stale = out_dir / "sample_prompts.txt"
+    if "sample_prompts.txt" not in texts and stale.exists():
+        stale.unlink()  # a rendered file of ours, not user data: no prompts now means none for kohya
+    for filename, text in texts.items():
+        path = out_dir / filename
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        files[filename] = path
+    files["train_command.sh"].chmod(0o755)
+    return RenderedRun(
+        name=name,
+        spec=spec,
+        run_file=run_file,
+        project_root=root,
+        out_dir=out_dir,
+        output_dir=output_dir,
+        files=files,
+        launch_args=launch_args,
+        script_args=script_args,
+        manifest=manifest,
+        dataset_dir=data_dir,
+        base_path=base_path,
+        warnings=warnings,
+    )
+
+
+def _sidecar_counts(data_dir: Path) -> dict[str, dict[str, int]]:
+    """Counts per diagnosis × skin type from a metadata.csv beside the kohya folders, if there is one."""
+    import csv
+
+    sidecar = data_dir / "metadata.csv"
+    if not sidecar.is_file():
+        return {}
+    counts: dict[str, dict[str, int]] = {}
+    with sidecar.open(newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            diagnosis = row.get("diagnosis")
+            fst = row.get("fitzpatrick") or row.get("fst") or "unknown"
+            if diagnosis:
+                cell = counts.setdefault(diagnosis, {})
+                cell[fst] = cell.get(fst, 0) + 1
+    return counts
+
+
+def _flatten_keys(config: dict[str, Any]) -> set[str]:
+    return {key for section in config.values() if isinstance(section, dict) for key in section} | {
+        key for key, value in config.items() if not isinstance(value, dict)
+    }
+
+
+def _check_against_kohya(script: str, keys: set[str], run_file: Path, warnings: list[str]) -> None:
+    """kohya's --config_file accepts unknown keys silently; we refuse them, using kohya's own parser."""
+    try:
+        known = kohya.argument_names(script)
+    except DermkohyaError as exc:
+        warnings.append(f"rendered keys not checked against sd-scripts: {str(exc).splitlines()[0]}")
+        return
+    unknown = sorted(keys - known)
+    if unknown:
+        import difflib
+
+        problems = []
+        for key in unknown:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" — did you mean `{near[0]}`?" if near else ""
+            problems.append(f"`{key}` is not an option of sd-scripts' {script}{hint} (fix it in [kohya] or the section that sets it)")
+        raise ProblemsError(str(run_file), problems)
+
+
+def _manifest(
+    spec: RunSpec,
+    name: str,
+    root: Path,
+    run_file: Path,
+    base_path: Path,
+    data_dir: Path,
+    info: dict[str, Any],
+    counts: dict[str, Any],
+    prompts: list[dict[str, Any]],
+    texts: dict[str, str],
+    launch_args: list[str],
+    script_args: list[str],
+) -> dict[str, Any]:
+    """Everything the run used, so nothing about it is hidden state. Deterministic: no clocks, no hashes of big files."""
+    try:
+        sd_scripts = kohya.find_sd_scripts()
+        sd_path: str | None = _rel(sd_scripts, root)
+        commit = kohya.sd_scripts_commit(sd_scripts)
+    except DermkohyaError:
+        sd_path, commit = None, None
+    return {
+        "run_name": name,
+        "run_file": _rel(run_file, root),
+        "run_file_sha256": hashlib.sha256(run_file.read_bytes()).hexdigest(),
+        "dermkohya_version": __version__,
+        "family": spec.model.family,
+        "script": spec.script,
+        "spec": spec.model_dump(mode="json"),
+        "network": {"module": spec.network.module, "dim": spec.network.dim, "alpha": spec.network.alpha},
+        "train": spec.train.model_dump(mode="json") | {"resolution": spec.resolution},
+        "sd_scripts": {"path": sd_path, "commit": commit, "pinned_commit": kohya.PINNED_COMMIT},
+        "base_model": {
+            "spec": spec.model.base,
+            "path": _rel(base_path, root),
+            "expected_sha256": spec.model.sha256,
+            "sha256": None,
+            "verified": False,
+            "smoke": spec.model.base in SMOKE_BASES,
+        },
+        "dataset": {
+            "train_data_dir": _rel(data_dir, root),
+            "prepared": spec.dataset.prepared,
+            "content_hash": info.get("content_hash") or dataset.content_hash(data_dir),
+            "counts": counts,
+            "caption_template": info.get("caption_template"),
+            "skin_types": list(FST_TYPES),
+        },
+        "sample_prompts": [p["text"] for p in prompts],
+        "rendered_sha256": {k: hashlib.sha256(v.encode()).hexdigest() for k, v in sorted(texts.items())},
+        "launch_args": launch_args,
+        "script_args": script_args,
+    }

@@ -1,0 +1,226 @@
+"""The run file: one schema, the single source of truth for a training run.
+
+load → validate → normalise, in that order: `load_run` reads the TOML, reports every problem at once
+(unknown keys with the nearest valid one, bad values with the key and its line), and returns a
+`RunSpec` whose family-dependent defaults (resolution, script) are filled in.
+Defaults are the user's training card: SD 1.5, 512×512, network_dim 16, alpha 16, lr 1e-4, batch 4,
+3 epochs, fp16.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dermkohya.errors import DermkohyaError, ProblemsError
+
+Family = Literal["sd15", "sdxl"]
+SCRIPTS: dict[str, str] = {"sd15": "train_network.py", "sdxl": "sdxl_train_network.py"}
+DEFAULT_RESOLUTION: dict[str, int] = {"sd15": 512, "sdxl": 1024}
+SMOKE_BASES: dict[str, str] = {"random:sd15": "sd15", "random:sdxl": "sdxl"}
+DEFAULT_CAPTION_TEMPLATE = "clinical dermatology photograph, {{ diagnosis }}, Fitzpatrick skin type {{ fst }}"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    base: str = Field(description="local .safetensors/.ckpt file, diffusers folder, or random:sd15 / random:sdxl")
+    family: Family = "sd15"
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    vae: str | None = None
+    no_half_vae: bool | None = None
+
+
+class DatasetSection(_Section):
+    train_data_dir: str | None = None
+    prepared: str | None = None
+    caption_extension: Literal[".txt"] = ".txt"
+    enable_bucket: bool = True
+    min_bucket_reso: int | None = Field(default=None, ge=64)
+    max_bucket_reso: int | None = Field(default=None, ge=64)
+    bucket_reso_steps: int = Field(default=64, ge=8)
+    shuffle_caption: bool = False
+    keep_tokens: int = Field(default=0, ge=0)
+    flip_aug: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSection:
+        if (self.train_data_dir is None) == (self.prepared is None):
+            raise ValueError("set exactly one of `train_data_dir` (a kohya folder) or `prepared` (a prepared dataset)")
+        return self
+
+
+class NetworkSection(_Section):
+    module: str = "networks.lora"
+    dim: int = Field(default=16, ge=1)
+    alpha: float = Field(default=16, gt=0)
+    dropout: float | None = Field(default=None, ge=0, lt=1)
+    args: list[str] = Field(default_factory=list)
+    train_unet_only: bool = False
+
+
+class TrainSection(_Section):
+    learning_rate: float = Field(default=1e-4, gt=0)
+    unet_lr: float | None = Field(default=None, gt=0)
+    text_encoder_lr: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    epochs: int | None = Field(default=3, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    resolution: int | None = Field(default=None, ge=64)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
+    save_precision: Literal["float", "fp16", "bf16"] = "fp16"
+    optimizer: str = "AdamW"
+    optimizer_args: list[str] = Field(default_factory=list)
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0)
+    min_snr_gamma: float | None = Field(default=None, gt=0)
+    noise_offset: float | None = Field(default=None, ge=0)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    cache_latents: bool = True
+    cache_latents_to_disk: bool = False
+    attention: Literal["sdpa", "xformers", "mem_eff_attn", "none"] = "sdpa"
+    data_loader_workers: int = Field(default=2, ge=0)
+    persistent_data_loader_workers: bool = True
+    save_every_n_epochs: int | None = Field(default=1, ge=1)
+    save_state: bool = True
+    clip_skip: int | None = Field(default=None, ge=1)
+
+
+class SampleSection(_Section):
+    prompts: list[str] = Field(default_factory=list)
+    template: str = DEFAULT_CAPTION_TEMPLATE
+    diagnoses: list[str] = Field(default_factory=list)
+    skin_types: list[str] = Field(default_factory=lambda: ["I", "II", "III", "IV", "V", "VI"])
+    negative: str = ""
+    every_n_epochs: int | None = Field(default=None, ge=1)
+    every_n_steps: int | None = Field(default=None, ge=1)
+    sampler: str = "euler_a"
+    steps: int = Field(default=20, ge=1)
+    guidance: float = Field(default=7.0, ge=0)
+    width: int | None = Field(default=None, ge=64)
+    height: int | None = Field(default=None, ge=64)
+    seed: int = 1
+
+
+class ValidationSection(_Section):
+    split: float = Field(default=0.0, ge=0, lt=1)
+    seed: int | None = None
+    every_n_steps: int | None = Field(default=None, ge=1)
+    every_n_epochs: int | None = Field(default=None, ge=1)
+
+
+class LaunchSection(_Section):
+    processes: int = Field(default=1, ge=1)
+    gpu_ids: str | None = Field(default=None, pattern=r"^(all|\d+(,\d+)*)$")
+    machines: int = Field(default=1, ge=1)
+    machine_rank: int = Field(default=0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int | None = Field(default=None, ge=1, le=65535)
+    cpu_threads_per_process: int = Field(default=2, ge=1)
+    extra_args: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _multi_node(self) -> LaunchSection:
+        if self.machines > 1 and not (self.main_process_ip and self.main_process_port):
+            raise ValueError("multi-node (`machines` > 1) needs `main_process_ip` and `main_process_port`")
+        if self.machine_rank >= self.machines:
+            raise ValueError(f"`machine_rank` {self.machine_rank} must be below `machines` ({self.machines})")
+        return self
+
+
+class RunSpec(_Section):
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = ""
+    model: ModelSection
+    dataset: DatasetSection
+    network: NetworkSection = NetworkSection()
+    train: TrainSection = TrainSection()
+    sample: SampleSection = SampleSection()
+    validation: ValidationSection = ValidationSection()
+    launch: LaunchSection = LaunchSection()
+    kohya: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunSpec:
+        if self.model.base in SMOKE_BASES and SMOKE_BASES[self.model.base] != self.model.family:
+            raise ValueError(f"base `{self.model.base}` is a {SMOKE_BASES[self.model.base]} model but family is `{self.model.family}`")
+        if self.train.epochs is None and self.train.max_steps is None:
+            raise ValueError("[train] needs `epochs` or `max_steps`")
+        return self
+
+    @property
+    def script(self) -> str:
+        return SCRIPTS[self.model.family]
+
+    @property
+    def resolution(self) -> int:
+        return self.train.resolution or DEFAULT_RESOLUTION[self.model.family]
+
+
+def load_run(path: Path) -> tuple[RunSpec, str]:
+    """Parse and validate a run file; returns the spec and its run name (the `name` key or the file stem)."""
+    if not path.is_file():
+        raise DermkohyaError(f"{path}: run file not found (copy runs/derm-sd15.toml and edit it)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DermkohyaError(f"{path}: not valid TOML: {exc} (fix the syntax at that line)") from None
+    try:
+        spec = RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ProblemsError(str(path), [_describe(err, text) for err in exc.errors()]) from None
+    name = spec.name or path.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise DermkohyaError(f"{path}: run name {name!r} must be letters, digits, '.', '_' or '-': set `name`")
+    return spec, name
+
+
+def _describe(err: dict[str, Any], text: str) -> str:
+    """One line per problem: where (`[section] key`, line N), what, and the fix."""
+    loc = [str(part) for part in err["loc"]]
+    key = loc[-1] if loc else ""
+    section = loc[0] if len(loc) > 1 else ""
+    where = f"[{section}] {key}" if section and not section.isdigit() else key or "(top level)"
+    line = _line_of(text, key)
+    at = f" (line {line})" if line else ""
+    if err["type"] == "extra_forbidden":
+        model = _section_model(section if len(loc) > 1 else "")
+        valid = list(model.model_fields) if model else []
+        near = difflib.get_close_matches(key, valid, n=1)
+        hint = f"did you mean `{near[0]}`?" if near else f"valid keys: {', '.join(valid)}"
+        return f"unknown key `{where}`{at}: {hint}"
+    if err["type"] == "missing":
+        return f"missing key `{where}`: add it to the run file"
+    if err["type"] == "value_error" and not key:
+        return f"{err['msg'].removeprefix('Value error, ')}"
+    if err["type"] == "value_error":
+        return f"`{where}`{at}: {err['msg'].removeprefix('Value error, ')}"
+    return f"`{where}`{at}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _section_model(section: str) -> type[BaseModel] | None:
+    if not section:
+        return RunSpec
+    field = RunSpec.model_fields.get(section)
+    annotation = field.annotation if field else None
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _line_of(text: str, key: str) -> int | None:
+    if not key or key.isdigit():
+        return None
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return None

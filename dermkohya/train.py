@@ -1,0 +1,200 @@
+"""`dermkohya train`: check → render → verify → launch kohya → confirm the LoRA exists → collect.
+
+Each step reads what the previous one wrote, so any of them can be re-run alone. The launch facts
+(verified base hash, sd-scripts commit, exact argv, times, exit code) go to output/<run>/manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dermkohya import basemodel, dataset, kohya, render
+from dermkohya.errors import DermkohyaError, ProblemsError
+
+
+@dataclass
+class TrainResult:
+    name: str
+    lora: Path | None
+    returncode: int
+    interrupted: bool
+    log_path: Path
+    manifest_path: Path
+    saved_states: list[Path] = field(default_factory=list)
+    hint: str | None = None
+    tail: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    overhead_seconds: float = 0.0
+    kohya_seconds: float = 0.0
+
+
+def saved_states(output_dir: Path, name: str) -> list[Path]:
+    """kohya's state folders for this run, oldest first (`<name>-000001-state`, `<name>-step…-state`, `<name>-state`)."""
+    if not output_dir.is_dir():
+        return []
+    states = [p for p in output_dir.glob(f"{name}*-state") if p.is_dir() and (p / "train_state.json").is_file()]
+    return sorted(states, key=lambda p: json.loads((p / "train_state.json").read_text()).get("current_step", 0))
+
+
+def _set_aside(output_dir: Path) -> Path:
+    """Keep a finished run's outputs as output/<run>.N (never deleted) so a new run can start."""
+    n = 1
+    while (target := output_dir.with_name(f"{output_dir.name}.{n}")).exists():
+        n += 1
+    output_dir.rename(target)
+    return target
+
+
+def prepare_launch(
+    run_file: Path,
+    *,
+    project_root: Path | None = None,
+    resume: bool = False,
+    new: bool = False,
+    strict: bool = False,
+) -> tuple[render.RenderedRun, list[str], dict[str, Any], list[str]]:
+    """Everything before kohya starts: returns (rendered run, argv, output manifest, warnings)."""
+    root = (project_root or Path.cwd()).resolve()
+    rendered = render.render(run_file, project_root=root)
+    spec, name = rendered.spec, rendered.name
+    warnings = list(rendered.warnings)
+
+    report = dataset.scan(rendered.dataset_dir, caption_extension=spec.dataset.caption_extension,
+                          resolution=(spec.resolution, spec.resolution))
+    if report.has_errors(strict):
+        raise ProblemsError(
+            f"dataset {rendered.dataset_dir}",
+            [f"{p.path}: {p.message} — {p.fix}" for p in report.problems if p.severity == "error" or strict],
+        )
+
+    sd_scripts = kohya.find_sd_scripts()
+    python = kohya.find_python()
+    commit_warning = kohya.verify_commit(sd_scripts, strict=strict)
+    if commit_warning:
+        warnings.append(commit_warning)
+    kohya.verify_python(python)
+
+    base = rendered.manifest["base_model"]
+    if base["smoke"]:
+        model_dir, _ = basemodel.ensure_smoke_model(spec.model.family, cache_root=root / render.SMOKE_MODELS_DIR)
+        if model_dir.resolve() != rendered.base_path.resolve():
+            raise DermkohyaError(f"smoke model built at {model_dir}, but the run renders {rendered.base_path}")
+    elif not rendered.base_path.exists():
+        raise DermkohyaError(
+            f"[model] base {spec.model.base!r} not found at {rendered.base_path}: put the checkpoint there or fix the path in {run_file}"
+        )
+    sha256 = basemodel.sha256_path(rendered.base_path)
+    if spec.model.sha256 and spec.model.sha256 != sha256:
+        raise DermkohyaError(
+            f"[model] base {rendered.base_path} has sha256 {sha256}, but the run file expects {spec.model.sha256}: "
+            "you have a different checkpoint; fix [model] sha256 or the file"
+        )
+
+    output_dir = rendered.output_dir
+    final = output_dir / f"{name}.safetensors"
+    script_args = list(rendered.script_args)
+    if resume:
+        states = saved_states(output_dir, name)
+        if not states:
+            raise DermkohyaError(f"--resume: no saved kohya state in {output_dir} (states are saved when [train] save_state = true)")
+        script_args += ["--resume", render._rel(states[-1], root)]
+    elif final.exists() and not new:
+        raise DermkohyaError(
+            f"{output_dir} holds a finished run ({final.name}): `dermkohya collect {run_file}` it, "
+            "pass --new to keep it as output/<run>.N and start afresh, or --resume"
+        )
+    elif output_dir.exists() and any(output_dir.glob("*.safetensors")) and not new:
+        raise DermkohyaError(
+            f"{output_dir} holds an unfinished run: pass --resume to continue it or --new to keep it aside and start afresh"
+        )
+    elif new and output_dir.exists():
+        warnings.append(f"previous outputs kept in {_set_aside(output_dir)}")
+
+    argv = [str(python), *rendered.launch_args, str(sd_scripts / spec.script), *script_args]
+    manifest = dict(rendered.manifest)
+    manifest["base_model"] = base | {"sha256": sha256, "verified": spec.model.sha256 is not None and spec.model.sha256 == sha256}
+    manifest["sd_scripts"] = {"path": str(sd_scripts), "commit": kohya.sd_scripts_commit(sd_scripts), "pinned_commit": kohya.PINNED_COMMIT}
+    manifest["command"] = argv
+    manifest["resumed_from"] = script_args[-1] if resume else None
+    return rendered, argv, manifest, warnings
+
+
+def train(
+    run_file: Path,
+    *,
+    project_root: Path | None = None,
+    resume: bool = False,
+    new: bool = False,
+    strict: bool = False,
+    online: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Launch kohya for a run file and report what happened; never raises for a kohya failure."""
+    started = time.monotonic()
+    root = (project_root or Path.cwd()).resolve()
+    rendered, argv, manifest, warnings = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict)
+    output_dir = rendered.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = output_dir / "manifest.json"
+    log_path = output_dir / "train.log"
+    manifest["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _write_json(manifest_path, manifest)
+    overhead = time.monotonic() - started
+
+    result = kohya.launch(argv, cwd=root, log_path=log_path, env=kohya.kohya_env(online=online), on_line=on_line)
+
+    final = output_dir / f"{rendered.name}.safetensors"
+    returncode = result.returncode
+    hint = kohya.hint_for(result.tail)
+    if returncode == 0 and not final.exists() and not result.interrupted:
+        returncode = 1
+        hint = hint or f"kohya exited 0 but wrote no {final.name}: read {log_path}"
+    if result.interrupted and returncode == 0:
+        returncode = 130
+    manifest |= {
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exit_code": returncode,
+        "interrupted": result.interrupted,
+        "kohya_seconds": round(result.seconds, 1),
+        "outputs": sorted(p.name for p in output_dir.glob("*.safetensors")),
+        "loss_last": _last_loss(result.tail),
+    }
+    _write_json(manifest_path, manifest)
+    return TrainResult(
+        name=rendered.name,
+        lora=final if returncode == 0 else None,
+        returncode=returncode,
+        interrupted=result.interrupted,
+        log_path=log_path,
+        manifest_path=manifest_path,
+        saved_states=saved_states(output_dir, rendered.name),
+        hint=hint,
+        tail=result.tail,
+        warnings=warnings,
+        overhead_seconds=overhead,
+        kohya_seconds=result.seconds,
+    )
+
+
+def _last_loss(lines: list[str]) -> float | None:
+    for line in reversed(lines):
+        progress = kohya.parse_progress(line)
+        if progress and progress.loss is not None:
+            return progress.loss
+        match = re.search(r"avr_loss=([\d.eE+-]+)", line)
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
