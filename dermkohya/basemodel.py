@@ -1,0 +1,582 @@
+"""Base models: identify and hash the user's, and build the offline smoke model.
+
+kohya needs a base model and a CLIP tokenizer, and both normally come from the Hugging Face hub. Nothing
+here downloads: a real base is a local file or folder that we identify (format, family) and hash once
+(cached by path, size and mtime), and the smoke model used by the demo, the tests and the benchmarks is
+a full-size SD 1.5 (or SDXL) architecture with random weights from a fixed seed. kohya's U-Net has fixed
+SD sizes, so a smaller "tiny" model cannot stand in. The tokenizer is rebuilt from the CLIP BPE merges
+that `open-clip-torch` ships, in the folder layout kohya's `--tokenizer_cache_dir` reads.
+
+torch, diffusers and transformers are imported only by the builders: identifying and hashing need none.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pickletools
+import shutil
+import struct
+import zipfile
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from dermkohya.errors import DermkohyaError
+
+SMOKE_MARKER = "SMOKE_MODEL_RANDOM_WEIGHTS.txt"
+SMOKE_INFO = "dermkohya_smoke.json"
+SMOKE_KINDS = ("sd15", "sdxl")
+
+# The tokenizer ids kohya asks for (library/strategy_sd.py, strategy_sdxl.py); its cache folder is the id
+# with "/" replaced by "_" (library/strategy_base.py::_load_tokenizer).
+CLIP_L_TOKENIZER_ID = "openai/clip-vit-large-patch14"
+CLIP_BIGG_TOKENIZER_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+CLIP_VOCAB_SIZE = 49408
+CLIP_MAX_LENGTH = 77
+
+# Where the BPE merges live in the packages that ship them: (distribution, file inside it).
+_BPE_SOURCES = (
+    ("open_clip_torch", "open_clip/bpe_simple_vocab_16e6.txt.gz"),
+    ("openai-clip", "clip/bpe_simple_vocab_16e6.txt.gz"),
+)
+
+CKPT_WARNING = (
+    "{path}: a .ckpt file is a pickle, and kohya unpickles it with weights_only=False, which runs any code "
+    "it holds; prefer a .safetensors copy of the same model"
+)
+
+_HASH_CHUNK = 8 * 1024 * 1024
+_HASH_CACHE_FILE = "sha256-cache.json"
+
+# --- the real architectures' configs (from the public model repos), so no hub access is needed -----------
+
+_SD_SCHEDULER_COMMON: dict[str, Any] = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+_SD_VAE: dict[str, Any] = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+# The CLIP ViT-L/14 text tower used by SD 1.5 and as SDXL's first encoder (ids 0/2/1 as in those repos).
+_CLIP_L_TEXT: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": CLIP_MAX_LENGTH,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": CLIP_VOCAB_SIZE,
+}
+
+SD15_CONFIGS: dict[str, dict[str, Any]] = {
+    "unet": {
+        "act_fn": "silu",
+        "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280],
+        "center_input_sample": False,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "vae": {**_SD_VAE, "sample_size": 512},
+    "text_encoder": _CLIP_L_TEXT,
+    "scheduler": _SD_SCHEDULER_COMMON,
+}
+
+SDXL_CONFIGS: dict[str, dict[str, Any]] = {
+    "unet": {
+        "act_fn": "silu",
+        "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64,
+        "addition_time_embed_dim": 256,
+        "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280],
+        "center_input_sample": False,
+        "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1,
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "in_channels": 4,
+        "layers_per_block": 2,
+        "mid_block_scale_factor": 1,
+        "norm_eps": 1e-05,
+        "norm_num_groups": 32,
+        "out_channels": 4,
+        "projection_class_embeddings_input_dim": 2816,
+        "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "use_linear_projection": True,
+    },
+    "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+    "text_encoder": _CLIP_L_TEXT,
+    "text_encoder_2": {
+        "architectures": ["CLIPTextModelWithProjection"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "gelu",
+        "hidden_size": 1280,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 5120,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": CLIP_MAX_LENGTH,
+        "num_attention_heads": 20,
+        "num_hidden_layers": 32,
+        "pad_token_id": 1,
+        "projection_dim": 1280,
+        "vocab_size": CLIP_VOCAB_SIZE,
+    },
+    "scheduler": {
+        **_SD_SCHEDULER_COMMON,
+        "interpolation_type": "linear",
+        "prediction_type": "epsilon",
+        "sample_max_value": 1.0,
+        "timestep_spacing": "leading",
+        "use_karras_sigmas": False,
+    },
+}
+
+
+def default_cache_root() -> Path:
+    """`$DERMKOHYA_CACHE`, else `~/.cache/dermkohya`: built smoke models, tokenizers and the hash cache."""
+    env = os.environ.get("DERMKOHYA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dermkohya"
+
+
+# --- the tokenizer -----------------------------------------------------------------------------------------
+
+
+def _clip_bpe_file() -> Path:
+    """The gzipped CLIP BPE merges, found through package metadata so the package is never imported
+    (open-clip-torch is installed with --no-deps and would not import without torchvision/timm)."""
+    for dist_name, rel in _BPE_SOURCES:
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            continue
+        candidate = Path(str(dist.locate_file(rel)))
+        if candidate.is_file():
+            return candidate
+    raise DermkohyaError(
+        "the CLIP BPE merges (bpe_simple_vocab_16e6.txt.gz) are needed to build kohya's tokenizer offline: "
+        "run `make env`, or `pip install --no-deps open-clip-torch` in dermkohya's environment"
+    )
+
+
+def _write_clip_vocab(folder: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt in the layout transformers' CLIPTokenizer reads, derived from the BPE
+    merges the way OpenAI's CLIP builds its vocabulary (byte symbols, their word-final forms, merges,
+    then the two special tokens): 49408 entries, the ids every SD checkpoint was trained with."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    lines = gzip.decompress(_clip_bpe_file().read_bytes()).decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    if len(vocab) != CLIP_VOCAB_SIZE:
+        raise DermkohyaError(f"{_clip_bpe_file()}: gives {len(vocab)} tokens, not {CLIP_VOCAB_SIZE}; reinstall open-clip-torch")
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return vocab_file, merges_file
+
+
+def _save_clip_tokenizer(dest: Path, *, pad_token: str) -> None:
+    """A saved CLIPTokenizer (kohya loads the slow class) with the hub copy's special tokens and length.
+    model_max_length matters: kohya takes its token length from it when max_token_length is unset."""
+    from transformers import CLIPTokenizer
+
+    scratch = dest.parent / f".{dest.name}.vocab"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        vocab_file, merges_file = _write_clip_vocab(scratch)
+        tokenizer = CLIPTokenizer(
+            str(vocab_file),
+            str(merges_file),
+            unk_token="<|endoftext|>",
+            bos_token="<|startoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token=pad_token,
+            model_max_length=CLIP_MAX_LENGTH,
+        )
+        tokenizer.save_pretrained(str(dest))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# Each tokenizer id kohya may ask for, with the pad token of its hub copy.
+_TOKENIZERS = {CLIP_L_TOKENIZER_ID: "<|endoftext|>", CLIP_BIGG_TOKENIZER_ID: "!"}
+
+
+def build_tokenizer_cache(cache_dir: Path) -> Path:
+    """The folder to pass as kohya's `--tokenizer_cache_dir`: one saved tokenizer per id kohya loads
+    (SD 1.5's CLIP-L and SDXL's second, bigG one; both use the same BPE vocabulary). Existing entries are kept."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for model_id, pad_token in _TOKENIZERS.items():
+        dest = cache_dir / model_id.replace("/", "_")
+        if (dest / "vocab.json").is_file():
+            continue
+        _atomic_build(dest, lambda tmp, pad=pad_token: _save_clip_tokenizer(tmp, pad_token=pad))
+    return cache_dir
+
+
+# --- the random-weight smoke models -----------------------------------------------------------------------
+
+
+def _atomic_build(dest: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a sibling temp folder and rename it into place, so a half-built model is never seen
+    and two concurrent builders end with one complete copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.exists():
+                raise  # another builder did not win the race: a real failure
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _smoke_text(kind: str, seed: int) -> str:
+    return (
+        f"THIS IS A SMOKE-TEST MODEL WITH RANDOM WEIGHTS (dermkohya random:{kind}, seed {seed}).\n"
+        "It has the full Stable Diffusion architecture so kohya's training runs end to end offline, but it was\n"
+        "never trained: anything it generates is noise, and a LoRA trained on it is useless for images.\n"
+        "Use it to test the pipeline, never to produce or evaluate synthetic images.\n"
+    )
+
+
+def _seed_component(seed: int, index: int) -> None:
+    """Each component gets its own seed, so its bytes do not depend on the order of the build."""
+    import torch
+
+    torch.manual_seed(seed * 1000 + index)
+
+
+def _save_diffusers_model(model: Any, dest: Path) -> None:
+    model.to(dtype=_torch_float16())
+    model.save_pretrained(str(dest), safe_serialization=True)
+
+
+def _torch_float16() -> Any:
+    import torch
+
+    return torch.float16
+
+
+def _build_pipeline_folder(out: Path, kind: str, seed: int, configs: dict[str, dict[str, Any]]) -> None:
+    """Build one component at a time (random init, cast to fp16, save, free) to keep memory near one U-Net."""
+    import diffusers
+    import transformers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    out.mkdir(parents=True)
+    (out / SMOKE_MARKER).write_text(_smoke_text(kind, seed), encoding="utf-8")
+
+    _seed_component(seed, 0)
+    _save_diffusers_model(UNet2DConditionModel(**configs["unet"]), out / "unet")
+    _seed_component(seed, 1)
+    _save_diffusers_model(AutoencoderKL(**configs["vae"]), out / "vae")
+
+    encoders = {"text_encoder": "CLIPTextModel"}
+    if kind == "sdxl":
+        encoders["text_encoder_2"] = "CLIPTextModelWithProjection"
+    for index, (name, class_name) in enumerate(encoders.items(), start=2):
+        _seed_component(seed, index)
+        config = transformers.CLIPTextConfig(**configs[name])
+        model = getattr(transformers, class_name)(config)
+        _save_diffusers_model(model, out / name)
+
+    scheduler_class = "EulerDiscreteScheduler" if kind == "sdxl" else "PNDMScheduler"
+    # Written as the model repos have it (PNDMScheduler ignores clip_sample there, and so it does here).
+    scheduler = {"_class_name": scheduler_class, "_diffusers_version": diffusers.__version__, **configs["scheduler"]}
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n", encoding="utf-8")
+
+    tokenizers = {"tokenizer": _TOKENIZERS[CLIP_L_TOKENIZER_ID]}
+    if kind == "sdxl":
+        tokenizers["tokenizer_2"] = _TOKENIZERS[CLIP_BIGG_TOKENIZER_ID]
+    for name, pad_token in tokenizers.items():
+        _save_clip_tokenizer(out / name, pad_token=pad_token)
+
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "_dermkohya_smoke_model": f"RANDOM WEIGHTS, NOT A TRAINED MODEL (random:{kind}, seed {seed}); see {SMOKE_MARKER}",
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if kind == "sdxl":
+        index |= {
+            "force_zeros_for_empty_prompt": True,
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        }
+    else:
+        index |= {"feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    info = {"smoke_model": True, "random_weights": True, "kind": kind, "seed": seed, "dtype": "float16"}
+    (out / SMOKE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _build_random(kind: str, out_dir: Path, seed: int) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        info = _smoke_info(out_dir)
+        if info and info.get("kind") == kind and info.get("seed") == seed and (out_dir / "model_index.json").is_file():
+            return out_dir
+        if out_dir.is_file() or any(out_dir.iterdir()):
+            raise DermkohyaError(
+                f"{out_dir}: exists and is not a random:{kind} smoke model with seed {seed}; "
+                "choose an empty or new folder (dermkohya never overwrites it)"
+            )
+        out_dir.rmdir()
+    configs = SDXL_CONFIGS if kind == "sdxl" else SD15_CONFIGS
+    return _atomic_build(out_dir, lambda tmp: _build_pipeline_folder(tmp, kind, seed, configs))
+
+
+def build_random_sd15(out_dir: Path, *, seed: int = 0) -> Path:
+    """A full-size SD 1.5-architecture diffusers folder with random fp16 weights (≈2 GB): same seed and
+    same torch, same tensor bytes. An existing smoke model of the same kind and seed is returned as is."""
+    return _build_random("sd15", out_dir, seed)
+
+
+def build_random_sdxl(out_dir: Path, *, seed: int = 0) -> Path:
+    """As build_random_sd15, for SDXL (two text encoders; ≈7 GB, and ≈14 GB of memory while building)."""
+    return _build_random("sdxl", out_dir, seed)
+
+
+def ensure_smoke_model(kind: str = "sd15", *, seed: int = 0, cache_root: Path | None = None) -> tuple[Path, Path]:
+    """(model folder, tokenizer cache) for `random:<kind>`, built once into the cache and reused."""
+    if kind not in SMOKE_KINDS:
+        raise DermkohyaError(f"random:{kind}: unknown smoke model; use one of " + ", ".join(f"random:{k}" for k in SMOKE_KINDS))
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    tokenizers = build_tokenizer_cache(root / "tokenizers")
+    model = _build_random(kind, root / "smoke" / f"random-{kind}-seed{seed}", seed)
+    return model, tokenizers
+
+
+def _smoke_info(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / SMOKE_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+# --- hashing -----------------------------------------------------------------------------------------------
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _HashCache:
+    """sha256 per file, keyed by absolute path and valid while size and mtime_ns are unchanged."""
+
+    def __init__(self, root: Path) -> None:
+        self.file = root / _HASH_CACHE_FILE
+        try:
+            self.entries: dict[str, dict[str, Any]] = json.loads(self.file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def sha256(self, path: Path) -> str:
+        key = str(path.resolve())
+        stat = path.stat()
+        entry = self.entries.get(key)
+        if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+            return entry["sha256"]
+        digest = _hash_file(path)
+        self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        """Written atomically; when two processes race, one's new entries are lost and merely recomputed."""
+        if not self.dirty:
+            return
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.file)
+        except OSError:
+            pass  # a read-only cache only costs time
+
+
+def sha256_path(path: Path, *, cache_root: Path | None = None) -> str:
+    """SHA-256 of a file, or of a folder (each file's relative path and hash, in sorted order), so a
+    diffusers folder has one identity. File hashes are cached: a 4 GB checkpoint is read once."""
+    path = Path(path)
+    if not path.exists():
+        raise DermkohyaError(f"{path}: not found; cannot hash a base model that is not there")
+    cache = _HashCache(Path(cache_root) if cache_root is not None else default_cache_root())
+    try:
+        if path.is_file():
+            return cache.sha256(path)
+        digest = hashlib.sha256()
+        for file in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{cache.sha256(file)}\n".encode())
+        return digest.hexdigest()
+    finally:
+        cache.save()
+
+
+# --- identification ---------------------------------------------------------------------------------------
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    """Tensor names from the header alone (8-byte length, then JSON): no torch, no reading the weights."""
+    try:
+        with path.open("rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > 100 * 1024 * 1024:
+                raise ValueError("header too large")
+            header = json.loads(fh.read(length))
+    except (OSError, struct.error, ValueError) as exc:
+        raise DermkohyaError(f"{path}: not a readable .safetensors file ({exc}); re-download or re-export it") from exc
+    return [k for k in header if k != "__metadata__"]
+
+
+def _ckpt_keys(path: Path) -> list[str]:
+    """String constants of the checkpoint's pickle, read with pickletools, which never executes it."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            name = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+            data = zf.read(name) if name else b""
+    except (OSError, zipfile.BadZipFile):
+        return []
+    keys = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str) and "." in arg and opcode.name.endswith("UNICODE"):
+                keys.append(arg)
+    except Exception:  # a malformed pickle: family stays unknown; kohya will say more
+        return keys
+    return keys
+
+
+def _family_from_keys(keys: list[str]) -> str | None:
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd15"
+    return None
+
+
+def _family_from_diffusers(path: Path) -> str | None:
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DermkohyaError(f"{path / 'model_index.json'}: unreadable ({exc}); re-export the diffusers folder") from exc
+    pipeline = index.get("_class_name", "")
+    if "XL" in pipeline:
+        return "sdxl"
+    try:
+        unet = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "sd15" if pipeline == "StableDiffusionPipeline" else None
+    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(unet.get("cross_attention_dim"))
+
+
+def identify_base(path: Path) -> dict[str, Any]:
+    """What a base model is, read from its header or configs without loading weights: format
+    (safetensors / ckpt / diffusers), family guess (sd15 / sdxl / sd2 / None), size, smoke flag, warning."""
+    path = Path(path)
+    if not path.exists():
+        raise DermkohyaError(
+            f"{path}: base model not found; set [model] base to a local SD 1.5/SDXL .safetensors file or "
+            "diffusers folder, or to random:sd15 for the offline smoke model"
+        )
+    warning = None
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise DermkohyaError(
+                f"{path}: a folder without model_index.json is not a diffusers model; point [model] base at "
+                "the diffusers folder itself or at a single .safetensors checkpoint"
+            )
+        fmt, family = "diffusers", _family_from_diffusers(path)
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    else:
+        suffix = path.suffix.lower()
+        size = path.stat().st_size
+        if suffix == ".safetensors":
+            keys = _safetensors_keys(path)
+            fmt, family = "safetensors", _family_from_keys(keys)
+            if family is None:
+                what = "a LoRA or other adapter" if any(k.startswith(("lora_", "lora_unet")) or ".lora" in k for k in keys) else "not a Stable Diffusion checkpoint"
+                raise DermkohyaError(
+                    f"{path}: {what} (no U-Net/text-encoder keys of SD 1.5 or SDXL); "
+                    "[model] base must be a full base checkpoint"
+                )
+        elif suffix in (".ckpt", ".pt", ".pth", ".bin"):
+            fmt, family = "ckpt", _family_from_keys(_ckpt_keys(path))
+            warning = CKPT_WARNING.format(path=path)
+        else:
+            raise DermkohyaError(
+                f"{path}: unrecognised base model format {suffix or '(no extension)'}; use a .safetensors "
+                "checkpoint or a diffusers folder"
+            )
+    smoke = path.is_dir() and (path / SMOKE_MARKER).is_file()
+    return {"path": str(path), "format": fmt, "family": family, "size_bytes": size, "smoke": smoke, "warning": warning}
