@@ -18,11 +18,14 @@ RUN ?=
 
 env: $(VENV)/.installed
 
+# open-clip-torch only for the CLIP BPE merges the offline tokenizer is built from: --no-deps keeps torch as
+# it is (dermkohya reads the data file through package metadata and never imports open_clip).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_SPEC)
 	$(VENV)/bin/pip install -q -e ".[ml,test]"
+	$(VENV)/bin/pip install -q --no-deps open-clip-torch==3.3.0
 	touch $@
 
 # The submodule, where GitHub is reachable; an existing checkout in SD_SCRIPTS_DIR is used as it is.
