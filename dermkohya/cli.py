@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.console import Console
 
@@ -32,3 +34,44 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="dermkohya")
 def main() -> None:
     """Dermatology photographs to a kohya-trained Stable Diffusion LoRA, reproducibly."""
+
+
+@main.command("check")
+@click.argument("dataset_path", metavar="DATASET", type=click.Path(path_type=Path))
+@click.option("--resolution", default="512", show_default=True, help="Training resolution: 512 or W,H.")
+@click.option("--caption-extension", default=".txt", show_default=True, help="Caption extension the run uses.")
+@click.option("--decode", is_flag=True, help="Decode every image fully (parallel across cores), not just headers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors (exit 1).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes for image inspection.")
+def check_cmd(dataset_path: Path, resolution: str, caption_extension: str, decode: bool, as_json: bool,
+              strict: bool, workers: int | None) -> None:
+    """Check a kohya train_data_dir (or dataset TOML): every problem in one pass; exit 1 on errors."""
+    import json
+
+    from dermkohya import dataset
+
+    report = dataset.scan(dataset_path, caption_extension=caption_extension,
+                          resolution=dataset.parse_resolution(resolution), decode=decode, workers=workers)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        console.print(report)
+    if report.has_errors(strict):
+        raise SystemExit(1)
+
+
+@main.command("demo-data")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--per-cell", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Images per diagnosis × skin type.")
+@click.option("--size", default=512, show_default=True, type=click.IntRange(min=32), help="Image side in pixels.")
+def demo_data_cmd(directory: Path, seed: int, per_cell: int, size: int) -> None:
+    """Write the synthetic, non-clinical demo dataset (3 diagnoses × FST I–VI) into DIRECTORY."""
+    from dermkohya import demo
+
+    out = demo.make_demo_dataset(directory, seed=seed, per_cell=per_cell, size=size)
+    count = len(demo.demo_records(per_cell=per_cell))
+    console.print(f"demo dataset: {out} ({count} images, {size}×{size}, seed {seed}; synthetic, not clinical)",
+                  highlight=False)
