@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 import tomllib
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 import jinja2
 import tomli_w
 
-from dermkohya import __version__, dataset, kohya
+from dermkohya import __version__, basemodel, dataset, kohya
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.paths import TEMPLATES_DIR
 from dermkohya.skin import FST_TYPES
@@ -78,17 +79,16 @@ def _environment() -> jinja2.Environment:
 
 def _rel(path: Path, root: Path) -> str:
     """A path as written in rendered files: relative to the project root when inside it."""
-    path = path if path.is_absolute() else root / path
+    absolute = Path(os.path.abspath(path if path.is_absolute() else root / path))
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
+        return absolute.relative_to(os.path.abspath(root)).as_posix()
     except ValueError:
-        return path.resolve().as_posix()
+        return absolute.as_posix()
 
 
 def smoke_model_paths(family: str, project_root: Path) -> tuple[Path, Path]:
     """Where `random:<family>` lives: a git-ignored models/ folder of the project (built by train)."""
-    models = project_root / SMOKE_MODELS_DIR
-    return models / "smoke" / f"random-{family}-seed{SMOKE_SEED}", models / "tokenizers"
+    return basemodel.smoke_model_paths(family, seed=SMOKE_SEED, cache_root=project_root / SMOKE_MODELS_DIR)
 
 
 def _subsets(spec: RunSpec, root: Path) -> tuple[Path, list[Subset], dict[str, Any]]:
@@ -194,7 +194,7 @@ def render(
         "base_path": _rel(base_path, root),
         "tokenizer_cache_dir": _rel(tokenizer_dir, root) if tokenizer_dir else None,
         "vae": _rel(root / spec.model.vae, root) if spec.model.vae else None,
-        "resolution": [resolution, resolution],
+        "resolution": resolution,
         "resolution_arg": f"{resolution},{resolution}",
         "min_bucket_reso": spec.dataset.min_bucket_reso or max(64, resolution // 2),
         "max_bucket_reso": spec.dataset.max_bucket_reso or resolution * 2,
