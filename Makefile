@@ -53,8 +53,8 @@ setup: env kohya-env
 
 train: setup
 ifeq ($(RUN),)
-	$(DK) demo-data datasets/demo/data
-	$(DK) train runs/demo.toml
+	$(DK) demo-data datasets/demo/data --per-cell 1
+	$(DK) train runs/demo.toml --new
 else
 	$(DK) train $(RUN)
 endif

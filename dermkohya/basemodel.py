@@ -30,6 +30,8 @@ from dermkohya.errors import DermkohyaError
 SMOKE_MARKER = "SMOKE_MODEL_RANDOM_WEIGHTS.txt"
 SMOKE_INFO = "dermkohya_smoke.json"
 SMOKE_KINDS = ("sd15", "sdxl")
+# Bumped whenever the builder's output changes, so a cached smoke model from an older builder is not reused.
+SMOKE_BUILD_VERSION = 1
 
 # The tokenizer ids kohya asks for (library/strategy_sd.py, strategy_sdxl.py); its cache folder is the id
 # with "/" replaced by "_" (library/strategy_base.py::_load_tokenizer).
@@ -369,7 +371,14 @@ def _build_pipeline_folder(out: Path, kind: str, seed: int, configs: dict[str, d
     else:
         index |= {"feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False}
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    info = {"smoke_model": True, "random_weights": True, "kind": kind, "seed": seed, "dtype": "float16"}
+    info = {
+        "smoke_model": True,
+        "random_weights": True,
+        "kind": kind,
+        "seed": seed,
+        "dtype": "float16",
+        "builder_version": SMOKE_BUILD_VERSION,
+    }
     (out / SMOKE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -404,10 +413,16 @@ def ensure_smoke_model(kind: str = "sd15", *, seed: int = 0, cache_root: Path | 
     """(model folder, tokenizer cache) for `random:<kind>`, built once into the cache and reused."""
     if kind not in SMOKE_KINDS:
         raise DermkohyaError(f"random:{kind}: unknown smoke model; use one of " + ", ".join(f"random:{k}" for k in SMOKE_KINDS))
-    root = Path(cache_root) if cache_root is not None else default_cache_root()
-    tokenizers = build_tokenizer_cache(root / "tokenizers")
-    model = _build_random(kind, root / "smoke" / f"random-{kind}-seed{seed}", seed)
+    model_dir, tokenizer_dir = smoke_model_paths(kind, seed=seed, cache_root=cache_root)
+    tokenizers = build_tokenizer_cache(tokenizer_dir)
+    model = _build_random(kind, model_dir, seed)
     return model, tokenizers
+
+
+def smoke_model_paths(kind: str = "sd15", *, seed: int = 0, cache_root: Path | None = None) -> tuple[Path, Path]:
+    """Where `random:<kind>` lives (model folder, tokenizer cache), without building anything (render uses it)."""
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    return root / "smoke" / f"random-{kind}-seed{seed}-v{SMOKE_BUILD_VERSION}", root / "tokenizers"
 
 
 def _smoke_info(folder: Path) -> dict[str, Any] | None:
