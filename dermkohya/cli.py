@@ -75,3 +75,25 @@ def demo_data_cmd(directory: Path, seed: int, per_cell: int, size: int) -> None:
     count = len(demo.demo_records(per_cell=per_cell))
     console.print(f"demo dataset: {out} ({count} images, {size}×{size}, seed {seed}; synthetic, not clinical)",
                   highlight=False)
+
+
+@main.command("prepare")
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--force", is_flag=True, help="Rebuild even when inputs and outputs are unchanged (same bytes result).")
+@click.option("--dry-run", is_flag=True, help="Show counts, split and repeats; write nothing.")
+def prepare_cmd(recipe: Path, force: bool, dry_run: bool) -> None:
+    """Public metadata CSV + images (datasets/<name>/dataset.toml) → kohya folders, captions, balanced repeats."""
+    from rich.progress import Progress
+
+    from dermkohya import prepare
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("preparing images", total=None)
+        result = prepare.prepare(recipe, force=force, dry_run=dry_run,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
+    for line in prepare.summary_lines(result, recipe.parent):
+        console.print(line, highlight=False, soft_wrap=True)
+    for line in result["balance"]["unreachable"]:
+        err_console.print(f"[yellow]balance:[/] {line}", highlight=False)
+    for line in result["notes"]:
+        err_console.print(f"[dim]note:[/] {line}", highlight=False)
