@@ -409,20 +409,20 @@ def build_random_sdxl(out_dir: Path, *, seed: int = 0) -> Path:
     return _build_random("sdxl", out_dir, seed)
 
 
-def ensure_smoke_model(kind: str = "sd15", *, seed: int = 0, cache_root: Path | None = None) -> tuple[Path, Path]:
-    """(model folder, tokenizer cache) for `random:<kind>`, built once into the cache and reused."""
+def smoke_model_paths(kind: str = "sd15", *, seed: int = 0, cache_root: Path | None = None) -> tuple[Path, Path]:
+    """Where `random:<kind>` lives (model folder, tokenizer cache), without building anything: rendering
+    needs the paths, only training needs the files."""
     if kind not in SMOKE_KINDS:
         raise DermkohyaError(f"random:{kind}: unknown smoke model; use one of " + ", ".join(f"random:{k}" for k in SMOKE_KINDS))
-    model_dir, tokenizer_dir = smoke_model_paths(kind, seed=seed, cache_root=cache_root)
-    tokenizers = build_tokenizer_cache(tokenizer_dir)
-    model = _build_random(kind, model_dir, seed)
-    return model, tokenizers
-
-
-def smoke_model_paths(kind: str = "sd15", *, seed: int = 0, cache_root: Path | None = None) -> tuple[Path, Path]:
-    """Where `random:<kind>` lives (model folder, tokenizer cache), without building anything (render uses it)."""
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     return root / "smoke" / f"random-{kind}-seed{seed}-v{SMOKE_BUILD_VERSION}", root / "tokenizers"
+
+
+def ensure_smoke_model(kind: str = "sd15", *, seed: int = 0, cache_root: Path | None = None) -> tuple[Path, Path]:
+    """(model folder, tokenizer cache) for `random:<kind>`, built once into the cache and reused."""
+    model, tokenizers = smoke_model_paths(kind, seed=seed, cache_root=cache_root)
+    build_tokenizer_cache(tokenizers)
+    return _build_random(kind, model, seed), tokenizers
 
 
 def _smoke_info(folder: Path) -> dict[str, Any] | None:

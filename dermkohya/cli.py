@@ -97,3 +97,72 @@ def prepare_cmd(recipe: Path, force: bool, dry_run: bool) -> None:
         err_console.print(f"[yellow]balance:[/] {line}", highlight=False)
     for line in result["notes"]:
         err_console.print(f"[dim]note:[/] {line}", highlight=False)
+
+
+# --- base models (dermkohya/basemodel.py) ---
+
+
+@main.group("base")
+def base_group() -> None:
+    """Identify and hash base models; build the offline random-weight smoke models."""
+
+
+def _build_smoke(kind: str, directory: str, seed: int, tokenizer_cache: str | None) -> None:
+    from pathlib import Path as _Path
+
+    from dermkohya import basemodel
+
+    folder = _Path(directory)
+    build = basemodel.build_random_sdxl if kind == "sdxl" else basemodel.build_random_sd15
+    model = build(folder, seed=seed)
+    tokenizers = basemodel.build_tokenizer_cache(_Path(tokenizer_cache) if tokenizer_cache else folder.parent / "tokenizers")
+    console.print(f"[bold yellow]SMOKE MODEL, RANDOM WEIGHTS[/] (random:{kind}, seed {seed}): {model}", highlight=False)
+    console.print(f"kohya flags: --pretrained_model_name_or_path {model} --tokenizer_cache_dir {tokenizers}", highlight=False)
+
+
+_TOKENIZER_HELP = "kohya's --tokenizer_cache_dir to build (default: a 'tokenizers' folder beside DIR)"
+
+
+@base_group.command("random-sd15")
+@click.argument("directory", metavar="DIR")
+@click.option("--seed", default=0, show_default=True, help="same seed, same weights")
+@click.option("--tokenizer-cache", default=None, help=_TOKENIZER_HELP)
+def base_random_sd15(directory: str, seed: int, tokenizer_cache: str | None) -> None:
+    """Build a full-size SD 1.5 diffusers folder with random weights (≈2 GB) and the CLIP tokenizer cache."""
+    _build_smoke("sd15", directory, seed, tokenizer_cache)
+
+
+@base_group.command("random-sdxl")
+@click.argument("directory", metavar="DIR")
+@click.option("--seed", default=0, show_default=True, help="same seed, same weights")
+@click.option("--tokenizer-cache", default=None, help=_TOKENIZER_HELP)
+def base_random_sdxl(directory: str, seed: int, tokenizer_cache: str | None) -> None:
+    """Build a full-size SDXL diffusers folder with random weights (≈7 GB; ≈14 GB of memory while building)."""
+    _build_smoke("sdxl", directory, seed, tokenizer_cache)
+
+
+@base_group.command("hash")
+@click.argument("path")
+def base_hash(path: str) -> None:
+    """SHA-256 of a checkpoint file or diffusers folder (cached by path, size and mtime)."""
+    from pathlib import Path as _Path
+
+    from dermkohya import basemodel
+
+    console.print(f"{basemodel.sha256_path(_Path(path))}  {path}", highlight=False)
+
+
+@base_group.command("info")
+@click.argument("path")
+def base_info(path: str) -> None:
+    """Format, family and size of a base model, read without loading its weights."""
+    from pathlib import Path as _Path
+
+    from dermkohya import basemodel
+
+    info = basemodel.identify_base(_Path(path))
+    console.print(f"{info['path']}: {info['format']}, family {info['family'] or 'unknown'}, {info['size_bytes'] / 1e9:.2f} GB", highlight=False)
+    if info["smoke"]:
+        console.print("[bold yellow]SMOKE MODEL, RANDOM WEIGHTS[/]: for pipeline tests only", highlight=False)
+    if info["warning"]:
+        err_console.print(f"[yellow]warning:[/] {info['warning']}", highlight=False, soft_wrap=True)
