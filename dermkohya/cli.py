@@ -110,14 +110,16 @@ def base_group() -> None:
 def _build_smoke(kind: str, directory: str, seed: int, tokenizer_cache: str | None) -> None:
     from pathlib import Path as _Path
 
+    from rich.markup import escape
+
     from dermkohya import basemodel
 
     folder = _Path(directory)
     build = basemodel.build_random_sdxl if kind == "sdxl" else basemodel.build_random_sd15
     model = build(folder, seed=seed)
     tokenizers = basemodel.build_tokenizer_cache(_Path(tokenizer_cache) if tokenizer_cache else folder.parent / "tokenizers")
-    console.print(f"[bold yellow]SMOKE MODEL, RANDOM WEIGHTS[/] (random:{kind}, seed {seed}): {model}", highlight=False)
-    console.print(f"kohya flags: --pretrained_model_name_or_path {model} --tokenizer_cache_dir {tokenizers}", highlight=False)
+    console.print(f"[bold yellow]SMOKE MODEL, RANDOM WEIGHTS[/] (random:{kind}, seed {seed}): {escape(str(model))}", highlight=False)
+    click.echo(f"kohya flags: --pretrained_model_name_or_path {model} --tokenizer_cache_dir {tokenizers}")
 
 
 _TOKENIZER_HELP = "kohya's --tokenizer_cache_dir to build (default: a 'tokenizers' folder beside DIR)"
@@ -149,7 +151,7 @@ def base_hash(path: str) -> None:
 
     from dermkohya import basemodel
 
-    console.print(f"{basemodel.sha256_path(_Path(path))}  {path}", highlight=False)
+    click.echo(f"{basemodel.sha256_path(_Path(path))}  {path}")
 
 
 @base_group.command("info")
@@ -158,11 +160,14 @@ def base_info(path: str) -> None:
     """Format, family and size of a base model, read without loading its weights."""
     from pathlib import Path as _Path
 
+    from rich.markup import escape
+
     from dermkohya import basemodel
 
     info = basemodel.identify_base(_Path(path))
-    console.print(f"{info['path']}: {info['format']}, family {info['family'] or 'unknown'}, {info['size_bytes'] / 1e9:.2f} GB", highlight=False)
+    summary = f"{info['path']}: {info['format']}, family {info['family'] or 'unknown'}, {info['size_bytes'] / 1e9:.2f} GB"
+    console.print(summary, highlight=False, markup=False, soft_wrap=True)
     if info["smoke"]:
         console.print("[bold yellow]SMOKE MODEL, RANDOM WEIGHTS[/]: for pipeline tests only", highlight=False)
     if info["warning"]:
-        err_console.print(f"[yellow]warning:[/] {info['warning']}", highlight=False, soft_wrap=True)
+        err_console.print("[yellow]warning:[/] " + escape(info["warning"]), highlight=False, soft_wrap=True)
