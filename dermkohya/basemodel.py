@@ -154,24 +154,16 @@ SDXL_CONFIGS: dict[str, dict[str, Any]] = {
     },
     "vae": {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
     "text_encoder": _CLIP_L_TEXT,
-    "text_encoder_2": {
+    # OpenCLIP ViT-bigG/14's text tower, with the projection SDXL pools from
+    "text_encoder_2": _CLIP_L_TEXT
+    | {
         "architectures": ["CLIPTextModelWithProjection"],
-        "attention_dropout": 0.0,
-        "bos_token_id": 0,
-        "dropout": 0.0,
-        "eos_token_id": 2,
         "hidden_act": "gelu",
         "hidden_size": 1280,
-        "initializer_factor": 1.0,
-        "initializer_range": 0.02,
         "intermediate_size": 5120,
-        "layer_norm_eps": 1e-05,
-        "max_position_embeddings": CLIP_MAX_LENGTH,
         "num_attention_heads": 20,
         "num_hidden_layers": 32,
-        "pad_token_id": 1,
         "projection_dim": 1280,
-        "vocab_size": CLIP_VOCAB_SIZE,
     },
     "scheduler": {
         **_SD_SCHEDULER_COMMON,

@@ -83,21 +83,10 @@ def _scaled_down(configs: dict[str, dict]) -> dict[str, dict]:
         unet |= {"attention_head_dim": 2, "cross_attention_dim": 32}
     small["vae"] |= {"block_out_channels": [16, 32], "norm_num_groups": 8, "layers_per_block": 1}
     small["vae"] |= {"down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2}
-    small["text_encoder"] = small["text_encoder"] | {
-        "hidden_size": 32,
-        "intermediate_size": 37,
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "projection_dim": 32,
-    }
-    if "text_encoder_2" in small:
-        small["text_encoder_2"] = small["text_encoder_2"] | {
-            "hidden_size": 32,
-            "intermediate_size": 37,
-            "num_attention_heads": 4,
-            "num_hidden_layers": 2,
-            "projection_dim": 32,
-        }
+    narrow = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": 32}
+    for name in ("text_encoder", "text_encoder_2"):
+        if name in small:
+            small[name] = small[name] | narrow
     return small
 
 
