@@ -25,7 +25,9 @@ import tomllib
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -567,15 +569,19 @@ def _inspect_chunk(jobs: list[tuple[str, bool, tuple[int, int]]]) -> list[dict[s
     return [_inspect_image(*job) for job in jobs]
 
 
-def _inspect_all(jobs: list[tuple[str, bool, tuple[int, int]]], workers: int | None) -> list[dict[str, Any]]:
-    """Inspect images across a process pool; small jobs stay in this process (a pool costs ~0.1 s)."""
+@contextmanager
+def _inspecting(jobs: list[tuple[str, bool, tuple[int, int]]], workers: int | None) -> Iterator[Callable[[], list[dict[str, Any]]]]:
+    """Start inspecting images in a process pool and yield a function that waits for the results, so
+    the caller checks captions meanwhile. Small jobs stay in this process (a pool costs ~0.1 s)."""
     workers = workers or os.cpu_count() or 1
     if workers <= 1 or len(jobs) < 200:
-        return _inspect_chunk(jobs)
-    size = max(16, min(512, len(jobs) // (workers * 8)))
+        yield lambda: _inspect_chunk(jobs)
+        return
+    size = max(16, min(256, len(jobs) // (workers * 8)))
     chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return [facts for chunk in pool.map(_inspect_chunk, chunks) for facts in chunk]
+        pending = pool.map(_inspect_chunk, chunks)
+        yield lambda: [facts for chunk in pending for facts in chunk]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -735,11 +741,12 @@ def parse_resolution(text: str) -> tuple[int, int]:
 # The scan
 
 
-def _read_metadata(root: Path, images: dict[str, Path], problems: list[Problem]) -> dict[Path, dict[str, str]]:
+def _read_metadata(root: Path, all_images: Iterable[Path], problems: list[Problem]) -> dict[Path, dict[str, str]]:
     """diagnosis / skin type per image from a sidecar metadata.csv (image paths relative to the root)."""
     sidecar = root / METADATA_FILE
     if not sidecar.is_file():
         return {}
+    images = {_display(image, root): image for image in all_images}
     rows: dict[Path, dict[str, str]] = {}
     with open(sidecar, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
@@ -770,9 +777,9 @@ def _read_metadata(root: Path, images: dict[str, Path], problems: list[Problem])
     return rows
 
 
-def _check_caption(path: Path, counter: ClipTokenCounter, problems: list[Problem]) -> tuple[str | None, int | None]:
+def _check_caption(path: Path, data: bytes, counter: ClipTokenCounter,
+                   problems: list[Problem]) -> tuple[str | None, int | None]:
     """The caption kohya will use (its first line) and its token count, reporting what is wrong."""
-    data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -781,14 +788,15 @@ def _check_caption(path: Path, counter: ClipTokenCounter, problems: list[Problem
         return None, None
     if text.startswith("\ufeff"):
         problems.append(_problem("caption-bom", path, "starts with a UTF-8 byte-order mark"))
-    lines = text.splitlines()
-    first = lines[0].strip() if lines else ""
+    lines = re.split(r"\r\n|\r|\n", text)  # what kohya's text-mode readlines() splits on
+    first = lines[0].strip()
     if not first:
         problems.append(_problem("empty-caption", path, "is empty" if not text.strip() else
                                  "has an empty first line: kohya reads only the first line"))
         return None, None
     if sum(1 for line in lines if line.strip()) > 1:
-        problems.append(_problem("caption-multiline", path, f"has {len(lines)} lines; kohya uses the first"))
+        problems.append(_problem("caption-multiline", path, f"has {sum(1 for line in lines if line.strip())} "
+                                 "lines; kohya uses the first"))
     tokens = counter.count(first)
     if tokens > CLIP_CHUNK_TOKENS:
         approx = "" if counter.exact else " (approximate count)"
@@ -815,7 +823,8 @@ def scan(root: Path, *, caption_extension: str = ".txt", resolution: tuple[int, 
     jobs: list[tuple[str, bool, tuple[int, int]]] = []
     hash_entries: list[tuple[str, str]] = []
     captions: dict[Path, Path] = {}
-    subset_of: dict[Path, Subset] = {}
+    caption_bytes: dict[Path, bytes] = {}
+    image_subsets: list[tuple[Path, Subset]] = []  # in job order; a folder may serve two TOML subsets
     for subset in layout.subsets:
         files = _list_subset(subset)
         subset.images = files.images
@@ -834,7 +843,7 @@ def scan(root: Path, *, caption_extension: str = ".txt", resolution: tuple[int, 
         for image in files.images:
             stem = os.path.splitext(image)[0]
             used_stems.add(stem)
-            subset_of[image] = subset
+            image_subsets.append((image, subset))
             jobs.append((str(image), decode, subset.resolution or resolution))
             if stem in files.captions:
                 captions[image] = files.captions[stem]
@@ -856,36 +865,45 @@ def scan(root: Path, *, caption_extension: str = ".txt", resolution: tuple[int, 
         for stem, caption in list(files.captions.items()) + list(files.other_captions.items()):
             if stem not in used_stems:
                 problems.append(_problem("orphan-caption", caption, "has no image beside it"))
-        for path in _hashed_files(subset, files):
-            if path.suffix in CAPTION_EXTENSIONS or path.suffix == subset.caption_extension:
-                hash_entries.append((_relname(subset, path), _file_sha256(path)))
+        for path in (*files.captions.values(), *files.other_captions.values()):
+            caption_bytes[path] = path.read_bytes()
+            hash_entries.append((_relname(subset, path), hashlib.sha256(caption_bytes[path]).hexdigest()))
     if not layout.subsets and not any(p.code in ("not-found", "bad-config") for p in problems):
         problems.insert(0, _problem("no-subsets", layout.root, "kohya would log 'No data found' and exit 0 "
                                     "without training"))
 
-    results = _inspect_all(jobs, workers)
-    by_hash: dict[str, Path] = {}
-    for facts in results:
-        path = Path(facts["path"])
-        for code, message, severity in facts["problems"]:
-            problems.append(_problem(code, path, message, severity=severity))
-        if facts["sha256"] is not None:
-            hash_entries.append((_relname(subset_of[path], path), facts["sha256"]))
-            first = by_hash.setdefault(facts["sha256"], path)
-            if first != path:
-                problems.append(_problem("duplicate-image", path, f"has the same bytes as {_display(first, layout.root)}"))
+    with _inspecting(jobs, workers) as inspected:
+        summary = _summarise(layout, image_subsets, captions, caption_bytes, counter, problems)
+        by_hash: dict[str, Path] = {}
+        for facts, (path, subset) in zip(inspected(), image_subsets):
+            for code, message, severity in facts["problems"]:
+                problems.append(_problem(code, path, message, severity=severity))
+            if facts["sha256"] is not None:
+                hash_entries.append((_relname(subset, path), facts["sha256"]))
+                first = by_hash.setdefault(facts["sha256"], path)
+                if first != path:
+                    problems.append(_problem("duplicate-image", path, f"has the same bytes as {_display(first, layout.root)}"))
+    problems = sorted(dict.fromkeys(problems), key=lambda p: (p.severity != "error", p.code, str(p.path)))
+    return CheckReport(
+        root=layout.root, caption_extension=caption_extension, resolution=resolution, decode=decode,
+        subsets=layout.subsets, problems=problems, tokenizer=counter.name, **summary,
+        content_hash=_dataset_digest(hash_entries), seconds=time.perf_counter() - started)
 
-    relative = {_display(image, layout.root): image for image in subset_of}
-    metadata = _read_metadata(layout.root, relative, problems)
+
+def _summarise(layout: _Layout, image_subsets: list[tuple[Path, Subset]], captions: dict[Path, Path],
+               caption_bytes: dict[Path, bytes], counter: ClipTokenCounter, problems: list[Problem]) -> dict[str, Any]:
+    """Check every caption kohya will read and count tokens, skin types and diagnoses (effective = × repeats)."""
+    metadata = _read_metadata(layout.root, (image for image, _ in image_subsets), problems)
     histogram = {_bin_label(lo, hi): 0 for lo, hi in _TOKEN_BINS}
     fst_counts: Counter[str] = Counter()
     fst_effective: Counter[str] = Counter()
     diag_counts: Counter[str] = Counter()
     diag_effective: Counter[str] = Counter()
-    for image, subset in subset_of.items():
+    for image, subset in image_subsets:
         caption_text = None
         if image in captions:
-            caption_text, tokens = _check_caption(captions[image], counter, problems)
+            caption = captions[image]
+            caption_text, tokens = _check_caption(caption, caption_bytes[caption], counter, problems)
             if tokens is not None:
                 lo, hi = next(b for b in _TOKEN_BINS if b[0] <= tokens <= b[1])
                 histogram[_bin_label(lo, hi)] += 1
@@ -902,11 +920,9 @@ def scan(root: Path, *, caption_extension: str = ".txt", resolution: tuple[int, 
     if fst_counts:  # every type is listed once any is known, so a missing one shows as 0
         for fst in FST_TYPES:
             fst_counts.setdefault(fst, 0)
-    problems.sort(key=lambda p: (p.severity != "error", p.code, str(p.path)))
-    return CheckReport(
-        root=layout.root, caption_extension=caption_extension, resolution=resolution, decode=decode,
-        subsets=layout.subsets, problems=problems, token_histogram=histogram, tokenizer=counter.name,
-        fst_counts={k: {"images": fst_counts[k], "effective": fst_effective[k]}
-                    for k in sorted(fst_counts, key=lambda k: fst_order.index(k) if k in fst_order else 99)},
-        diagnosis_counts={k: {"images": diag_counts[k], "effective": diag_effective[k]} for k in sorted(diag_counts)},
-        content_hash=_dataset_digest(hash_entries), seconds=time.perf_counter() - started)
+    return {
+        "token_histogram": histogram,
+        "fst_counts": {k: {"images": fst_counts[k], "effective": fst_effective[k]}
+                       for k in sorted(fst_counts, key=lambda k: fst_order.index(k) if k in fst_order else 99)},
+        "diagnosis_counts": {k: {"images": diag_counts[k], "effective": diag_effective[k]} for k in sorted(diag_counts)},
+    }
