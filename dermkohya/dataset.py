@@ -657,8 +657,8 @@ class CheckReport:
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         scan = "full decode" if self.decode else "header scan"
-        yield Text.from_markup(
-            f"[bold]{self.root}[/]: {self.images} images in {len(self.subsets)} subset(s); captions "
+        yield Text.assemble(
+            (str(self.root), "bold"), f": {self.images} images in {len(self.subsets)} subset(s); captions "
             f"{self.caption_extension}, resolution {self.resolution[0]}×{self.resolution[1]}, {scan} "
             f"in {self.seconds:.1f} s")
         if self.subsets:
@@ -666,15 +666,15 @@ class CheckReport:
             for column in ("folder", "repeats", "concept", "images", "effective samples"):
                 table.add_column(column, justify="right" if column in ("repeats", "images", "effective samples") else "left")
             for s in self.subsets:
-                table.add_row(_display(s.path, self.root) + (" (reg)" if s.is_reg else ""), str(s.repeats),
-                              s.concept, str(len(s.images)), str(s.effective_samples))
+                table.add_row(Text(_display(s.path, self.root) + (" (reg)" if s.is_reg else "")), str(s.repeats),
+                              Text(s.concept), str(len(s.images)), str(s.effective_samples))
             yield table
         for title, counts in (("Fitzpatrick skin type", self.fst_counts), ("diagnosis", self.diagnosis_counts)):
             if counts:
                 yield _counts_table(title, counts)
         if any(self.token_histogram.values()):
-            table = Table(title=f"caption tokens ({self.tokenizer}; CLIP keeps {CLIP_CHUNK_TOKENS} per chunk)",
-                          title_justify="left")
+            how = "CLIP BPE" if self.tokenizer.startswith("CLIP") else "approximate"
+            table = Table(title=f"caption tokens ({how}; {CLIP_CHUNK_TOKENS} per chunk)", title_justify="left")
             table.add_column("tokens")
             table.add_column("captions", justify="right")
             table.add_column("")
@@ -687,16 +687,18 @@ class CheckReport:
         for code, problems in self.by_code().items():
             severity = "error" if any(p.severity == "error" for p in problems) else "warning"
             colour = "red" if severity == "error" else "yellow"
-            table = Table(title=f"[{colour}]{severity}[/] {code}: {_CODES[code][1]} — {len(problems)} file(s)",
-                          title_justify="left", caption=f"fix: {problems[0].fix}", caption_justify="left",
-                          show_header=False)
-            table.add_column("path", style="bold")
-            table.add_column("problem")
+            yield Text.from_markup(f"\n[bold {colour}]{severity}[/] [bold]{code}[/] ({len(problems)}): {_CODES[code][1]}")
+            table = Table(show_header=False, box=None, padding=(0, 1, 0, 2))
+            table.add_column("path", style="bold", overflow="fold")
+            table.add_column("problem", overflow="fold")
             for p in problems[:shown]:
-                table.add_row(_display(p.path, self.root), p.message)
+                table.add_row(Text(_display(p.path, self.root)), Text(p.message))
             if len(problems) > shown:
                 table.add_row(f"… and {len(problems) - shown} more", "(--json lists every one)")
             yield table
+            fixes = list(dict.fromkeys(p.fix for p in problems))
+            yield Text(f"  fix: {fixes[0]}" if len(fixes) == 1 else "  fix: " + "; ".join(fixes[:3]), style="dim")
+        yield Text("")
         if self.errors:
             yield Text.from_markup(f"[bold red]✗ {len(self.errors)} error(s)[/], {len(self.warnings)} warning(s)")
         elif self.warnings:
@@ -714,7 +716,7 @@ def _counts_table(title: str, counts: dict[str, dict[str, int]]) -> Table:
     table.add_column("share", justify="right")
     total = sum(c["effective"] for c in counts.values()) or 1
     for key, c in counts.items():
-        table.add_row(key, str(c["images"]), str(c["effective"]), f"{100 * c['effective'] / total:.1f} %")
+        table.add_row(Text(key), str(c["images"]), str(c["effective"]), f"{100 * c['effective'] / total:.1f} %")
     return table
 
 
