@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dermkohya.errors import DermkohyaError
+from dermkohya.paths import cache_root
 
 SMOKE_MARKER = "SMOKE_MODEL_RANDOM_WEIGHTS.txt"
 SMOKE_INFO = "dermkohya_smoke.json"
@@ -172,8 +173,7 @@ SDXL_CONFIGS: dict[str, dict[str, Any]] = {
 
 def default_cache_root() -> Path:
     """`$DERMKOHYA_CACHE`, else `~/.cache/dermkohya`: built smoke models, tokenizers and the hash cache."""
-    env = os.environ.get("DERMKOHYA_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dermkohya"
+    return cache_root()
 
 
 # --- the tokenizer -----------------------------------------------------------------------------------------

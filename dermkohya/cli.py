@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from dermkohya import __version__
 from dermkohya.errors import DermkohyaError, ProblemsError
@@ -21,12 +22,12 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except ProblemsError as exc:
-            err_console.print(f"[bold red]error:[/] {exc.source}: {len(exc.problems)} problem(s)", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(exc.source)}: {len(exc.problems)} problem(s)", highlight=False)
             for problem in exc.problems:
-                err_console.print(f"  [red]-[/] {problem}", highlight=False, soft_wrap=True)
+                err_console.print(f"  [red]-[/] {escape(problem)}", highlight=False, soft_wrap=True)
             ctx.exit(1)
         except DermkohyaError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             ctx.exit(1)
 
 
@@ -36,45 +37,80 @@ def main() -> None:
     """Dermatology photographs to a kohya-trained Stable Diffusion LoRA, reproducibly."""
 
 
-@main.command("check")
-@click.argument("dataset_path", metavar="DATASET", type=click.Path(path_type=Path))
-@click.option("--resolution", default="512", show_default=True, help="Training resolution: 512 or W,H.")
-@click.option("--caption-extension", default=".txt", show_default=True, help="Caption extension the run uses.")
-@click.option("--decode", is_flag=True, help="Decode every image fully (parallel across cores), not just headers.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--strict", is_flag=True, help="Treat warnings as errors (exit 1).")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes for image inspection.")
-def check_cmd(dataset_path: Path, resolution: str, caption_extension: str, decode: bool, as_json: bool,
-              strict: bool, workers: int | None) -> None:
-    """Check a kohya train_data_dir (or dataset TOML): every problem in one pass; exit 1 on errors."""
-    import json
+# --- run files: render, train ------------------------------------------------------------------
 
-    from dermkohya import dataset
+@main.command("render")
+@click.argument("run_file", type=click.Path(path_type=Path))
+@click.option("--no-kohya-check", is_flag=True, help="Do not check rendered keys against sd-scripts' parser.")
+def render_cmd(run_file, no_kohya_check: bool) -> None:
+    """Write runs/<run>/: config.toml, dataset.toml, sample_prompts.txt, train_command.sh, manifest.json."""
+    from dermkohya import render
 
-    report = dataset.scan(dataset_path, caption_extension=caption_extension,
-                          resolution=dataset.parse_resolution(resolution), decode=decode, workers=workers)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        console.print(report)
-    if report.has_errors(strict):
-        raise SystemExit(1)
+    rendered = render.render(run_file, check_keys=not no_kohya_check)
+    for warning in rendered.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{rendered.name}[/]: rendered {len(rendered.files)} files into {rendered.out_dir}")
+    for name, path in rendered.files.items():
+        console.print(f"  {path}", highlight=False)
 
 
-@main.command("demo-data")
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
-@click.option("--per-cell", default=2, show_default=True, type=click.IntRange(min=1),
-              help="Images per diagnosis × skin type.")
-@click.option("--size", default=512, show_default=True, type=click.IntRange(min=32), help="Image side in pixels.")
-def demo_data_cmd(directory: Path, seed: int, per_cell: int, size: int) -> None:
-    """Write the synthetic, non-clinical demo dataset (3 diagnoses × FST I–VI) into DIRECTORY."""
-    from dermkohya import demo
+@main.command("train")
+@click.argument("run_file", type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from kohya's last saved state in output/<run>/.")
+@click.option("--new", is_flag=True, help="Keep a previous run's outputs as output/<run>.N and start afresh.")
+@click.option("--strict", is_flag=True, help="Dataset warnings and a different sd-scripts commit are errors.")
+@click.option("--online", is_flag=True, help="Let kohya reach the Hugging Face hub (default: HF_HUB_OFFLINE=1).")
+@click.option("--no-collect", is_flag=True, help="Leave the LoRA in output/<run>/ without collecting it.")
+def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_collect: bool) -> None:
+    """check → render → accelerate launch kohya → collect, with one live progress bar."""
+    import sys
 
-    out = demo.make_demo_dataset(directory, seed=seed, per_cell=per_cell, size=size)
-    count = len(demo.demo_records(per_cell=per_cell))
-    console.print(f"demo dataset: {out} ({count} images, {size}×{size}, seed {seed}; synthetic, not clinical)",
-                  highlight=False)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from dermkohya import kohya, train
+
+    columns = [TextColumn("[bold]kohya[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("steps", total=None, rate="–", loss="–")
+        status = {"phase": ""}
+
+        def on_line(line: str) -> None:
+            progress = kohya.parse_progress(line)
+            if progress:
+                bar.update(task, total=progress.total, completed=progress.step,
+                           rate=f"{progress.it_per_s:.2f} it/s" if progress.it_per_s else "–",
+                           loss=f"{progress.loss:.4f}" if progress.loss is not None else "–")
+            elif any(key in line for key in ("caching latents", "epoch ", "saving", "generating sample", "Loading")):
+                if line != status["phase"]:
+                    status["phase"] = line
+                    bar.console.print(f"[dim]{line[:160]}[/]", highlight=False)
+
+        result = train.train(run_file, resume=resume, new=new, strict=strict, online=online, on_line=on_line)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if result.returncode != 0:
+        if result.interrupted:
+            err_console.print("[bold red]interrupted:[/] kohya was stopped.", highlight=False)
+        else:
+            err_console.print(f"[bold red]kohya failed[/] (exit {result.returncode}); last lines of {result.log_path}:", highlight=False)
+            for line in result.tail[-15:]:
+                err_console.print(f"  {line}", highlight=False, markup=False)
+        if result.hint:
+            err_console.print(f"[bold]hint:[/] {result.hint}", highlight=False)
+        if result.saved_states:
+            err_console.print(f"saved state: {result.saved_states[-1]} — continue with `dermkohya train {run_file} --resume`", highlight=False)
+        else:
+            err_console.print("no kohya state was saved (states are saved at epoch ends when [train] save_state = true)")
+        sys.exit(result.returncode)
+    console.print(f"[green]trained[/] {result.lora} in {result.kohya_seconds:.0f} s (dermkohya's own time before kohya: {result.overhead_seconds:.2f} s)")
+    if not no_collect:
+        try:
+            from dermkohya import collect
+        except ImportError:
+            return
+        artifact = collect.collect(run_file)
+        console.print(f"[green]collected[/] {artifact}")
 
 
 @main.command("prepare")
@@ -171,3 +207,146 @@ def base_info(path: str) -> None:
         console.print("[bold yellow]SMOKE MODEL, RANDOM WEIGHTS[/]: for pipeline tests only", highlight=False)
     if info["warning"]:
         err_console.print("[yellow]warning:[/] " + escape(info["warning"]), highlight=False, soft_wrap=True)
+
+
+@main.command("check")
+@click.argument("dataset_path", metavar="DATASET", type=click.Path(path_type=Path))
+@click.option("--resolution", default="512", show_default=True, help="Training resolution: 512 or W,H.")
+@click.option("--caption-extension", default=".txt", show_default=True, help="Caption extension the run uses.")
+@click.option("--decode", is_flag=True, help="Decode every image fully (parallel across cores), not just headers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--strict", is_flag=True, help="Treat warnings as errors (exit 1).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes for image inspection.")
+def check_cmd(dataset_path: Path, resolution: str, caption_extension: str, decode: bool, as_json: bool,
+              strict: bool, workers: int | None) -> None:
+    """Check a kohya train_data_dir (or dataset TOML): every problem in one pass; exit 1 on errors."""
+    import json
+
+    from dermkohya import dataset
+
+    report = dataset.scan(dataset_path, caption_extension=caption_extension,
+                          resolution=dataset.parse_resolution(resolution), decode=decode, workers=workers)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        console.print(report)
+    if report.has_errors(strict):
+        raise SystemExit(1)
+
+
+@main.command("demo-data")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--per-cell", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Images per diagnosis × skin type.")
+@click.option("--size", default=512, show_default=True, type=click.IntRange(min=32), help="Image side in pixels.")
+def demo_data_cmd(directory: Path, seed: int, per_cell: int, size: int) -> None:
+    """Write the synthetic, non-clinical demo dataset (3 diagnoses × FST I–VI) into DIRECTORY."""
+    from dermkohya import demo
+
+    out = demo.make_demo_dataset(directory, seed=seed, per_cell=per_cell, size=size)
+    count = len(demo.demo_records(per_cell=per_cell))
+    console.print(f"demo dataset: {out} ({count} images, {size}×{size}, seed {seed}; synthetic, not clinical)",
+                  highlight=False)
+
+
+# --- collect, inspect, merge, resize -------------------------------------------------------------
+
+@main.command("collect")
+@click.argument("run")
+@click.option("--which", default="final", show_default=True, help="final, epoch:N or step:N (kohya's saved checkpoints).")
+@click.option("--new-version", is_flag=True, help="File a different result as artifacts/<run>/<run>-vN.safetensors.")
+def collect_cmd(run: str, which: str, new_version: bool) -> None:
+    """Verify kohya's LoRA for RUN (name or run file) and file it in artifacts/<run>/ with card and manifest."""
+    from dermkohya import collect
+
+    artifact = collect.collect(run, which=which, new_version=new_version)
+    console.print(f"[green]collected[/] {artifact}", highlight=False, soft_wrap=True)
+    for path in sorted(artifact.parent.iterdir()):
+        if not path.name.startswith("."):
+            console.print(f"  {path}", highlight=False, soft_wrap=True)
+
+
+@main.command("inspect")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole summary as JSON.")
+def inspect_cmd(file: Path, as_json: bool) -> None:
+    """Summarise a kohya/diffusers LoRA: metadata by group, rank, alpha, modules, size, hash check."""
+    import json
+
+    from rich.table import Table
+
+    from dermkohya import collect
+
+    summary = collect.inspect(file)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False))
+        return
+    digest = summary["hash"]
+    verdict = {True: "[green]valid[/]", False: "[bold red]MISMATCH: tensors altered after training[/]", None: "[yellow]no sshs_model_hash recorded[/]"}[digest["ok"]]
+    console.print(f"[bold]{file}[/]  {summary['size_mb']} MiB, {summary['format']} {summary['family'] or ''} LoRA, "
+                  f"rank {summary['rank']}, alpha {summary['alpha']}, {summary['tensors']} tensors {summary['dtypes']}", highlight=False)
+    console.print(f"modules: {summary['modules']}", highlight=False)
+    for part, blocks in summary["blocks"].items():
+        console.print(f"  {part}: " + ", ".join(f"{b} ×{n}" for b, n in blocks.items()), highlight=False)
+    console.print(f"hash: {verdict} (sha256 of tensors {digest['computed'][:16]}…)", highlight=False)
+    for problem in summary["kohya_problems"] + [f"NaN/Inf in {n}" for n in summary["non_finite_tensors"][:5]]:
+        err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+    for group, values in summary["metadata"].items():
+        if not values:
+            continue
+        table = Table(title=f"{group} ({len(values)})", title_justify="left", show_header=False, box=None)
+        table.add_column("key", no_wrap=True)
+        table.add_column("value", overflow="fold")
+        for key, value in values.items():
+            table.add_row(key, value if len(value) <= 200 else value[:200] + "…")
+        console.print(table)
+
+
+@main.command("merge")
+@click.option("--base", required=True, type=click.Path(path_type=Path), help="SD 1.5/SDXL checkpoint (.safetensors) or SD 1.5 diffusers folder.")
+@click.option("--lora", "loras", required=True, multiple=True, metavar="FILE[:WEIGHT]", help="A LoRA and its weight (default 1.0); repeat to merge several.")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The merged checkpoint (.safetensors); never replaced.")
+@click.option("--precision", default="float", show_default=True, type=click.Choice(["float", "fp16", "bf16"]), help="Precision of the merge arithmetic.")
+@click.option("--save-precision", type=click.Choice(["float", "fp16", "bf16"]), help="Precision of the saved weights (default: --precision).")
+def merge_cmd(base: Path, loras: tuple[str, ...], out: Path, precision: str, save_precision: str | None) -> None:
+    """Bake LoRAs into a base checkpoint with sd-scripts' merge_lora.py / sdxl_merge_lora.py."""
+    from dermkohya import merge
+
+    record = merge.merge(base, [merge.parse_lora_arg(t) for t in loras], out, precision=precision, save_precision=save_precision)
+    inputs = ", ".join(f"{r['file']}×{r['weight']:g}" for r in record["loras"])
+    console.print(f"[green]merged[/] {inputs} into {record['base']['file']} → {out} "
+                  f"({record['verified']['tensors']} tensors, {record['verified']['changed_tensors']} changed; record {out.with_suffix('.json')})", highlight=False)
+
+
+@main.command("resize")
+@click.argument("lora_file", type=click.Path(path_type=Path))
+@click.option("--rank", required=True, type=int, help="The new rank (the maximum with --dynamic).")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="The resized LoRA (.safetensors); never replaced.")
+@click.option("--save-precision", type=click.Choice(["float", "fp16", "bf16"]), help="Precision of the saved weights (kohya's default: float).")
+@click.option("--dynamic", type=click.Choice(["sv_ratio", "sv_fro", "sv_cumulative"]), help="kohya's dynamic rank method.")
+@click.option("--dynamic-param", type=float, help="Target for --dynamic.")
+def resize_cmd(lora_file: Path, rank: int, out: Path, save_precision: str | None, dynamic: str | None, dynamic_param: float | None) -> None:
+    """Change a LoRA's rank with sd-scripts' resize_lora.py (SVD), verified and recorded."""
+    from dermkohya import merge
+
+    record = merge.resize(lora_file, rank, out, save_precision=save_precision, dynamic_method=dynamic, dynamic_param=dynamic_param)
+    console.print(f"[green]resized[/] {lora_file} → {out} (rank {record['rank']}, alpha {record['alpha']})", highlight=False)
+
+
+@main.command("generate")
+@click.argument("plan_file", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (default: synthetic/<plan name>).")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1), help="Processes (one per GPU); the files do not depend on it.")
+@click.option("--limit", type=click.IntRange(1), help="Stop after about this many new images; rerun to continue.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")
+def generate_cmd(plan_file: Path, out: Path | None, processes: int, limit: int | None, progress: bool) -> None:
+    """Generate a plan's images, balanced over diagnosis × Fitzpatrick type; resumable."""
+    from dermkohya import generate
+
+    result = generate.generate(plan_file, out=out, processes=processes, limit=limit, show_progress=progress)
+    rejected = ", ".join(f"{k} ×{v}" for k, v in sorted(result.rejected.items())) or "none"
+    rate = f", {result.images_per_s:.2f} images/s" if result.images_per_s else ""
+    state = "[green]done[/]" if result.complete else "[yellow]partial[/] (rerun to continue)"
+    console.print(f"{state} {result.finished}/{result.planned} images in {result.out} "
+                  f"({result.made} new{rate}; rejected and regenerated: {rejected}); index: {result.out / 'index.csv'}", highlight=False)

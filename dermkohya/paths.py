@@ -14,4 +14,5 @@ def cache_root() -> Path:
     """dermkohya's machine-local cache (hashes, kohya's option lists): $DERMKOHYA_CACHE or ~/.cache/dermkohya."""
     import os
 
-    return Path(os.environ.get("DERMKOHYA_CACHE") or Path.home() / ".cache" / "dermkohya")
+    env = os.environ.get("DERMKOHYA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dermkohya"
