@@ -1,0 +1,379 @@
+"""generate: the plan file, allocation and seeds, and the engine end to end on a tiny random diffusers
+pipeline (fast: engine logic, resume, determinism across processes, index.csv, the filter); plus the
+issue's done-when on the full-size smoke model with a LoRA kohya trained (`kohya`, `slow`)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from _kohya_run import RUN, kohya_run  # noqa: F401  (the session fixture: one kohya training per session)
+from dermkohya import metrics
+from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.generate import allocate, generate, image_seed, load_plan, quotas, read_record, render_one
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def build_tiny_sd(folder: Path, tokenizer_cache: Path) -> Path:
+    """A randomly initialised SD-1.5-shaped pipeline small enough for a CPU test (32 px images)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dermkohya import basemodel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=32, attention_head_dim=8,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    )  # fmt: skip
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=2, vocab_size=basemodel.CLIP_VOCAB_SIZE, max_position_embeddings=77, projection_dim=32,
+        )  # fmt: skip
+    )
+    cache = basemodel.build_tokenizer_cache(tokenizer_cache)
+    tokenizer = CLIPTokenizer.from_pretrained(str(cache / basemodel.CLIP_L_TOKENIZER_ID.replace("/", "_")))
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+_LORA_TARGETS = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|q_proj|k_proj|v_proj|out_proj|fc1|fc2)$")
+
+
+def write_kohya_lora(model_dir: Path, path: Path, *, rank: int = 4, seed: int = 0, extra_module: str | None = None) -> Path:
+    """A LoRA for the tiny pipeline with kohya's key names (lora_unet_* / lora_te_*, lora_down/lora_up/alpha)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, model in (
+        ("lora_unet_", UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))),
+        ("lora_te_", CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"))),
+    ):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and _LORA_TARGETS.search(name):
+                key = prefix + name.replace(".", "_")
+                tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
+                tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    if extra_module:
+        tensors[f"{extra_module}.lora_down.weight"] = torch.zeros(rank, 32)
+        tensors[f"{extra_module}.lora_up.weight"] = torch.zeros(32, rank)
+        tensors[f"{extra_module}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-sd")
+    model = build_tiny_sd(root / "model", root / "tokenizers")
+    return {"model": model, "lora": write_kohya_lora(model, root / "tiny_lora.safetensors")}
+
+
+PLAN = """\
+name = "{name}"
+[model]
+base = "{model}"
+[[lora]]
+path = "{lora}"
+weight = 0.8
+[classes]
+diagnoses = ["melanoma", "basal cell carcinoma"]
+skin_types = ["I", "IV", "VI"]
+count = {count}
+[prompt]
+negative = "blurry, text"
+[sampler]
+steps = 2
+width = 32
+height = 32
+seed = 11
+[engine]
+batch_size = 3
+[filter]
+{filter}
+"""
+
+
+def write_plan(folder: Path, tiny: dict[str, Path], *, name: str = "t", count: int = 12, filter: str = "", lora: Path | None = None) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(PLAN.format(name=name, model=tiny["model"], lora=lora or tiny["lora"], count=count, filter=filter), encoding="utf-8")
+    return path
+
+
+def pngs(out: Path) -> dict[str, Path]:
+    """Finished images (not rejected/, not staging) by path relative to the output folder."""
+    return {p.relative_to(out).as_posix(): p for p in out.glob("*/*/*.png")}
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def read_index(out: Path) -> list[dict[str, str]]:
+    with (out / "index.csv").open(encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --- the plan file -----------------------------------------------------------------------------------------
+
+
+def test_plan_reports_every_problem_with_the_nearest_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[model]\nbase = "random:sd15"\n[classes]\ndiagnoses = ["melanoma"]\nskin_types = ["I", "VII"]\ncount = 0\n'
+        "[sampler]\nstpes = 20\nscheduler = \"heun\"\n[[lora]]\npath = \"x.safetensors\"\nwieght = 1\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ProblemsError) as info:
+        load_plan(path)
+    text = "\n".join(info.value.problems)
+    assert "unknown key `[sampler] stpes` (line 8): did you mean `steps`?" in text
+    assert "did you mean `weight`?" in text and "[lora #1] wieght" in text
+    assert "unknown skin type 'VII'" in text
+    assert "`[classes] count`" in text and "`[sampler] scheduler`" in text
+    assert len(info.value.problems) == 5
+
+
+def test_plan_template_variables_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[model]\nbase = "random:sd15"\n[classes]\ndiagnoses = ["a"]\ncount = 6\n[prompt]\ntemplate = "{{ diagnosis }} {{ site }}"\n')
+    with pytest.raises(ProblemsError, match="'site' is undefined"):
+        load_plan(path)
+    path.write_text(path.read_text() + 'vars = { site = "forearm" }\n')
+    plan, name = load_plan(path)
+    assert name == "p" and allocate(plan)[0].prompt == "a forearm"
+
+
+def test_quotas_are_exact_for_equal_and_explicit_shares(tmp_path: Path) -> None:
+    path = tmp_path / "q.toml"
+    path.write_text('[model]\nbase = "random:sd15"\n[classes]\ndiagnoses = ["a", "b", "c"]\ncount = 60\n')
+    plan, _ = load_plan(path)
+    q = quotas(plan)
+    assert sum(q.values()) == 60 and set(q.values()) == {3, 4} and len(q) == 18
+    path.write_text(
+        '[model]\nbase = "random:sd15"\n[classes]\ndiagnoses = ["a", "b"]\ncount = 400\n'
+        "skin_types = { I = 10, II = 10, III = 15, IV = 15, V = 25, VI = 25 }\n"
+    )
+    plan, _ = load_plan(path)
+    assert quotas(plan) == {(d, f): 2 * p for d in "ab" for f, p in zip(("I", "II", "III", "IV", "V", "VI"), (10, 10, 15, 15, 25, 25))}
+
+
+def test_items_have_unique_paths_prompts_and_seeds(tmp_path: Path) -> None:
+    path = tmp_path / "i.toml"
+    path.write_text('[model]\nbase = "random:sd15"\n[classes]\ndiagnoses = ["Basal cell carcinoma", "nevus"]\nskin_types = "equal"\ncount = 13\n')
+    plan, _ = load_plan(path)
+    items = allocate(plan)
+    assert [i.n for i in items] == list(range(13))
+    assert len({i.path for i in items}) == 13
+    assert items[0].path == "basal-cell-carcinoma/I/000000.png"
+    assert items[0].prompt == "clinical dermatology photograph, Basal cell carcinoma, Fitzpatrick skin type I"
+    seeds = {image_seed(plan.sampler.seed, i.n, a) for i in items for a in range(3)}
+    assert len(seeds) == 39 and image_seed(0, 5, 1) == image_seed(0, 5, 1) != image_seed(1, 5, 1)
+
+
+# --- the engine on the tiny pipeline -----------------------------------------------------------------------
+
+
+def test_interrupted_run_finishes_with_the_same_files_as_one_run(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    plan = write_plan(tmp_path, tiny)
+    whole = generate(plan, out=tmp_path / "whole", show_progress=False)
+    assert whole.complete and whole.finished == 12 and whole.made == 12
+    assert not (tmp_path / "whole" / ".staging").exists()
+
+    part = generate(plan, out=tmp_path / "part", limit=4, show_progress=False)
+    assert not part.complete and 4 <= part.finished < 12
+    before = {rel: (p.stat().st_ino, p.stat().st_mtime_ns) for rel, p in pngs(tmp_path / "part").items()}
+    rest = generate(plan, out=tmp_path / "part", show_progress=False)
+    assert rest.complete and rest.made == 12 - part.finished
+    after = pngs(tmp_path / "part")
+    assert all((after[rel].stat().st_ino, after[rel].stat().st_mtime_ns) == stamp for rel, stamp in before.items())
+
+    reference = pngs(tmp_path / "whole")
+    assert sorted(after) == sorted(reference) and len(after) == 12
+    for rel in reference:
+        assert np.array_equal(pixels(after[rel]), pixels(reference[rel])), rel
+    assert len({pixels(p).tobytes() for p in after.values()}) == 12
+
+    rows = read_index(tmp_path / "part")
+    assert sorted(r["path"] for r in rows) == sorted(after) and rows == read_index(tmp_path / "whole")
+    assert [int(r["n"]) for r in rows] == list(range(12))
+    for row in rows:
+        record = read_record(after[row["path"]])
+        assert str(record["seed"]) == row["seed"] and record["prompt"] == row["prompt"]
+        assert Image.open(after[row["path"]]).text["seed"] == row["seed"]
+        assert row["loras"] == "tiny_lora.safetensors@0.8" and row["scheduler"] == "dpmpp_2m"
+    again = generate(plan, out=tmp_path / "part", show_progress=False)
+    assert again.made == 0 and again.complete
+
+
+def test_any_image_can_be_regenerated_alone(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    plan = write_plan(tmp_path, tiny, count=6)
+    out = tmp_path / "out"
+    generate(plan, out=out, show_progress=False)
+    row = read_index(out)[4]
+    assert np.array_equal(render_one(plan, 4, out=out), pixels(out / row["path"]))
+
+
+def test_a_changed_plan_is_refused(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    plan = write_plan(tmp_path, tiny, count=3)
+    out = tmp_path / "out"
+    generate(plan, out=out, show_progress=False)
+    plan.write_text(plan.read_text().replace("steps = 2", "steps = 3"))
+    with pytest.raises(DermkohyaError, match=r"different plan \(changed: sampler.steps \(2 → 3\)\)"):
+        generate(plan, out=out, show_progress=False)
+
+
+def test_duplicates_are_regenerated_recorded_and_the_same_on_two_processes(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    """A strict duplicate threshold forces rejections; one and two processes settle them identically."""
+    plan = write_plan(tmp_path, tiny, count=12, filter="duplicate_bits = 30\nmax_attempts = 30")
+    one = generate(plan, out=tmp_path / "one", show_progress=False)
+    two = generate(plan, out=tmp_path / "two", processes=2, show_progress=False)
+    assert one.complete and two.complete and two.processes == 2
+    assert one.rejected.get("duplicate", 0) > 0 and one.rejected == two.rejected
+    files_one, files_two = pngs(tmp_path / "one"), pngs(tmp_path / "two")
+    assert sorted(files_one) == sorted(files_two)
+    for rel in files_one:
+        assert np.array_equal(pixels(files_one[rel]), pixels(files_two[rel])), rel
+    rows = read_index(tmp_path / "one")
+    assert sum(int(r["rejected_attempts"]) for r in rows) == sum(one.rejected.values())
+    assert len(list((tmp_path / "one" / "rejected").glob("*.png"))) == sum(one.rejected.values())
+    by_cell: dict[tuple[str, str], list[int]] = {}
+    for row in rows:
+        by_cell.setdefault((row["diagnosis"], row["fst"]), []).append(int(read_record(files_one[row["path"]])["phash"], 16))
+    for hashes in by_cell.values():
+        assert all(metrics.hamming(a, b) > 30 for i, a in enumerate(hashes) for b in hashes[i + 1 :])
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["complete"] and summary["rejected"] == one.rejected
+
+
+def test_an_impossible_filter_stops_with_the_image_and_reason(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    plan = write_plan(tmp_path, tiny, count=3, filter="min_std = 1.0\nmax_attempts = 2")
+    with pytest.raises(DermkohyaError, match=r"image 0 \(melanoma, FST I\) was rejected 2 times \(blank ×2\)"):
+        generate(plan, out=tmp_path / "out", show_progress=False)
+    assert len(list((tmp_path / "out" / "rejected").glob("0-*.png"))) == 2
+
+
+def test_a_lora_that_does_not_fit_the_base_is_refused(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    bad = write_kohya_lora(tiny["model"], tmp_path / "bad.safetensors", extra_module="lora_unet_down_blocks_9_attentions_0_proj_in")
+    plan = write_plan(tmp_path, tiny, count=3, lora=bad)
+    with pytest.raises(DermkohyaError, match=r"bad.safetensors: diffusers"):
+        generate(plan, out=tmp_path / "out", show_progress=False)
+
+
+def test_missing_lora_and_non_lora_files_are_named(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    plan = write_plan(tmp_path, tiny, count=3, lora=tmp_path / "nope.safetensors")
+    with pytest.raises(ProblemsError, match="nope.safetensors not found; run `dermkohya collect RUN`"):
+        generate(plan, out=tmp_path / "out", show_progress=False)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    plan = write_plan(tmp_path, tiny, count=3, lora=tmp_path / "plain.safetensors")
+    with pytest.raises(DermkohyaError, match="not a kohya LoRA"):
+        generate(plan, out=tmp_path / "out", show_progress=False)
+
+
+def test_cli_generate_prints_a_summary(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    from dermkohya.cli import main
+
+    plan = write_plan(tmp_path, tiny, count=3)
+    result = CliRunner().invoke(main, ["generate", str(plan), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "3/3 images" in result.output and str(tmp_path / "out") in result.output
+    bad = CliRunner().invoke(main, ["generate", str(tmp_path / "missing.toml")])
+    assert bad.exit_code == 1 and "plan file not found" in bad.output
+
+
+# --- the issue's done-when: smoke model + a LoRA kohya trained, killed halfway, rerun -----------------------
+
+
+@pytest.fixture
+def kohya_lora(kohya_run: Path) -> Path:
+    """The LoRA kohya's train_network.py wrote (two steps on the smoke model), shared with collect's tests."""
+    return kohya_run / "output" / RUN / f"{RUN}.safetensors"
+
+
+DEMO_PLAN = """\
+name = "done-when"
+[model]
+base = "random:sd15"
+[[lora]]
+path = "{lora}"
+weight = 1.0
+[classes]
+diagnoses = ["melanoma", "psoriasis", "basal cell carcinoma"]
+skin_types = "equal"
+count = 60
+[sampler]
+steps = 2
+width = 64
+height = 64
+seed = 3
+[engine]
+batch_size = 6
+"""
+
+
+@pytest.mark.kohya
+@pytest.mark.slow
+def test_done_when_60_images_killed_halfway_and_rerun(tmp_path: Path, kohya_lora: Path) -> None:
+    plan = tmp_path / "done-when.toml"
+    plan.write_text(DEMO_PLAN.format(lora=kohya_lora), encoding="utf-8")
+    out = tmp_path / "synthetic" / "done-when"
+    command = [sys.executable, "-c", "from dermkohya.cli import main; main()", "generate", str(plan), "--out", str(out), "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 1200
+    while len(list((out / ".staging").glob("*-*.png"))) + len(pngs(out)) < 30:
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(pngs(out)) < 60
+    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    files = pngs(out)
+    assert len(files) == 60
+    digests = {hashlib.sha256(pixels(p).tobytes()).hexdigest() for p in files.values()}
+    assert len(digests) == 60
+    rows = read_index(out)
+    assert sorted(r["path"] for r in rows) == sorted(files) and len(rows) == 60
+    cells = {(r["diagnosis"], r["fst"]) for r in rows}
+    assert len(cells) == 18 and {r["lora_sha256"] for r in rows} == {hashlib.sha256(kohya_lora.read_bytes()).hexdigest()}
+    for n in (0, 31, 59):
+        assert np.array_equal(render_one(plan, n, out=out), pixels(out / rows[n]["path"])), n
