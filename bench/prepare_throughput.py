@@ -16,6 +16,7 @@ import io
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -86,6 +87,12 @@ def make_source(root: Path, records: int, workers: int) -> None:
         '[balance]\npolicy = "fst"\n\n[images]\nresolution = 512\nresize = "crop"\n\n[split]\nheldout = 0.1\n')
 
 
+def _cpu_seconds() -> float:
+    """User + system time of this process and its finished children (the worker pool)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=20_000)
@@ -108,9 +115,13 @@ def main() -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         source_bytes = sum(p.stat().st_size for p in (root / "data" / "images").rglob("*.jpg"))
 
+        load_before = os.getloadavg()[0]
+        cpu_before = _cpu_seconds()
         started = time.perf_counter()
         record = prepare.prepare(root / "dataset.toml")
         seconds = time.perf_counter() - started
+        cpu = _cpu_seconds() - cpu_before
+        load_after = os.getloadavg()[0]
         started = time.perf_counter()
         again = prepare.prepare(root / "dataset.toml")
         rerun_seconds = time.perf_counter() - started
@@ -124,6 +135,10 @@ def main() -> None:
             "target_images_per_second": 100,
             "meets_target": args.records / seconds >= 100,
             "rerun_up_to_date_seconds": round(rerun_seconds, 2),
+            # the machine may be shared: CPU time per image bounds what free cores would reach
+            "cpu_ms_per_image": round(1000 * cpu / args.records, 2),
+            "images_per_second_if_cores_free": round(workers * args.records / cpu, 1),
+            "load_average_1min": [round(load_before, 2), round(load_after, 2)],
             "workers": workers,
             "source": {"format": "JPEG q90", "sizes": [f"{w}x{h}" for w, h in SOURCE_SIZES], "mean_kib": round(source_bytes / args.records / 1024, 1)},
             "output": {"resolution": record["resolution"], "resize": record["resize"], "format": "JPEG q95 4:4:4",

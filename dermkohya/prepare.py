@@ -265,7 +265,8 @@ def plan_balance(counts: dict[tuple[str, str], int], policy: str, *, shares: dic
     Categories are the skin types (`fst`, `shares`) or diagnosis × skin type (`fst_x_diagnosis`). Data
     recorded in groups (DDI) is balanced over the groups; single types are folded into their group
     then, never the other way. Unknown skin types are not balanced (1 repeat). Among the repeat sets
-    within tolerance the one with the fewest effective samples wins (shortest epochs, least repetition).
+    within tolerance the one with the fewest effective samples wins (shortest epochs, least repetition);
+    where one repeat per category is too coarse, its subsets take neighbouring integers.
     A category short of its target even at the cap stays at the cap while the rest are balanced among
     themselves; targets are renormalised over the categories that have images. Every category that
     misses its target says why in `unreachable`.
@@ -317,26 +318,66 @@ def plan_balance(counts: dict[tuple[str, str], int], policy: str, *, shares: dic
     chosen = _capped_repeats(images, goal, max_repeats, tolerance)
     for cell in known:
         repeats[cell] = chosen[category(cell)]
-    achieved = _shares({c: images[c] * chosen[c] for c in present})
-    capped = [c for c in present if chosen[c] == max_repeats and achieved[c] < goal[c] * (1 - tolerance)]
+    shares_first = _shares({c: images[c] * chosen[c] for c in present})
+    capped = [c for c in present if chosen[c] == max_repeats and shares_first[c] < goal[c] * (1 - tolerance)]
     rest = [c for c in present if c not in capped]
-    rest_achieved = _shares({c: achieved[c] for c in rest})
-    rest_goal = _shares({c: goal[c] for c in rest})
-    rest_effective = sum(images[c] * chosen[c] for c in rest)
+    # Finer steps where one repeat per category is too coarse: its subsets (diagnoses) take the two
+    # neighbouring integers, so the category's effective samples land near its target.
+    scale = sum(images[c] * chosen[c] for c in rest) / sum(goal[c] for c in rest)
+    for c in rest:
+        if abs(images[c] * chosen[c] / (goal[c] * scale) - 1) > tolerance:
+            members = {cell: n for cell, n in known.items() if category(cell) == c}
+            repeats.update(_split_repeats(members, goal[c] * scale, max_repeats))
+    effective: Counter[str] = Counter()
+    for cell, n in known.items():
+        effective[category(cell)] += n * repeats[cell]
+    achieved = _shares(dict(effective))
+
+    def missed(c: str) -> bool:
+        return abs(achieved[c] / goal[c] - 1) > tolerance + 1e-12
+
+    capped = [c for c in capped if missed(c)]
+    rest = [c for c in present if c not in capped]
+    rest_effective = sum(effective[c] for c in rest)
     for c in capped:  # the repeats that would match the uncapped categories as they are
         needed = math.ceil(goal[c] * rest_effective / (sum(goal[k] for k in rest) * images[c]))
         unreachable.append(f"{c}: {images[c]} image(s) × {max_repeats} repeats (balance.max_repeats) give "
                            f"{achieved[c]:.1%} of effective samples vs a target of {goal[c]:.1%}; it needs about "
                            f"{needed} repeats: add images of it, or raise max_repeats (more repetition of the same images)")
+    rest_achieved, rest_goal = _shares({c: achieved[c] for c in rest}), _shares({c: goal[c] for c in rest})
     for c in rest:
-        if abs(rest_achieved[c] / rest_goal[c] - 1) > tolerance + 1e-12:
-            unreachable.append(f"{c}: {images[c]} image(s) × {chosen[c]} repeat(s) give {achieved[c]:.1%} of effective "
-                               f"samples vs a target of {goal[c]:.1%}; integer repeats of so few images cannot land closer")
-    if capped and rest and len(unreachable) == len(capped) + sum(images[c] == 0 for c in target):
+        among_rest = abs(rest_achieved[c] / rest_goal[c] - 1) <= tolerance + 1e-12
+        if missed(c) and not (capped and among_rest):  # else the cap explains it
+            steps = sorted({repeats[cell] for cell in known if category(cell) == c})
+            unreachable.append(f"{c}: {images[c]} image(s) at {'/'.join(map(str, steps))} repeat(s) give {achieved[c]:.1%} "
+                               f"of effective samples vs a target of {goal[c]:.1%}; integer repeats (at most "
+                               f"{max_repeats}) of its subsets cannot land closer")
+    if capped and all(abs(rest_achieved[c] / rest_goal[c] - 1) <= tolerance + 1e-12 for c in rest):
         notes.append(f"{', '.join(capped)} capped at {max_repeats} repeats; {', '.join(rest)} are balanced among "
                      f"themselves within ±{tolerance:.0%}")
-    within = all(abs(achieved[c] / goal[c] - 1) <= tolerance + 1e-12 for c in present) and len(present) == len(target)
+    within = not any(missed(c) for c in present) and len(present) == len(target)
     return BalancePlan(repeats, goal, achieved, within, unreachable, notes)
+
+
+def _split_repeats(members: dict[tuple[str, str], int], desired: float, cap: int) -> dict[tuple[str, str], int]:
+    """Repeats r or r + 1 per subset so that Σ images × repeats comes closest to `desired`: the larger
+    subsets take the extra repeat first while it fits, then the one that best closes the gap."""
+    total_images = sum(members.values())
+    low = min(cap, max(1, math.floor(desired / total_images)))
+    chosen = {cell: low for cell in members}
+    if low == cap:
+        return chosen
+    total = low * total_images
+    remaining = sorted(members, key=lambda cell: (-members[cell], cell))
+    for cell in list(remaining):
+        if total + members[cell] <= desired:
+            chosen[cell] += 1
+            total += members[cell]
+            remaining.remove(cell)
+    best = min(remaining, key=lambda cell: abs(total + members[cell] - desired), default=None)
+    if best is not None and abs(total + members[best] - desired) < abs(total - desired):
+        chosen[best] += 1
+    return chosen
 
 
 def _capped_repeats(images: Counter[str], goal: dict[str, float], cap: int, tolerance: float) -> dict[str, int]:

@@ -163,16 +163,33 @@ def test_policy_none_and_no_known_skin_type() -> None:
     assert unknown.repeats == {("melanoma", "unknown"): 1} and not unknown.within_tolerance and unknown.unreachable
 
 
+def test_subsets_take_neighbouring_repeats_where_one_per_skin_type_is_too_coarse() -> None:
+    # a typical skew (25/30/22/13/6/4 %) over five diagnoses: one repeat per skin type cannot land
+    # within ±5 % under the cap, one of two neighbouring repeats per subset can
+    base = {"I": 903, "II": 1086, "III": 780, "IV": 471, "V": 214, "VI": 150}
+    counts = {(d, f): n + 7 * i for i, d in enumerate("abcde") for f, n in base.items()}
+    merged = prepare.plan_balance({("all", f): sum(counts[(d, f)] for d in "abcde") for f in base}, "fst")
+    assert not merged.within_tolerance
+    plan = prepare.plan_balance(counts, "fst")
+    assert plan.within_tolerance and plan.unreachable == []
+    for fst in base:
+        steps = {plan.repeats[(d, fst)] for d in "abcde"}
+        assert max(steps) - min(steps) <= 1
+    assert max(plan.repeats.values()) <= 20
+
+
 def test_repeats_are_integers_within_the_cap_and_claims_hold() -> None:
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        counts = {("d", f): int(n) for f, n in zip(FST_TYPES, rng.integers(1, 400, 6))}
+    for trial in range(200):
+        diagnoses = [f"d{i}" for i in range(1 + trial % 4)]
+        counts = {(d, f): int(n) for d in diagnoses for f, n in zip(FST_TYPES, rng.integers(1, 400, 6))}
         cap = int(rng.integers(1, 30))
         plan = prepare.plan_balance(counts, "fst", max_repeats=cap)
         assert all(isinstance(r, int) and 1 <= r <= cap for r in plan.repeats.values())
-        effective = {f: counts[("d", f)] * plan.repeats[("d", f)] for f in FST_TYPES}
+        effective = {f: sum(counts[(d, f)] * plan.repeats[(d, f)] for d in diagnoses) for f in FST_TYPES}
         worst = max(abs(e / sum(effective.values()) * 6 - 1) for e in effective.values())
         assert plan.within_tolerance == (worst <= 0.05 + 1e-9) == (not plan.unreachable)
+        assert all(plan.achieved[f] == pytest.approx(e / sum(effective.values())) for f, e in effective.items())
 
 
 # --- malformed inputs: one report, exit 1, nothing written --------------------------------------------------
