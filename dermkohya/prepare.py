@@ -29,14 +29,14 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jinja2
 import numpy as np
 import PIL
 import tomli_w
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from dermkohya import __version__, dataset
 from dermkohya.errors import DermkohyaError, ProblemsError
@@ -102,8 +102,16 @@ class BalanceSection(_Section):
     unknown_fst: Literal["keep", "drop"] = "keep"
 
 
+def _resolution(value: Any) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (value[0], value[1])
+    raise ValueError("give one size (512) or [width, height]")
+
+
 class ImagesSection(_Section):
-    resolution: int | tuple[int, int] = 512
+    resolution: Annotated[tuple[int, int], BeforeValidator(_resolution)] = (512, 512)
     resize: Literal["crop", "fit", "none"] = "crop"
     format: Literal["auto", "jpeg", "png"] = "auto"
     jpeg_quality: int = Field(95, ge=50, le=100)
@@ -124,8 +132,7 @@ class Recipe(_Section):
 
     @property
     def size(self) -> tuple[int, int]:
-        res = self.images.resolution
-        return (res, res) if isinstance(res, int) else (res[0], res[1])
+        return self.images.resolution
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -157,7 +164,7 @@ def _describe(err: dict[str, Any]) -> str:
         return f"unknown key `{where}`: {hint}"
     if err["type"] == "missing":
         return f"`{where}` is required"
-    return f"`{where}`: {err['msg']} (got {err.get('input')!r})"
+    return f"`{where}`: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})"
 
 
 def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
@@ -200,7 +207,7 @@ def _semantic_problems(recipe: Recipe, recipe_dir: Path) -> list[str]:
 
     width, height = recipe.size
     if min(width, height) < 64 or width % 8 or height % 8:
-        problems.append(f"`images.resolution` = {recipe.images.resolution!r}: use multiples of 8, at least 64")
+        problems.append(f"`images.resolution` = {list(recipe.size)}: use multiples of 8, at least 64")
 
     try:
         render_caption(_template(recipe.caption.template), "melanoma", "IV", "ISIC", recipe.caption.extra)
