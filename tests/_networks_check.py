@@ -1,0 +1,216 @@
+"""Run by tests/test_networks.py with kohya's Python, from the sd-scripts folder (as kohya runs).
+
+Builds tiny models whose classes carry the names kohya's LoRANetwork targets, trains the same
+LoRA weights through sd-scripts' networks.lora and through dermkohya.networks.lora_fast, and prints
+one JSON object of measured differences for the test to judge.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path.cwd()))  # the sd-scripts folder, first, as when kohya runs a script from it
+from networks import lora as kohya_lora  # noqa: E402
+
+from dermkohya.networks import lora_fast  # noqa: E402
+
+
+class Transformer2DModel(nn.Module):  # the U-Net block kohya targets: Linear and 1x1 Conv2d children
+    def __init__(self, channels: int = 8, width: int = 16) -> None:
+        super().__init__()
+        self.proj_in = nn.Conv2d(channels, width, 1)
+        self.to_q = nn.Linear(width, width)
+        self.ff = nn.Linear(width, width)
+        self.proj_out = nn.Conv2d(width, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj_in(x)
+        b, c, hh, ww = h.shape
+        t = h.permute(0, 2, 3, 1).reshape(b, hh * ww, c)
+        t = self.ff(torch.nn.functional.gelu(self.to_q(t)))
+        return x + self.proj_out(t.reshape(b, hh, ww, c).permute(0, 3, 1, 2))
+
+
+class ResnetBlock2D(nn.Module):  # targeted only with conv_dim (3x3 conv LoRA)
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv1(torch.nn.functional.silu(x))
+
+
+class TinyUNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([ResnetBlock2D(), Transformer2DModel(), Transformer2DModel()])
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = x + cond.mean(dim=1)[:, :8, None, None]
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.softmax(self.q_proj(x), dim=-1))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+class TinyTextEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = CLIPAttention()
+        self.mlp = CLIPMLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x + self.attn(x))
+
+
+def build(module: object, kwargs: dict[str, str], state: dict[str, torch.Tensor] | None, dropout: float | None = None):
+    torch.manual_seed(0)
+    te, unet = TinyTextEncoder(), TinyUNet()
+    torch.manual_seed(1)
+    network = module.create_network(1.0, 4, 2.0, None, te, unet, neuron_dropout=dropout, **dict(kwargs))
+    network.apply_to(te, unet, True, True)
+    if state is not None:
+        network.load_state_dict(state)
+    network.requires_grad_(True)
+    return network, te, unet
+
+
+def step(network, te, unet, seed: int = 2, autocast: bool = False):
+    torch.manual_seed(seed)
+    tokens = torch.randn(2, 5, 16)
+    latents = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = unet(latents, te(tokens))
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    grads = {name: p.grad.detach().clone() for name, p in network.named_parameters()}
+    return out.detach().float(), grads
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def compare(kwargs: dict[str, str], autocast: bool = False, dropout: float | None = None) -> dict[str, object]:
+    ref, te_r, unet_r = build(kohya_lora, kwargs, None, dropout)
+    torch.manual_seed(3)
+    state = {k: (torch.randn_like(v) * 0.1 if k.endswith("weight") else v) for k, v in ref.state_dict().items()}
+    ref.load_state_dict(state)
+    fast, te_f, unet_f = build(lora_fast, kwargs, copy.deepcopy(state), dropout)
+    out_r, grads_r = step(ref, te_r, unet_r, autocast=autocast)
+    out_f, grads_f = step(fast, te_f, unet_f, autocast=autocast)
+    scale = max(float(v.abs().max()) for v in grads_r.values())
+    return {
+        "modules": len(ref.text_encoder_loras) + len(ref.unet_loras),
+        "fused": sum(type(m) is lora_fast.FusedLoRAModule for m in fast.text_encoder_loras + fast.unet_loras),
+        "conv3x3": sum(m.lora_down.kernel_size == (3, 3) for m in ref.unet_loras if isinstance(m.lora_down, nn.Conv2d)),
+        "out_diff": float((out_r - out_f).abs().max()),
+        "out_scale": float(out_r.abs().max()),
+        "grad_diff": max_diff(grads_r, grads_f),
+        "grad_scale": scale,
+        "same_keys": list(ref.state_dict()) == list(fast.state_dict()),
+        "same_shapes": all(ref.state_dict()[k].shape == v.shape for k, v in fast.state_dict().items()),
+        "graphs_installed": fast.dk_unet_graphs is not None,
+    }
+
+
+def saved_files() -> dict[str, object]:
+    from safetensors import safe_open
+
+    ref, te_r, unet_r = build(kohya_lora, {}, None)
+    fast, te_f, unet_f = build(lora_fast, {}, copy.deepcopy(ref.state_dict()))
+    metadata = {"ss_network_module": "dermkohya.networks.lora_fast", "ss_network_dim": "4", "ss_network_alpha": "2.0"}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, network in (("kohya", ref), ("fast", fast)):
+            path = Path(tmp) / f"{name}.safetensors"
+            network.save_weights(str(path), torch.float16, dict(metadata))
+            with safe_open(str(path), framework="pt") as fh:
+                out[name] = {
+                    "metadata": fh.metadata(),
+                    "tensors": {k: [str(fh.get_tensor(k).dtype), list(fh.get_tensor(k).shape)] for k in fh.keys()},
+                }
+        # a file written by lora_fast loads into kohya's own network, and back
+        te, unet = TinyTextEncoder(), TinyUNet()
+        loaded, _ = kohya_lora.create_network_from_weights(1.0, str(Path(tmp) / "fast.safetensors"), None, te, unet)
+        loaded.apply_to(te, unet)
+        info = loaded.load_weights(str(Path(tmp) / "fast.safetensors"))
+        expected = {k: v.to(torch.float16) for k, v in fast.state_dict().items()}
+        out["reloads_in_kohya"] = (not info.missing_keys and not info.unexpected_keys
+                                   and all(torch.equal(v.to(torch.float16), expected[k]) for k, v in loaded.state_dict().items()))
+        again, _ = lora_fast.create_network_from_weights(1.0, str(Path(tmp) / "kohya.safetensors"), None,
+                                                         TinyTextEncoder(), TinyUNet())
+        out["from_weights_adopted"] = type(again).__name__
+    out["metadata_arg_untouched"] = metadata["ss_network_module"] == "dermkohya.networks.lora_fast"
+    return out
+
+
+def option_errors() -> list[str]:
+    messages = []
+    for bad in ({"cuda_graph": "sometimes"}, {"max_graphs": "two"}, {"max_graphs": "0"}):
+        try:
+            build(lora_fast, bad, None)
+        except ValueError as exc:
+            messages.append(str(exc))
+    return messages
+
+
+def cpu_dispatch() -> dict[str, object]:
+    """cuda_graph=on with no CUDA: no dispatcher, and the eager path is unchanged; the dispatcher itself
+    (as installed on a GPU machine) sends CPU tensors to the eager forward."""
+    ref, te_r, unet_r = build(kohya_lora, {}, None)
+    state = {k: (torch.randn_like(v) * 0.1 if k.endswith("weight") else v) for k, v in ref.state_dict().items()}
+    ref.load_state_dict(state)
+    fast, te_f, unet_f = build(lora_fast, {"cuda_graph": "on"}, copy.deepcopy(state))
+    out_r, _ = step(ref, te_r, unet_r)
+    out_f, _ = step(fast, te_f, unet_f)
+    installed = fast.dk_unet_graphs is not None
+    graphs = lora_fast.UNetGraphs(unet_f, fast.unet_loras, max_graphs=2)
+    torch.manual_seed(2)
+    via = graphs(torch.randn(2, 8, 6, 6), torch.randn(2, 5, 16))
+    torch.manual_seed(2)
+    direct = unet_f(torch.randn(2, 8, 6, 6), torch.randn(2, 5, 16))
+    return {"installed": installed, "eager_calls": graphs.eager_calls, "replays": graphs.replays,
+            "off_reason": graphs.off_reason, "out_diff": float((out_r - out_f).abs().max()),
+            "dispatch_diff": float((via - direct).abs().max())}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    result = {
+        "linear_conv1x1": compare({}),
+        "conv3x3": compare({"conv_dim": "4", "conv_alpha": "1"}),
+        "autocast_bf16": compare({}, autocast=True),
+        "dropout_falls_back": compare({}, dropout=0.1),
+        "files": saved_files(),
+        "option_errors": option_errors(),
+        "cpu_dispatch": cpu_dispatch(),
+    }
+    sys.stdout.write("NETWORKS-CHECK " + json.dumps(result) + "\n")
