@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dermkohya.errors import DermkohyaError
-from dermkohya.paths import DEFAULT_KOHYA_PYTHON, VENDORED_SD_SCRIPTS, cache_root
+from dermkohya.paths import DEFAULT_KOHYA_PYTHON, PROJECT_ROOT, VENDORED_SD_SCRIPTS, cache_root
 
 PINNED_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 DEFAULT_PYTHON_HINT = DEFAULT_KOHYA_PYTHON
@@ -149,11 +149,18 @@ def argument_names(script: str) -> set[str]:
 
 
 def kohya_env(*, online: bool = False) -> dict[str, str]:
-    """kohya's environment: offline unless the user opts in, unbuffered so progress arrives as it happens."""
+    """kohya's environment: offline unless the user opts in, unbuffered so progress arrives as it happens.
+
+    In a source checkout the project root goes first on PYTHONPATH, so kohya's `--network_module` can
+    import dermkohya's own modules by name (`dermkohya.networks.lora_fast`). Never an installed
+    site-packages folder: that would put dermkohya's environment in front of kohya's.
+    """
     env = dict(os.environ)
     if not online:
         env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    if (PROJECT_ROOT / "pyproject.toml").is_file():
+        env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
