@@ -68,5 +68,10 @@ bench: env
 	$(VENV)/bin/python bench/prepare_throughput.py
 	$(VENV)/bin/python bench/overhead.py
 
+# What the GPU training benchmark needs on a machine that cannot download: .device/ and .whl/ (git-ignored).
+# Then, on the GPU machine with both: bash bench/gpu_run.sh (writes bench/results/train-throughput-h100.*).
+bench-gpu: env
+	PYTHON=$(VENV)/bin/python SD_SCRIPTS_DIR=$(SD_SCRIPTS_DIR) bash bench/gpu_prepare.sh
+
 clean-venvs:
 	rm -rf $(VENV) $(KOHYA_VENV)

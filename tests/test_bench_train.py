@@ -1,0 +1,216 @@
+"""The GPU throughput harness's arithmetic, run files and report, and the launch facts it relies on.
+
+The GPU run itself is `bench/gpu_run.sh` on a device; here: what can be checked without one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dermkohya import kohya, render, spec
+from dermkohya.paths import PROJECT_ROOT
+
+BENCH = PROJECT_ROOT / "bench"
+
+
+def _load(name: str):
+    module_spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    return module
+
+
+tt = _load("train_throughput")
+plot = _load("plot_train_throughput")
+
+
+def _points(rates: list[float]) -> dict[int, tuple[float, float | None]]:
+    """Step k arrives after the k-th step time."""
+    out, now = {}, 100.0
+    for step, seconds in enumerate(rates, start=1):
+        now += seconds
+        out[step] = (now, 1.0 / step)
+    return out
+
+
+def test_steady_state_skips_warmup_and_times_the_window() -> None:
+    points = _points([30.0] + [0.5] * 9 + [0.25] * 40)  # slow first step (capture), then 2 it/s, then 4 it/s
+    steady = tt.steady_state(points, warmup=10)
+    assert steady["window"] == [10, 50]
+    assert steady["it_per_s"] == pytest.approx(4.0)
+    assert steady["it_per_s_median_step"] == pytest.approx(4.0)
+    assert tt.steady_state(points, warmup=60)["it_per_s"] is None
+
+
+def test_mfu_counts_the_vae_only_when_latents_are_not_cached() -> None:
+    assert tt.mfu_pct(10.0, 4, True) == pytest.approx(100 * 10 * 6.9 / 989, abs=0.01)
+    assert tt.mfu_pct(10.0, 4, False) == pytest.approx(100 * 10 * 11.4 / 989, abs=0.01)
+    assert tt.mfu_pct(10.0, 8, True) == pytest.approx(100 * 10 * 13.8 / 989, abs=0.01)
+    assert tt.mfu_pct(None, 4, True) is None
+
+
+def test_progress_keeps_the_first_arrival_of_each_step_and_the_graph_log() -> None:
+    progress = tt.Progress()
+    progress("INFO dermkohya lora_fast: U-Net forward+backward captured as CUDA graphs for 4x4x64x64 in 1.2 s  lora_fast.py:140")
+    progress("steps:   0%|          | 0/72 [00:00<?, ?it/s]")
+    progress("steps:   1%|▏         | 1/72 [00:03<03:33,  3.01s/it]")
+    progress("steps:   1%|▏         | 1/72 [00:03<03:33,  3.01s/it, avr_loss=0.152]")
+    progress("steps:   3%|▎         | 2/72 [00:03<01:46,  1.52it/s, avr_loss=0.149]")
+    assert sorted(progress.points) == [1, 2]
+    assert progress.points[1][1] == pytest.approx(0.152)  # the loss arrives on the step's second line
+    assert progress.total == 72 and progress.last_loss == pytest.approx(0.149)
+    assert progress.graph_log == ["dermkohya lora_fast: U-Net forward+backward captured as CUDA graphs for 4x4x64x64 in 1.2 s  lora_fast.py:140"]
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "data" / "1_derm"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (120 + i, 80, 60)).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text("clinical dermatology photograph, test\n", encoding="utf-8")
+    return folder.parent
+
+
+def _bench(tmp_path: Path, data_dir: Path, smoke: bool = False):
+    return tt.Bench(PROJECT_ROOT, tmp_path / "work", data_dir, tmp_path / "model", tmp_path / "tok", 4, smoke,
+                    tt.GpuSampler.__new__(tt.GpuSampler), tmp_path / "log.txt")
+
+
+def test_run_files_are_the_committed_default_pointed_at_the_random_model(tmp_path: Path, data_dir: Path) -> None:
+    bench = _bench(tmp_path, data_dir)
+    default = tomllib.loads(bench.run_file(tt.VARIANTS[1]).read_text(encoding="utf-8"))
+    committed = tomllib.loads((PROJECT_ROOT / "runs" / "derm-sd15.toml").read_text(encoding="utf-8"))
+    assert default["model"] == {"base": "random:sd15", "family": "sd15"}
+    assert default["dataset"]["train_data_dir"] == str(data_dir)
+    assert "every_n_epochs" not in default["sample"] and default["train"]["epochs"] == 4
+    assert default["network"] == committed["network"]
+    assert {k: v for k, v in default["train"].items() if k != "epochs"} == {
+        k: v for k, v in committed["train"].items() if k != "epochs"}
+    reference = next(v for v in tt.VARIANTS if v.name == "dermkohya-networks.lora")
+    ref = tomllib.loads(bench.run_file(reference).read_text(encoding="utf-8"))
+    assert ref["network"]["module"] == "networks.lora" and ref["train"] == default["train"]
+    for variant in tt.VARIANTS:
+        if variant.kind == "dermkohya":
+            spec.load_run(bench.run_file(variant))  # every generated run file is valid
+
+
+def test_card_raw_is_the_card_with_no_speed_flags(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOHYA_PYTHON", sys.executable)
+    argv = _bench(tmp_path, data_dir).raw_argv(tt.VARIANTS[0], tmp_path / "out")
+    pairs = dict(zip(argv, argv[1:]))
+    assert pairs["--network_dim"] == "16" and pairs["--network_alpha"] == "16"
+    assert pairs["--learning_rate"] == "0.0001" and pairs["--train_batch_size"] == "4"
+    assert pairs["--mixed_precision"] == "fp16" and pairs["--resolution"] == "512,512"
+    assert not {"--sdpa", "--xformers", "--cache_latents", "--gradient_checkpointing"} & set(argv)
+
+
+def _render(tmp_path: Path, data_dir: Path, extra: str) -> render.RenderedRun:
+    run = tmp_path / "runs" / "r.toml"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    run.write_text(f'[model]\nbase = "random:sd15"\n[dataset]\ntrain_data_dir = "{data_dir.as_posix()}"\n{extra}',
+                   encoding="utf-8")
+    return render.render(run, project_root=tmp_path, check_keys=False)
+
+
+def test_two_processes_render_multi_gpu(tmp_path: Path, data_dir: Path) -> None:
+    args = _render(tmp_path, data_dir, "[launch]\nprocesses = 2\n").launch_args
+    assert "--multi_gpu" in args and args[args.index("--num_processes") + 1] == "2"
+    single = _render(tmp_path, data_dir, "").launch_args
+    assert "--multi_gpu" not in single and single[single.index("--num_processes") + 1] == "1"
+
+
+def test_multi_node_renders_rank_address_and_port(tmp_path: Path, data_dir: Path) -> None:
+    args = _render(tmp_path, data_dir, '[launch]\nprocesses = 2\nmachines = 2\nmachine_rank = 1\n'
+                   'main_process_ip = "10.0.0.1"\nmain_process_port = 29500\n').launch_args
+    flags = dict(zip(args, args[1:]))
+    assert flags["--num_processes"] == "4" and flags["--num_machines"] == "2" and flags["--machine_rank"] == "1"
+    assert flags["--main_process_ip"] == "10.0.0.1" and flags["--main_process_port"] == "29500"
+    assert "--multi_gpu" in args
+
+
+def test_train_command_makes_dermkohya_network_modules_importable(tmp_path: Path, data_dir: Path) -> None:
+    ours = _render(tmp_path, data_dir, '[network]\nmodule = "dermkohya.networks.lora_fast"\n')
+    assert 'export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"' in ours.files["train_command.sh"].read_text()
+    kohyas = _render(tmp_path, data_dir, "")
+    assert "PYTHONPATH" not in kohyas.files["train_command.sh"].read_text()
+
+
+def test_kohya_env_puts_the_source_tree_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    assert kohya.kohya_env()["PYTHONPATH"].split(":") == [str(PROJECT_ROOT), "/elsewhere"]
+
+
+def _variant(name: str, it_per_s: float, **extra) -> dict:
+    return {"name": name, "ok": True, "it_per_s": it_per_s, "images_per_s": 4 * it_per_s, "batch_size": 4,
+            "peak_gpu_mem_gib": 8.0, "gpu_util_mean_pct": 50.0, "mfu_pct": 1.0, "final_loss": 0.15, "wall_s": 60.0,
+            "startup_s": 20.0, **extra}
+
+
+def _report() -> dict:
+    shapes = {"lora_unet_x.lora_up.weight": ["F16", [320, 16]]}
+    file_ref = {"shapes": shapes, "metadata_keys": ["ss_network_module", "sshs_model_hash"], "ss_network_module": "networks.lora"}
+    file_fast = {**file_ref, "metadata_keys": [*file_ref["metadata_keys"], "dermkohya.trained_with"]}
+    return {
+        "machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "versions": {"torch": "2.11.0", "sd_scripts_commit": "48d368fa"},
+        "setup": {"dataset": {"images": 72, "size": 512}, "epochs": 4, "warmup_steps_skipped": 10},
+        "multi_gpu": {"measured": False, "reason": "not lent"},
+        "variants": [
+            _variant("card-raw", 2.5),
+            _variant("dermkohya-default", 10.0, dermkohya_overhead_s=3.0, lora_file=file_fast,
+                     losses_tensorboard=[[1, 0.2], [2, 0.1]], final_loss=0.15),
+            _variant("dermkohya-networks.lora", 3.0, dermkohya_overhead_s=0.5, lora_file=file_ref,
+                     losses_tensorboard=[[1, 0.2], [2, 0.1004]]),
+            {"name": "raw+sdpa", "ok": False, "error": "Traceback …\nRuntimeError: CUDA out of memory"},
+        ],
+    }
+
+
+def test_summary_speedup_loss_equivalence_and_overhead() -> None:
+    report = _report()
+    tt.summarise(report)
+    assert report["speedup_default_vs_card_raw"] == 4.0
+    eq = report["loss_equivalence"]
+    assert eq["steps_compared"] == 2 and eq["max_abs_diff"] == pytest.approx(0.0004)
+    assert eq["same_tensor_names_shapes_dtypes"] and eq["metadata_keys_only_in_fast"] == ["dermkohya.trained_with"]
+    overhead = report["overhead"]
+    assert overhead["first_run_s"] == 3.0 and overhead["later_runs_s"] == [0.5]
+    assert overhead["three_epoch_run_bench_dataset_s"] == pytest.approx(20 + 3 * 18 / 10.0)
+
+
+def test_readme_table_and_plot_come_from_the_json(tmp_path: Path) -> None:
+    report = _report()
+    tt.summarise(report)
+    table = plot.markdown(report)
+    assert "| `dermkohya-default` | 10.00 | 40.0 |" in table
+    assert "failed: RuntimeError: CUDA out of memory" in table and "4.00×" in table
+    png = tmp_path / "plot.png"
+    plot.plot(report, png)
+    with Image.open(png) as image:
+        assert image.size[0] > 600 and image.size[1] > 100
+    readme = tmp_path / "README.md"
+    readme.write_text("## Benchmarks\n\n### Training throughput (H100)\n\nprose\n\n### Other\n", encoding="utf-8")
+    plot.update_readme(readme, table)
+    plot.update_readme(readme, table.replace("4.00×", "5.00×"))
+    text = readme.read_text(encoding="utf-8")
+    assert text.count(plot.BEGIN) == 1 and "5.00×" in text and "4.00×" not in text
+    assert text.index("### Training throughput (H100)") < text.index(plot.BEGIN) < text.index("prose") < text.index("### Other")
+
+
+def test_committed_results_hold_every_required_field() -> None:
+    path = BENCH / "results" / "train-throughput-h100.json"
+    if not path.is_file():
+        pytest.skip("no GPU results committed yet")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert {"machine", "versions", "variants", "speedup_default_vs_card_raw", "multi_gpu"} <= set(report)
+    names = [v["name"] for v in report["variants"]]
+    assert names[:2] == ["card-raw", "dermkohya-default"]  # measured back to back, in that order
+    assert all("ok" in v and ("error" in v or v["ok"]) for v in report["variants"])
