@@ -476,8 +476,8 @@ def kohya_problems(
         if any(abs(a - alpha) > 1e-2 * max(1.0, abs(alpha)) for a in wrong) or not wrong:  # bf16-stored alpha
             problems.append(f"alpha is {wrong or 'not recorded'} but the run's network alpha is {alpha:g}")
     recorded_dim = info.metadata.get("ss_network_dim")
-    if recorded_dim not in (None, "Dynamic") and linear_ranks and recorded_dim != str(linear_ranks[0]):
-        problems.append(f"metadata ss_network_dim={recorded_dim} but the tensors have rank {linear_ranks}")
+    if recorded_dim not in (None, "Dynamic") and linear_ranks and recorded_dim != str(linear_ranks[-1]):
+        problems.append(f"metadata ss_network_dim={recorded_dim} but the tensors' largest rank is {linear_ranks[-1]}")
     if family is not None and info.family is not None and info.family != family:
         problems.append(f"the file is an {info.family} LoRA but the run's family is {family}")
     return problems
