@@ -345,15 +345,15 @@ def _write_sidecars(
     samples.pop("image", None)
     samples["file"] = paths["grid"].name if samples["cells"] else None
 
-    checklist = lora_fine_checklist(root, name, manifest, info, samples)
+    source_sha256 = lora.file_sha256(chosen.path)
+    checklist = lora_fine_checklist(root, name, manifest, info, samples, {sha256, source_sha256})
     record = {
         **manifest,
         "collect": {
             "collected_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "dermkohya_version": __version__,
             "version": version,
-            "source": {"file": f"output/{name}/{chosen.path.name}", "checkpoint": chosen.label,
-                       "sha256": lora.file_sha256(chosen.path)},  # fmt: skip
+            "source": {"file": f"output/{name}/{chosen.path.name}", "checkpoint": chosen.label, "sha256": source_sha256},
             "artifact": {"file": artifact.name, "sha256": sha256, "size_bytes": info.size_bytes,
                          "sshs_model_hash": info.recorded_hash, "tensor_sha256": info.scan.data_sha256,
                          "hash_ok": info.hash_ok},  # fmt: skip
@@ -462,10 +462,24 @@ def _draw_grid(images: dict[int, Path], cells: list[dict[str, Any]], rows: list[
 # ---- the LORA-FINE checklist (seed 003), ticked only from recorded facts -------------------------------
 
 
+def evaluation_reports(root: Path, shas: set[str]) -> list[str]:
+    """reports/*.json (written by `dermkohya evaluate`) whose generated images used a LoRA with one of `shas`."""
+    found = []
+    for path in sorted((root / "reports").glob("*.json")):
+        try:
+            loras = json.loads(path.read_text(encoding="utf-8")).get("loras") or []
+        except (OSError, ValueError, AttributeError):
+            continue
+        if any(isinstance(entry, dict) and entry.get("sha256") in shas for entry in loras):
+            found.append(path.relative_to(root).as_posix())
+    return found
+
+
 def lora_fine_checklist(
-    root: Path, name: str, manifest: dict[str, Any], info: lora.LoraInfo, samples: dict[str, Any]
+    root: Path, name: str, manifest: dict[str, Any], info: lora.LoraInfo, samples: dict[str, Any], shas: set[str]
 ) -> list[dict[str, Any]]:
-    """One entry per letter: ticked with the evidence, or unticked with the reason and what to do."""
+    """One entry per letter: ticked with the evidence, or unticked with the reason and what to do.
+    `shas` are the file sha256s this adapter goes by (the artifact and kohya's original)."""
     dataset = manifest.get("dataset") or {}
     base = manifest.get("base_model") or {}
     train = manifest.get("train") or {}
@@ -528,12 +542,14 @@ def lora_fine_checklist(
     else:
         item("I", "Inference test plan", False, "no sample prompts recorded: add [sample] to the run file")
 
-    report = root / "reports" / f"{name}.json"
-    if report.is_file():
-        item("N", "Numeric validation", True, f"evaluation report reports/{name}.json; weights finite (checked)")
+    reports = evaluation_reports(root, shas)
+    if reports:
+        item("N", "Numeric validation", True,
+             f"evaluation report(s) of images made with this adapter: {', '.join(reports)}; weights finite (checked)")  # fmt: skip
     else:
         item("N", "Numeric validation", False,
-             f"weights are finite (checked) but no FID/CLIP report: run `dermkohya evaluate {name}` (reports/{name}.json)")  # fmt: skip
+             "weights are finite (checked), but no report in reports/ evaluates images made with this adapter: "
+             "run `dermkohya generate` with it, then `dermkohya evaluate`")  # fmt: skip
 
     when = manifest.get("finished") or info.metadata.get("ss_training_finished_at")
     if when and prompts:

@@ -217,8 +217,20 @@ def test_collect_files_adapter_card_manifest_and_checklist(tmp_path: Path) -> No
     checklist = {c["letter"]: c for c in record["collect"]["checklist"]}
     assert "".join(checklist) == "LORAFINE"
     assert all(checklist[x]["ticked"] for x in "LORAFIE") and not checklist["N"]["ticked"]
-    assert "dermkohya evaluate demo" in checklist["N"]["evidence"]
+    assert "dermkohya evaluate" in checklist["N"]["evidence"]
     assert "- [ ] **N** Numeric validation" in card and "- [x] **O** Obtain base model checksum" in card
+
+
+def test_numeric_validation_is_ticked_by_an_evaluation_of_this_adapter(tmp_path: Path) -> None:
+    root = make_project(tmp_path)
+    source_sha = lora.file_sha256(root / "output/demo/demo.safetensors")
+    (root / "reports").mkdir()
+    (root / "reports/other.json").write_text(json.dumps({"loras": [{"sha256": "0" * 64}]}))
+    (root / "reports/demo-grid.json").write_text(json.dumps({"loras": [{"path": "x", "sha256": source_sha, "weight": 0.8}]}))
+    artifact = collect.collect("demo", project_root=root)
+    checklist = json.loads((artifact.parent / "manifest.json").read_text())["collect"]["checklist"]
+    numeric = next(c for c in checklist if c["letter"] == "N")
+    assert numeric["ticked"] and "reports/demo-grid.json" in numeric["evidence"] and "other.json" not in numeric["evidence"]
 
 
 def test_collect_twice_never_replaces_the_first_artifact(tmp_path: Path) -> None:
