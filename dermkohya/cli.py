@@ -348,5 +348,35 @@ def generate_cmd(plan_file: Path, out: Path | None, processes: int, limit: int |
     rejected = ", ".join(f"{k} ×{v}" for k, v in sorted(result.rejected.items())) or "none"
     rate = f", {result.images_per_s:.2f} images/s" if result.images_per_s else ""
     state = "[green]done[/]" if result.complete else "[yellow]partial[/] (rerun to continue)"
-    console.print(f"{state} {result.finished}/{result.planned} images in {result.out} "
-                  f"({result.made} new{rate}; rejected and regenerated: {rejected}); index: {result.out / 'index.csv'}", highlight=False)
+    console.print(f"{state} " + escape(f"{result.finished}/{result.planned} images in {result.out} ({result.made} new{rate}; "
+                  f"rejected and regenerated: {rejected}); index: {result.out / 'index.csv'}"), highlight=False)
+
+
+@main.command("evaluate")
+@click.option("--real", required=True, type=click.Path(path_type=Path), help="Held-out images: a folder with metadata.csv (datasets/<ds>/prepared/heldout) or the CSV.")
+@click.option("--synthetic", required=True, type=click.Path(path_type=Path), help="A generated set: synthetic/<plan> (with index.csv).")
+@click.option("--train", type=click.Path(path_type=Path), help="Training images for the memorisation check (default: prepared/train beside --real).")
+@click.option("--weights", type=click.Path(path_type=Path), help="Folder holding the weight files (default: $DERMKOHYA_WEIGHTS or ~/.cache/dermkohya/weights).")
+@click.option("--inception", type=click.Path(path_type=Path), help="pt_inception-2015-12-05-6726825d.pth (default: in --weights).")
+@click.option("--lpips", "lpips_dir", type=click.Path(path_type=Path), help="Folder with alexnet-owt-7be5be79.pth (default: <weights>/lpips).")
+@click.option("--clip", "clip_dir", type=click.Path(path_type=Path), help="A transformers CLIP folder (default: <weights>/clip).")
+@click.option("--skip", default="", help="Metrics to leave out, comma-separated: fid, lpips, clip, memorisation.")
+@click.option("--threshold", default=0.95, show_default=True, type=float, help="CLIP cosine similarity at which a synthetic image counts as memorised.")
+@click.option("--out", "out_dir", default=Path("reports"), show_default=True, type=click.Path(path_type=Path), help="Where reports/<plan>.json and .md go.")
+def evaluate_cmd(real: Path, synthetic: Path, train: Path | None, weights: Path | None, inception: Path | None, lpips_dir: Path | None,
+                 clip_dir: Path | None, skip: str, threshold: float, out_dir: Path) -> None:  # fmt: skip
+    """FID, KID, LPIPS, CLIP score, diversity and memorisation of a synthetic set, per skin type and diagnosis."""
+    from dermkohya import evaluate
+
+    skipped = {s.strip() for s in skip.split(",") if s.strip()}
+    if unknown := skipped - set(evaluate.METRICS):
+        raise click.BadParameter(f"unknown metric(s) {', '.join(sorted(unknown))}; choose from {', '.join(evaluate.METRICS)}", param_hint="--skip")
+    files = evaluate.Weights.under(weights or evaluate.default_weights_dir(), inception, lpips_dir, clip_dir)
+    options = evaluate.Options(enabled=tuple(m for m in evaluate.METRICS if m not in skipped), threshold=threshold)
+    report = evaluate.evaluate(real, synthetic, weights=files, train=train, out_dir=out_dir, options=options)
+    overall = report["rows"][0]
+    figures = ", ".join(f"{k} {overall[k]:.4g}" for k in ("fid", "kid", "lpips_to_real", "clip_score") if overall.get(k) is not None)
+    memo = report["memorisation"]
+    flagged = f"; {memo['flagged']} flagged as memorised" if memo else ""
+    console.print("[green]evaluated[/] " + escape(f"{report['plan']}: {overall['n_synthetic']} synthetic vs {overall['n_real']} real"
+                  f"{' (' + figures + ')' if figures else ''}{flagged} → {out_dir / (report['plan'] + '.md')}"), highlight=False)

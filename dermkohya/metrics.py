@@ -8,6 +8,7 @@ weights and nothing here downloads, so a missing file is a DermkohyaError that s
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,9 @@ def nearest_neighbours(queries: np.ndarray, references: np.ndarray) -> tuple[np.
 
 # --- the feature networks (local weights only) -------------------------------------------------------------
 
+# What torch.load and load_state_dict raise for a file that is not the expected state dict.
+_UNREADABLE = (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError)
+
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
 LPIPS_LIN_FILE = "alex.pth"
@@ -260,7 +264,7 @@ def load_inception(path: Path, device: str = "cpu") -> InceptionFeatures:
     net = build_fid_inception()
     try:
         net.load_state_dict(torch.load(file.path, map_location="cpu", weights_only=True))
-    except (RuntimeError, OSError, ValueError) as exc:
+    except _UNREADABLE as exc:
         raise DermkohyaError(f"{file.path}: not the FID Inception weights ({str(exc).splitlines()[0]}); {file.what}") from None
     return InceptionFeatures(net, device)
 
@@ -314,7 +318,7 @@ def load_lpips(folder: Path, device: str = "cpu") -> LPIPSDistance:
     try:
         state = torch.load(files[0].path, map_location="cpu", weights_only=True)
         model = build_lpips(state, lin)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+    except (*_UNREADABLE, KeyError) as exc:
         raise DermkohyaError(f"{files[0].path}: not torchvision AlexNet weights ({str(exc).splitlines()[0]}); {files[0].what}") from None
     return LPIPSDistance(model, device)
 

@@ -1,0 +1,145 @@
+"""evaluate: a generated set (tiny pipeline) against a generated held-out split, with random-weight
+Inception, LPIPS and CLIP files: the report's rows, plots, memorisation, and the missing-file errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dermkohya import metrics
+from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.evaluate import Options, Weights, evaluate, read_real
+
+pytest.importorskip("diffusers")
+from test_generate import tiny, write_plan  # noqa: E402,F401  (the tiny pipeline fixture)
+from test_metrics import random_images, save_random_inception, save_random_lpips, save_tiny_clip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights folder laid out as `dermkohya evaluate --weights` expects, every network random."""
+    folder = tmp_path_factory.mktemp("weights")
+    save_random_inception(folder / metrics.INCEPTION_FILE)
+    save_random_lpips(folder / "lpips")
+    save_tiny_clip(folder / "clip", folder / "tokenizers")
+    return folder
+
+
+def write_split(folder: Path, rows: list[tuple[str, str]], seed: int) -> Path:
+    """A prepared-style split: images in subfolders and metadata.csv (image, diagnosis, fitzpatrick, caption)."""
+    folder.mkdir(parents=True)
+    images = random_images(len(rows), 48, seed=seed)
+    with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "diagnosis", "fitzpatrick", "caption"])
+        for i, ((diagnosis, fst), pixels) in enumerate(zip(rows, images)):
+            rel = f"1_{diagnosis.replace(' ', '_')}/{i:03d}.png"
+            (folder / rel).parent.mkdir(exist_ok=True)
+            Image.fromarray(pixels).save(folder / rel)
+            writer.writerow([rel, diagnosis, fst, f"clinical dermatology photograph, {diagnosis}"])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sets(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> dict[str, Path]:
+    from dermkohya.generate import generate
+
+    root = tmp_path_factory.mktemp("eval")
+    synthetic = root / "synthetic" / "t"
+    generate(write_plan(root, tiny, count=12), out=synthetic, show_progress=False)
+    cells = [(d, f) for d in ("Melanoma", "basal cell carcinoma") for f in ("1", "4", "6")]  # codes as datasets write them
+    prepared = root / "prepared"
+    heldout = write_split(prepared / "heldout", cells * 2, seed=10)
+    train = write_split(prepared / "train", cells, seed=20)
+    first = next(synthetic.glob("melanoma/I/*.png"))  # a training image that IS a synthetic one
+    shutil.copy(first, train / "copied.png")
+    with (train / "metadata.csv").open("a", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerow(["copied.png", "melanoma", "I", "copy"])
+    return {"synthetic": synthetic, "heldout": heldout, "copied": first, "root": root}
+
+
+def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: dict[str, Path], weights: Path) -> None:
+    report = evaluate(
+        sets["heldout"], sets["synthetic"], weights=Weights.under(weights), out_dir=tmp_path / "reports", options=Options(min_fid=6, kid_subsets=20)
+    )
+    rows = {(r["group"], r["label"]): r for r in report["rows"]}
+    assert [k for k in rows if k[0] == "skin type"] == [("skin type", "FST I"), ("skin type", "FST IV"), ("skin type", "FST VI")]
+    assert ("diagnosis", "melanoma") in rows and ("cell", "basal cell carcinoma · FST VI") in rows
+    overall = rows[("overall", "all")]
+    assert (overall["n_real"], overall["n_synthetic"]) == (12, 12)
+    assert all((r["n_real"], r["n_synthetic"]) == (4, 4) for k, r in rows.items() if k[0] == "skin type")
+    assert overall["fid"] > 0 and np.isfinite(overall["kid"]) and overall["kid_std"] >= 0
+    assert rows[("skin type", "FST I")]["fid"] is None  # 4 per side: below min_fid, KID only
+    assert rows[("skin type", "FST I")]["kid"] is not None
+    assert 0 < overall["lpips_to_real"] and 0 < overall["lpips_diversity"]
+    assert 0 <= overall["clip_score"] <= 100 and 0 <= overall["clip_score_real"] <= 100
+    assert overall["clip_diversity"] > 0 and overall["rejection_rate"] == 0
+
+    memo = report["memorisation"]
+    assert memo["train_images"] == 7 and memo["flagged"] >= 1
+    copied = [p for p in memo["pairs_flagged"] if p["train"].endswith("copied.png")]
+    assert copied and Path(copied[0]["synthetic"]) == sets["copied"] and copied[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    shown = next(p for p in memo["pairs_shown"] if p["train"].endswith("copied.png"))
+    assert shown["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[("skin type", "FST I")]["memorised"] >= 1
+
+    out = tmp_path / "reports"
+    saved = json.loads((out / "t.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(report["rows"])) and saved["weights"]["inception"]["sha256"]
+    md = (out / "t.md").read_text()
+    assert "## Per skin type" in md and "| FST IV | 4 | 4 |" in md and "## Memorisation" in md and "⚑" in md
+    for plot in ("fst_metrics", "grid", "memorisation"):
+        assert (out / report["plots"][plot]).is_file() and f"]({report['plots'][plot]})" in md
+
+
+def test_missing_weights_are_all_named_before_anything_runs(tmp_path: Path, sets: dict[str, Path]) -> None:
+    with pytest.raises(ProblemsError) as info:
+        evaluate(sets["heldout"], sets["synthetic"], weights=Weights.under(tmp_path / "empty"), out_dir=tmp_path / "r")
+    text = "\n".join(info.value.problems)
+    assert f"{tmp_path}/empty/{metrics.INCEPTION_FILE}: missing" in text
+    assert f"{tmp_path}/empty/lpips/{metrics.ALEXNET_FILE}: missing" in text
+    assert f"{tmp_path}/empty/clip/config.json: missing" in text
+    assert "--skip fid,lpips,clip,memorisation" in text
+    assert not (tmp_path / "r").exists()
+
+
+def test_skipping_every_network_still_reports_counts(tmp_path: Path, sets: dict[str, Path]) -> None:
+    report = evaluate(sets["heldout"], sets["synthetic"], weights=Weights.under(tmp_path), out_dir=tmp_path, options=Options(enabled=()))
+    assert report["rows"][0]["n_synthetic"] == 12 and report["rows"][0]["kid"] is None and report["memorisation"] is None
+    assert "Not checked." in (tmp_path / "t.md").read_text()
+
+
+def test_bad_held_out_rows_are_reported_together(tmp_path: Path) -> None:
+    folder = tmp_path / "h"
+    folder.mkdir()
+    Image.fromarray(random_images(1)[0]).save(folder / "a.png")
+    (folder / "metadata.csv").write_text("image,diagnosis,fitzpatrick\na.png,nevus,3\nb.png,nevus,2\na.png,nevus,9\n")
+    with pytest.raises(ProblemsError) as info:
+        read_real(folder)
+    assert info.value.problems == [
+        f"line 3: image b.png not found under {folder}",
+        "line 4: fitzpatrick '9' is not a skin type (I–VI, 1–6, 12/34/56)",
+    ]
+    (folder / "metadata.csv").write_text("image,dx\na.png,nevus\n")
+    with pytest.raises(DermkohyaError, match="missing column\\(s\\) diagnosis, fitzpatrick"):
+        read_real(folder)
+
+
+def test_cli_evaluate(tmp_path: Path, sets: dict[str, Path], weights: Path) -> None:
+    from dermkohya.cli import main
+
+    args = ["evaluate", "--real", str(sets["heldout"]), "--synthetic", str(sets["synthetic"]), "--out", str(tmp_path)]
+    ok = CliRunner().invoke(main, [*args, "--weights", str(weights), "--skip", "lpips"])
+    assert ok.exit_code == 0, ok.output
+    assert "12 synthetic vs 12 real" in ok.output and "flagged as memorised" in ok.output and (tmp_path / "t.md").is_file()
+    missing = CliRunner().invoke(main, [*args, "--weights", str(tmp_path / "none"), "--skip", "lpips,clip,memorisation"])
+    assert missing.exit_code == 1 and metrics.INCEPTION_FILE in missing.output and "--skip fid" in missing.output
+    bad = CliRunner().invoke(main, [*args, "--skip", "fidd"])
+    assert bad.exit_code == 2 and "unknown metric(s) fidd" in bad.output
