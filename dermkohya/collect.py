@@ -218,16 +218,6 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    """Move a finished temp file into place, failing rather than replacing anything already there."""
-    try:
-        os.link(tmp, dest)
-    except FileExistsError:
-        raise DermkohyaError(f"{dest}: appeared while collecting (another collect running?); run collect again") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---- collect ---------------------------------------------------------------------------------------
 
 
@@ -301,7 +291,7 @@ def collect(
         if collected.scan.data_sha256 != info.scan.data_sha256 or collected.hash_ok is False:
             raise DermkohyaError(f"{tmp}: tensor bytes changed while rewriting the header (a bug: report it)")
         _write_sidecars(root, name, version, dest, sha256, manifest, chosen, info, checks, missing_only=False)
-        _publish(tmp, dest)
+        lora.publish(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
     return dest

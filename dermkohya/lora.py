@@ -207,6 +207,16 @@ def write_with_metadata(sf: SafetensorsFile, metadata: dict[str, str], dest: Pat
         os.fsync(out.fileno())
 
 
+def publish(tmp: Path, dest: Path) -> None:
+    """Move a finished temp file to `dest` (same folder) atomically, failing rather than replacing anything."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise DermkohyaError(f"{dest}: appeared while it was being written and is never replaced; run again") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 # ---- LoRA key names ---------------------------------------------------------------------------
 
 # suffix → role, for kohya (`lora_down`), diffusers (`lora.down`) and PEFT (`lora_A`) files

@@ -109,12 +109,7 @@ def _publish(src: Path, out: Path, metadata: dict[str, str], record: dict[str, A
     if not sidecar.exists():
         sidecar.write_text(f"{record['sha256']}  {out.name}\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    try:
-        os.link(final, out)
-    except FileExistsError:
-        raise DermkohyaError(f"{out}: appeared while merging; it is never replaced, choose another name") from None
-    finally:
-        final.unlink(missing_ok=True)
+    lora.publish(final, out)
 
 
 def _changed_tensors(base: Path, merged: Path) -> int:
