@@ -85,6 +85,17 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians() -> None:
     assert metrics.fid(x, y) == pytest.approx(closed, rel=0.03)
 
 
+def test_frechet_distance_agrees_with_pytorch_fid(tmp_path: Path) -> None:
+    """The same number as pytorch-fid's own calculate_frechet_distance (scipy sqrtm) on real-shaped stats."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    x = random_features(random_images(300, seed=6), dim=64)
+    y = random_features(random_images(300, seed=7), dim=64) * 1.1 + 0.01
+    ours = metrics.frechet_distance(*metrics.gaussian_stats(x), *metrics.gaussian_stats(y))
+    theirs = calculate_frechet_distance(*metrics.gaussian_stats(x), *metrics.gaussian_stats(y))
+    assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
+
+
 # --- KID ---------------------------------------------------------------------------------------------------
 
 
