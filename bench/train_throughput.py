@@ -20,6 +20,7 @@ Speed does not depend on weight values, so random weights measure the real thing
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -226,6 +227,12 @@ def safetensors_header(path: Path) -> dict[str, Any]:
         return json.loads(fh.read(length))
 
 
+def layout_digest(header: dict[str, Any]) -> str:
+    """One hash of every tensor's name, dtype and shape: equal digests, same file layout."""
+    layout = {k: [v["dtype"], v["shape"]] for k, v in sorted(header.items()) if k != "__metadata__"}
+    return hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
+
+
 def tensorboard_losses(log_dir: Path) -> list[list[float]] | None:
     """Per-step `loss/current` that kohya logs to tensorboard (exact, unlike the 3-digit progress bar)."""
     try:
@@ -371,7 +378,7 @@ class Bench:
             result["lora_file"] = {"path": str(lora), "bytes": lora.stat().st_size, "tensors": len(header),
                                    "ss_network_module": meta.get("ss_network_module"),
                                    "trained_with": meta.get("dermkohya.trained_with"), "metadata_keys": sorted(meta),
-                                   "shapes": {k: [v["dtype"], v["shape"]] for k, v in sorted(header.items())}}
+                                   "layout_sha256": layout_digest(header)}
         if not result["ok"]:
             result["error"] = "timed out" if watchdog.fired else "\n".join(tail[-15:])
         return result
@@ -403,7 +410,7 @@ def loss_equivalence(fast: dict[str, Any] | None, ref: dict[str, Any] | None) ->
         out |= {"final_avr_loss_fast": fa, "final_avr_loss_reference": fb}
     files_a, files_b = fast.get("lora_file"), ref.get("lora_file")
     if files_a and files_b:
-        out["same_tensor_names_shapes_dtypes"] = files_a["shapes"] == files_b["shapes"]
+        out["same_tensor_names_shapes_dtypes"] = files_a["layout_sha256"] == files_b["layout_sha256"]
         out["metadata_keys_only_in_fast"] = sorted(set(files_a["metadata_keys"]) - set(files_b["metadata_keys"]))
         out["metadata_keys_only_in_reference"] = sorted(set(files_b["metadata_keys"]) - set(files_a["metadata_keys"]))
         out["ss_network_module"] = [files_a["ss_network_module"], files_b["ss_network_module"]]
@@ -520,16 +527,20 @@ def main() -> int:
     from dermkohya import basemodel, demo
 
     models = root / render.SMOKE_MODELS_DIR
-    if (device / "tokenizers").is_dir() and not (models / "tokenizers").exists():
-        shutil.copytree(device / "tokenizers", models / "tokenizers")
-    started = time.monotonic()
-    model_dir, tokenizers = basemodel.ensure_smoke_model("sd15", cache_root=models)
-    model_s = time.monotonic() - started
-    started = time.monotonic()
-    per_cell, size = (1, 64) if args.smoke else (4, 512)
-    data_dir = demo.make_demo_dataset(work / "data", seed=0, per_cell=per_cell, size=size)
-    images = len(list(data_dir.glob("*/*.png")))
-    data_s = time.monotonic() - started
+    try:
+        if (device / "tokenizers").is_dir() and not (models / "tokenizers").exists():
+            shutil.copytree(device / "tokenizers", models / "tokenizers")
+        started = time.monotonic()
+        model_dir, tokenizers = basemodel.ensure_smoke_model("sd15", cache_root=models)
+        model_s = time.monotonic() - started
+        started = time.monotonic()
+        per_cell, size = (1, 64) if args.smoke else (4, 512)
+        data_dir = demo.make_demo_dataset(work / "data", seed=0, per_cell=per_cell, size=size)
+        images = len(list(data_dir.glob("*/*.png")))
+        data_s = time.monotonic() - started
+    except Exception as exc:  # the JSON still says what broke
+        _write(args.out, {"setup_error": f"{type(exc).__name__}: {exc}", "versions": versions()})
+        raise
     sampler = GpuSampler()
     epochs = 1 if args.smoke else args.epochs
     bench = Bench(root, work, data_dir, model_dir, tokenizers, epochs, args.smoke, sampler, log,
@@ -571,11 +582,13 @@ def main() -> int:
     except Exception as exc:
         report["multi_gpu"] = {"measured": False, "error": f"{type(exc).__name__}: {exc}"}
 
+    places = {str(work): "<work>", str(root): "<repo>"}
+    report["setup"]["paths"] = "machine paths redacted: <repo> is the repository root, <work> the scratch folder"
     names = args.variants.split(",") if args.variants else [v.name for v in VARIANTS]
     chosen = [v for name in names for v in VARIANTS if v.name == name]
     for variant in chosen:
         left = args.budget - (time.monotonic() - t0)
-        if left < 60:
+        if left < 90:  # a variant needs ~60–120 s; a shorter slot only ends in a timeout
             report["skipped"].append({"name": variant.name, "reason": f"time budget ({left:.0f} s left)"})
             continue
         print(f"[{time.monotonic() - t0:6.0f} s] {variant.name} …", flush=True)
@@ -585,19 +598,32 @@ def main() -> int:
               f"peak={result.get('peak_gpu_mem_gib')} GiB wall={result.get('wall_s')} s {result.get('graph_log', [])[-1:]}"
               + ("" if result["ok"] else f"\n  error: {str(result.get('error'))[-600:]}"), flush=True)
         summarise(report)
-        _write(args.out, report)
+        _write(args.out, report, places)
     report["harness_seconds"] = round(time.monotonic() - t0, 1)
     summarise(report)
-    _write(args.out, report)
+    _write(args.out, report, places)
     print(json.dumps({k: report.get(k) for k in ("speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall",
                                                   "mfu_default_pct", "loss_equivalence", "overhead")}, indent=1))
     return 0
 
 
-def _write(path: Path, report: dict[str, Any]) -> None:
+def redact(value: Any, places: dict[str, str]) -> Any:
+    """Machine paths in the report become `<repo>` / `<work>`: results are committed, machines are not."""
+    if isinstance(value, str):
+        for path, name in places.items():
+            value = value.replace(path, name)
+        return value
+    if isinstance(value, list):
+        return [redact(v, places) for v in value]
+    if isinstance(value, dict):
+        return {k: redact(v, places) for k, v in value.items()}
+    return value
+
+
+def _write(path: Path, report: dict[str, Any], places: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(redact(report, places or {}), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 

@@ -156,8 +156,8 @@ def _variant(name: str, it_per_s: float, **extra) -> dict:
 
 
 def _report() -> dict:
-    shapes = {"lora_unet_x.lora_up.weight": ["F16", [320, 16]]}
-    file_ref = {"shapes": shapes, "metadata_keys": ["ss_network_module", "sshs_model_hash"], "ss_network_module": "networks.lora"}
+    digest = tt.layout_digest({"lora_unet_x.lora_up.weight": {"dtype": "F16", "shape": [320, 16], "data_offsets": [0, 1]}})
+    file_ref = {"layout_sha256": digest, "metadata_keys": ["ss_network_module", "sshs_model_hash"], "ss_network_module": "networks.lora"}
     file_fast = {**file_ref, "metadata_keys": [*file_ref["metadata_keys"], "dermkohya.trained_with"]}
     return {
         "machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "versions": {"torch": "2.11.0", "sd_scripts_commit": "48d368fa"},
@@ -184,6 +184,19 @@ def test_summary_speedup_loss_equivalence_and_overhead() -> None:
     overhead = report["overhead"]
     assert overhead["first_run_s"] == 3.0 and overhead["later_runs_s"] == [0.5]
     assert overhead["three_epoch_run_bench_dataset_s"] == pytest.approx(20 + 3 * 18 / 10.0)
+
+
+def test_layout_digest_ignores_offsets_and_metadata_but_not_shapes() -> None:
+    a = {"k": {"dtype": "F16", "shape": [4, 16], "data_offsets": [0, 128]}, "__metadata__": {"x": "1"}}
+    b = {"k": {"dtype": "F16", "shape": [4, 16], "data_offsets": [64, 192]}}
+    c = {"k": {"dtype": "F16", "shape": [16, 4], "data_offsets": [0, 128]}}
+    assert tt.layout_digest(a) == tt.layout_digest(b) != tt.layout_digest(c)
+
+
+def test_report_paths_are_redacted() -> None:
+    report = {"command": ["/tmp/w/runs/x.toml", "--out", "/srv/repo/output/x"], "n": 3}
+    assert tt.redact(report, {"/tmp/w": "<work>", "/srv/repo": "<repo>"}) == {
+        "command": ["<work>/runs/x.toml", "--out", "<repo>/output/x"], "n": 3}
 
 
 def test_readme_table_and_plot_come_from_the_json(tmp_path: Path) -> None:
