@@ -77,7 +77,7 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def _rel(path: Path, root: Path) -> str:
+def project_path(path: Path, root: Path) -> str:
     """A path as written in rendered files: relative to the project root when inside it."""
     absolute = Path(os.path.abspath(path if path.is_absolute() else root / path))
     try:
@@ -109,7 +109,7 @@ def _subsets(spec: RunSpec, root: Path) -> tuple[Path, list[Subset], dict[str, A
             "create it (e.g. `dermkohya demo-data` or `dermkohya prepare`) or fix the path"
         )
     subsets = [
-        Subset(image_dir=_rel(s.path, root), repeats=s.repeats, concept=s.concept) for s in dataset.find_subsets(data_dir)
+        Subset(image_dir=project_path(s.path, root), repeats=s.repeats, concept=s.concept) for s in dataset.find_subsets(data_dir)
     ]
     return data_dir, subsets, info
 
@@ -185,21 +185,21 @@ def render(
     prompts = _sample_prompts(spec, counts)
     sample_width = spec.sample.width or resolution
     sample_height = spec.sample.height or resolution
-    out_rel = _rel(out_dir, root)
+    out_rel = project_path(out_dir, root)
     context: dict[str, Any] = {
         "spec": spec,
         "run_name": name,
-        "run_file": _rel(run_file, root),
+        "run_file": project_path(run_file, root),
         "version": __version__,
-        "base_path": _rel(base_path, root),
-        "tokenizer_cache_dir": _rel(tokenizer_dir, root) if tokenizer_dir else None,
-        "vae": _rel(root / spec.model.vae, root) if spec.model.vae else None,
+        "base_path": project_path(base_path, root),
+        "tokenizer_cache_dir": project_path(tokenizer_dir, root) if tokenizer_dir else None,
+        "vae": project_path(root / spec.model.vae, root) if spec.model.vae else None,
         "resolution": resolution,
         "resolution_arg": f"{resolution},{resolution}",
         "min_bucket_reso": spec.dataset.min_bucket_reso or max(64, resolution // 2),
         "max_bucket_reso": spec.dataset.max_bucket_reso or resolution * 2,
-        "output_dir": _rel(output_dir, root),
-        "logging_dir": _rel(output_dir / "logs", root),
+        "output_dir": project_path(output_dir, root),
+        "logging_dir": project_path(output_dir / "logs", root),
         "sample_prompts_path": f"{out_rel}/sample_prompts.txt" if prompts else None,
         "subsets": subsets,
         "prompts": prompts,
@@ -236,8 +236,8 @@ def render(
     texts["train_command.sh"] = env.get_template("train_command.sh.j2").render(
         context,
         up="/".join([".."] * depth) if depth else ".",
-        default_python=_rel(kohya.DEFAULT_PYTHON_HINT, root),
-        default_sd_scripts=_rel(kohya.DEFAULT_SD_SCRIPTS_HINT, root),
+        default_python=project_path(kohya.DEFAULT_PYTHON_HINT, root),
+        default_sd_scripts=project_path(kohya.DEFAULT_SD_SCRIPTS_HINT, root),
         launch_args=shlex.join(launch_args),
         script=spec.script,
         script_args=shlex.join(script_args),
@@ -334,13 +334,13 @@ def _manifest(
     """Everything the run used, so nothing about it is hidden state. Deterministic: no clocks, no hashes of big files."""
     try:
         sd_scripts = kohya.find_sd_scripts()
-        sd_path: str | None = _rel(sd_scripts, root)
+        sd_path: str | None = project_path(sd_scripts, root)
         commit = kohya.sd_scripts_commit(sd_scripts)
     except DermkohyaError:
         sd_path, commit = None, None
     return {
         "run_name": name,
-        "run_file": _rel(run_file, root),
+        "run_file": project_path(run_file, root),
         "run_file_sha256": hashlib.sha256(run_file.read_bytes()).hexdigest(),
         "dermkohya_version": __version__,
         "family": spec.model.family,
@@ -351,14 +351,14 @@ def _manifest(
         "sd_scripts": {"path": sd_path, "commit": commit, "pinned_commit": kohya.PINNED_COMMIT},
         "base_model": {
             "spec": spec.model.base,
-            "path": _rel(base_path, root),
+            "path": project_path(base_path, root),
             "expected_sha256": spec.model.sha256,
             "sha256": None,
             "verified": False,
             "smoke": spec.model.base in SMOKE_BASES,
         },
         "dataset": {
-            "train_data_dir": _rel(data_dir, root),
+            "train_data_dir": project_path(data_dir, root),
             "prepared": spec.dataset.prepared,
             "content_hash": info.get("content_hash") or dataset.content_hash(data_dir),
             "counts": counts,

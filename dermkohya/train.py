@@ -10,6 +10,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,21 +67,8 @@ def prepare_launch(
     spec, name = rendered.spec, rendered.name
     warnings = list(rendered.warnings)
 
-    report = dataset.scan(rendered.dataset_dir, caption_extension=spec.dataset.caption_extension,
-                          resolution=(spec.resolution, spec.resolution))
-    if report.has_errors(strict):
-        raise ProblemsError(
-            f"dataset {rendered.dataset_dir}",
-            [f"{p.path}: {p.message} — {p.fix}" for p in report.problems if p.severity == "error" or strict],
-        )
-
     sd_scripts = kohya.find_sd_scripts()
     python = kohya.find_python()
-    commit_warning = kohya.verify_commit(sd_scripts, strict=strict)
-    if commit_warning:
-        warnings.append(commit_warning)
-    kohya.verify_python(python)
-
     base = rendered.manifest["base_model"]
     if base["smoke"]:
         model_dir, _ = basemodel.ensure_smoke_model(spec.model.family, cache_root=root / render.SMOKE_MODELS_DIR)
@@ -90,7 +78,25 @@ def prepare_launch(
         raise DermkohyaError(
             f"[model] base {spec.model.base!r} not found at {rendered.base_path}: put the checkpoint there or fix the path in {run_file}"
         )
-    sha256 = basemodel.sha256_path(rendered.base_path)
+
+    # Independent checks, run side by side: the dataset scan and the base hash read files, the
+    # interpreter and commit checks wait on subprocesses. A cold 4 GB hash then costs its own time only.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        scanning = pool.submit(dataset.scan, rendered.dataset_dir, caption_extension=spec.dataset.caption_extension,
+                               resolution=(spec.resolution, spec.resolution))
+        hashing = pool.submit(basemodel.sha256_path, rendered.base_path)
+        python_ok = pool.submit(kohya.verify_python, python)
+        commit = pool.submit(kohya.verify_commit, sd_scripts, strict=strict)
+        report, sha256 = scanning.result(), hashing.result()
+        python_ok.result()
+        commit_warning = commit.result()
+    if report.has_errors(strict):
+        raise ProblemsError(
+            f"dataset {rendered.dataset_dir}",
+            [f"{p.path}: {p.message} — {p.fix}" for p in report.problems if p.severity == "error" or strict],
+        )
+    if commit_warning:
+        warnings.append(commit_warning)
     if spec.model.sha256 and spec.model.sha256 != sha256:
         raise DermkohyaError(
             f"[model] base {rendered.base_path} has sha256 {sha256}, but the run file expects {spec.model.sha256}: "
@@ -104,7 +110,7 @@ def prepare_launch(
         states = saved_states(output_dir, name)
         if not states:
             raise DermkohyaError(f"--resume: no saved kohya state in {output_dir} (states are saved when [train] save_state = true)")
-        script_args += ["--resume", render._rel(states[-1], root)]
+        script_args += ["--resume", render.project_path(states[-1], root)]
     elif final.exists() and not new:
         raise DermkohyaError(
             f"{output_dir} holds a finished run ({final.name}): `dermkohya collect {run_file}` it, "

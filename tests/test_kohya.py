@@ -129,5 +129,5 @@ def test_a_python_without_kohyas_requirements_is_named(tmp_path: Path, monkeypat
     monkeypatch.setenv("DERMKOHYA_CACHE", str(tmp_path / "cache"))
     venv = tmp_path / "bare"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    with pytest.raises(DermkohyaError, match="cannot import: torch"):
+    with pytest.raises(DermkohyaError, match="lacks: torch"):
         kohya.verify_python(venv / "bin" / "python")
