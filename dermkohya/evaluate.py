@@ -247,6 +247,7 @@ class Options:
     min_fid: int = 10
     kid_subsets: int = 100
     lpips_pairs: int = 200
+    lpips_size: int = 256
     shown_pairs: int = 8
     seed: int = 0
 
@@ -342,10 +343,10 @@ def evaluate(
         if lp is not None:
             if group.real:
                 pairs = [(syn_images[i].path, real_images[int(rng.choice(group.real))].path) for i in _sample(rng, group.synthetic, options.lpips_pairs)]
-                row["lpips_to_real"] = _mean(lpips_pairs(lp, pairs).tolist())
+                row["lpips_to_real"] = _mean(lpips_pairs(lp, pairs, options.lpips_size).tolist())
             if len(group.synthetic) >= 2:
                 pairs = [(syn_images[a].path, syn_images[b].path) for a, b in _distinct_pairs(rng, group.synthetic, options.lpips_pairs)]
-                row["lpips_diversity"] = _mean(lpips_pairs(lp, pairs).tolist())
+                row["lpips_diversity"] = _mean(lpips_pairs(lp, pairs, options.lpips_size).tolist())
         if clip_syn is not None and "clip" in options.enabled:
             row["clip_score"] = _mean(metrics.clip_scores(clip_syn[group.synthetic], text_syn[group.synthetic]).tolist())
             real_with_prompt = [i for i in group.real if (_key(real_images[i].diagnosis), real_images[i].fst) in cell_prompt]
@@ -441,7 +442,7 @@ def _memorisation(
 
     pairs_shown = [pair(i) for i in shown]
     if lp is not None and pairs_shown:
-        distances = lpips_pairs(lp, [(Path(p["synthetic"]), Path(p["train"])) for p in pairs_shown])
+        distances = lpips_pairs(lp, [(Path(p["synthetic"]), Path(p["train"])) for p in pairs_shown], options.lpips_size)
         for p, d in zip(pairs_shown, distances):
             p["lpips"] = float(d)
     return {

@@ -86,8 +86,20 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 def fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID between two feature sets (biased upwards for small N: prefer KID below a few thousand images)."""
-    return frechet_distance(*gaussian_stats(features_a), *gaussian_stats(features_b))
+    """FID between two feature sets (biased upwards for small N: prefer KID below a few thousand images).
+
+    With fewer images than dimensions (every diagnosis × skin-type cell) it is computed exactly in sample
+    space: with Σ = AᵀA for the centred rows A/√(n−1), Tr((Σ1Σ2)^½) is the nuclear norm of A1A2ᵀ."""
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    if max(len(a), len(b)) >= a.shape[1]:
+        return frechet_distance(*gaussian_stats(a), *gaussian_stats(b))
+    if min(len(a), len(b)) < 2:
+        raise ValueError("FID needs at least 2 samples on each side")
+    ca = (a - a.mean(axis=0)) / np.sqrt(len(a) - 1)
+    cb = (b - b.mean(axis=0)) / np.sqrt(len(b) - 1)
+    diff = a.mean(axis=0) - b.mean(axis=0)
+    nuclear = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    return float(diff @ diff + (ca**2).sum() + (cb**2).sum() - 2 * nuclear)
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> dic
 
 def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: dict[str, Path], weights: Path) -> None:
     report = evaluate(
-        sets["heldout"], sets["synthetic"], weights=Weights.under(weights), out_dir=tmp_path / "reports", options=Options(min_fid=6, kid_subsets=20)
+        sets["heldout"], sets["synthetic"], weights=Weights.under(weights), out_dir=tmp_path / "reports", options=Options(min_fid=6, kid_subsets=20, lpips_size=64)
     )
     rows = {(r["group"], r["label"]): r for r in report["rows"]}
     assert [k for k in rows if k[0] == "skin type"] == [("skin type", "FST I"), ("skin type", "FST IV"), ("skin type", "FST VI")]

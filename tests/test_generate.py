@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -68,32 +69,26 @@ def build_tiny_sd(folder: Path, tokenizer_cache: Path) -> Path:
     return folder
 
 
-_LORA_TARGETS = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|q_proj|k_proj|v_proj|out_proj|fc1|fc2)$")
+def load_bench() -> Any:
+    """bench/generate_throughput.py as a module: its kohya-format random LoRA writer, and its main()."""
+    spec = importlib.util.spec_from_file_location("generate_throughput", ROOT / "bench" / "generate_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def write_kohya_lora(model_dir: Path, path: Path, *, rank: int = 4, seed: int = 0, extra_module: str | None = None) -> Path:
-    """A LoRA for the tiny pipeline with kohya's key names (lora_unet_* / lora_te_*, lora_down/lora_up/alpha)."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+def write_kohya_lora(model_dir: Path, path: Path, *, extra_module: str | None = None) -> Path:
+    """A random kohya-format LoRA for the pipeline (the benchmark's writer), optionally with one module
+    the pipeline does not have."""
+    from safetensors.torch import load_file, save_file
 
-    generator = torch.Generator().manual_seed(seed)
-    tensors: dict[str, torch.Tensor] = {}
-    for prefix, model in (
-        ("lora_unet_", UNet2DConditionModel.from_pretrained(str(model_dir / "unet"))),
-        ("lora_te_", CLIPTextModel.from_pretrained(str(model_dir / "text_encoder"))),
-    ):
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and _LORA_TARGETS.search(name):
-                key = prefix + name.replace(".", "_")
-                tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.3
-                tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.3
-                tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    load_bench().write_random_kohya_lora(model_dir, path, rank=4)
     if extra_module:
-        tensors[f"{extra_module}.lora_down.weight"] = torch.zeros(rank, 32)
-        tensors[f"{extra_module}.lora_up.weight"] = torch.zeros(32, rank)
-        tensors[f"{extra_module}.alpha"] = torch.tensor(float(rank))
-    save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
+        tensors = load_file(str(path))
+        tensors[f"{extra_module}.lora_down.weight"] = torch.zeros(4, 32, dtype=torch.float16)
+        tensors[f"{extra_module}.lora_up.weight"] = torch.zeros(32, 4, dtype=torch.float16)
+        tensors[f"{extra_module}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
+        save_file(tensors, str(path))
     return path
 
 
@@ -316,6 +311,19 @@ def test_cli_generate_prints_a_summary(tmp_path: Path, tiny: dict[str, Path]) ->
     assert "3/3 images" in result.output and str(tmp_path / "out") in result.output
     bad = CliRunner().invoke(main, ["generate", str(tmp_path / "missing.toml")])
     assert bad.exit_code == 1 and "plan file not found" in bad.output
+
+
+def test_benchmark_harness_runs_tiny_on_cpu(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    out = tmp_path / "generate.json"
+    args = ["--model", str(tiny["model"]), "--random-lora", "--size", "32", "--steps", "2", "--count", "6", "--plain-count", "2",
+            "--batch-sizes", "3", "--compile", "no", "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    results = load_bench().main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["plain"]["images_per_s"] > 0 and results["plain"]["batch_size"] == 1
+    run = results["engine_runs"][0]
+    assert "error" not in run and run["images"] == 6 and run["batch_size"] == 3 and run["steady_images_per_s"] > 0
+    assert results["engine"] == run and results["speedup"] == pytest.approx(run["steady_images_per_s"] / results["plain"]["images_per_s"])
+    assert len(list((tmp_path / "work" / "plain").glob("*.png"))) == 3
 
 
 # --- the issue's done-when: smoke model + a LoRA kohya trained, killed halfway, rerun -----------------------

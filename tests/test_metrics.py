@@ -96,6 +96,14 @@ def test_frechet_distance_agrees_with_pytorch_fid(tmp_path: Path) -> None:
     assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
 
 
+def test_fid_in_sample_space_equals_the_covariance_route() -> None:
+    """Fewer images than dimensions (small cells): the nuclear-norm form gives the covariance form's value."""
+    x = random_features(random_images(20, seed=8), dim=64)
+    y = random_features(random_images(30, seed=9), dim=64) * 1.2
+    assert metrics.fid(x, y) == pytest.approx(metrics.frechet_distance(*metrics.gaussian_stats(x), *metrics.gaussian_stats(y)), rel=1e-6)
+    assert abs(metrics.fid(x, x)) < 1e-6
+
+
 # --- KID ---------------------------------------------------------------------------------------------------
 
 
