@@ -385,3 +385,11 @@ def test_done_when_60_images_killed_halfway_and_rerun(tmp_path: Path, kohya_lora
     assert len(cells) == 18 and {r["lora_sha256"] for r in rows} == {hashlib.sha256(kohya_lora.read_bytes()).hexdigest()}
     for n in (0, 31, 59):
         assert np.array_equal(render_one(plan, n, out=out), pixels(out / rows[n]["path"])), n
+
+
+def test_committed_plans_are_valid() -> None:
+    plans = sorted((ROOT / "plans").glob("*.toml"))
+    assert plans
+    for path in plans:
+        plan, name = load_plan(path)
+        assert name == path.stem and sum(quotas(plan).values()) == plan.classes.count
