@@ -538,7 +538,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)), undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
     env.filters["fmt"] = _fmt
     return env.get_template(REPORT_TEMPLATE).render(report=report, smoke=str(report.get("base_model") or "").startswith("random:"))

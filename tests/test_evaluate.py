@@ -95,6 +95,7 @@ def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: 
     assert saved["rows"] == json.loads(json.dumps(report["rows"])) and saved["weights"]["inception"]["sha256"]
     md = (out / "t.md").read_text()
     assert "## Per skin type" in md and "| FST IV | 4 | 4 |" in md and "## Memorisation" in md and "⚑" in md
+    assert "|\n\n|" not in md  # markdown tables without blank lines inside
     for plot in ("fst_metrics", "grid", "memorisation"):
         assert (out / report["plots"][plot]).is_file() and f"]({report['plots'][plot]})" in md
 
