@@ -29,7 +29,6 @@ import shutil
 import signal
 import statistics
 import struct
-import subprocess
 import sys
 import threading
 import time

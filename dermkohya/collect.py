@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import jinja2
 
 from dermkohya import __version__, lora
+from dermkohya.files import private_temp, write_atomic
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.paths import TEMPLATES_DIR
 from dermkohya.skin import FST_GROUPS, FST_TYPES, UNKNOWN, fst_from_caption
@@ -211,11 +211,7 @@ def _versions(artifact_dir: Path, run: str) -> dict[int, Path]:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """temp + rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 # ---- collect ---------------------------------------------------------------------------------------
@@ -267,9 +263,7 @@ def collect(
     artifact_dir = root / "artifacts" / name
     artifact_dir.mkdir(parents=True, exist_ok=True)
     metadata = {**info.metadata, **dermkohya_metadata(manifest, chosen)}
-    fd, tmp_name = tempfile.mkstemp(dir=artifact_dir, prefix=f".{name}.", suffix=".safetensors.tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = private_temp(artifact_dir, name, ".safetensors.tmp")
     try:
         lora.write_with_metadata(info.file, metadata, tmp)
         sha256 = lora.file_sha256(tmp)
@@ -328,8 +322,7 @@ def _write_sidecars(
     samples = sample_grid(root / "output" / name / "sample", name, manifest)
     if samples["cells"] and not (missing_only and paths["grid"].exists()):
         image = samples.pop("image")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".samples.", suffix=".png")
-        os.close(fd)
+        tmp = private_temp(folder, "samples", ".png")
         image.save(tmp, format="PNG")
         os.replace(tmp, paths["grid"])
     samples.pop("image", None)

@@ -11,13 +11,12 @@ import csv
 import hashlib
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dermkohya.files import write_atomic
 from dermkohya.errors import DermkohyaError
 from dermkohya.skin import FST_TYPES
 
@@ -109,17 +108,6 @@ def _png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str | None:
     try:
         with open(path, "rb") as handle:
@@ -169,7 +157,7 @@ def make_demo_dataset(out_dir: Path, *, seed: int = 0, per_cell: int = 2, size: 
 
     folder = out_dir / f"{DEMO_REPEATS}_{DEMO_CONCEPT}"
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / MARKER, json.dumps({"generator": "dermkohya demo-data", "params": params,
+    write_atomic(out_dir / MARKER, json.dumps({"generator": "dermkohya demo-data", "params": params,
                                                 "files": None}, indent=2).encode())
     files: dict[str, str] = {}
     rows = io.StringIO()
@@ -180,12 +168,12 @@ def make_demo_dataset(out_dir: Path, *, seed: int = 0, per_cell: int = 2, size: 
         caption = CAPTION_TEMPLATE.format(diagnosis=diagnosis, fst=fst)
         for name, data in ((f"{stem}.png", _png_bytes(demo_image(diagnosis, fst, rng, size))),
                            (f"{stem}.txt", (caption + "\n").encode())):
-            _write_atomic(folder / name, data)
+            write_atomic(folder / name, data)
             files[f"{folder.name}/{name}"] = hashlib.sha256(data).hexdigest()
         writer.writerow([f"{folder.name}/{stem}.png", diagnosis, fst, caption, "dermkohya demo (synthetic)"])
     metadata = rows.getvalue().encode()
-    _write_atomic(out_dir / "metadata.csv", metadata)
+    write_atomic(out_dir / "metadata.csv", metadata)
     files["metadata.csv"] = hashlib.sha256(metadata).hexdigest()
-    _write_atomic(out_dir / MARKER, json.dumps({"generator": "dermkohya demo-data", "params": params,
+    write_atomic(out_dir / MARKER, json.dumps({"generator": "dermkohya demo-data", "params": params,
                                                 "files": files}, indent=2, sort_keys=True).encode())
     return out_dir

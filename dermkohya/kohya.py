@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dermkohya.files import write_atomic
 from dermkohya.errors import DermkohyaError
 from dermkohya.paths import DEFAULT_KOHYA_PYTHON, PROJECT_ROOT, VENDORED_SD_SCRIPTS, cache_root
 
@@ -87,9 +88,7 @@ def _cached(name: str, key: str, compute: Callable[[], object]) -> object:
         return json.loads(path.read_text())
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(value))
     return value
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dermkohya import basemodel, dataset, kohya, render
+from dermkohya.files import write_atomic
 from dermkohya.errors import DermkohyaError, ProblemsError
 
 
@@ -201,6 +202,4 @@ def _last_loss(lines: list[str]) -> float | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
