@@ -80,6 +80,9 @@ VARIANTS: list[Variant] = [
             overrides={"train": {"mixed_precision": "bf16", "save_precision": "bf16"}}),
     Variant("dermkohya-batch8", "dermkohya", "the default at batch 8 (not the card's batch), same number of steps",
             overrides={"train": {"batch_size": 8, "epochs": 8}}),
+    Variant("dermkohya-eager-2gpu", "dermkohya", "lora_fast-eager on 2 GPUs ([launch] processes = 2; batch 4 per GPU); "
+            "scaling vs dermkohya-lora_fast-eager (CUDA graphs are off with several processes)",
+            overrides={"network": {"args": ["cuda_graph=off"]}, "launch": {"processes": 2}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
@@ -334,7 +337,7 @@ class Bench:
                     config = run_file.with_suffix("") / "config.toml"
                     result["rendered_config"] = config.read_text(encoding="utf-8") if config.is_file() else None
                     spec = tomllib.loads(run_file.read_text(encoding="utf-8"))
-                    batch = spec.get("train", {}).get("batch_size", 4)
+                    batch = spec.get("train", {}).get("batch_size", 4) * spec.get("launch", {}).get("processes", 1)
                     cached = spec.get("train", {}).get("cache_latents", True)
                     tb_dir = trained.manifest_path.parent / "logs"
                     if trained.hint:
