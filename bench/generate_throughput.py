@@ -109,8 +109,6 @@ def plain_loop(model: Path, lora: Path | None, args: argparse.Namespace, out: Pa
         one(i)
     _sync()
     seconds = time.perf_counter() - start
-    del pipe
-    _free()
     return {
         "what": "StableDiffusionPipeline, one image per call, load_lora_weights (unfused), PNG save",
         "batch_size": 1,
@@ -143,23 +141,35 @@ seed = 0
 [engine]
 batch_size = {batch}
 compile = {compile}
+[filter]
+enabled = {filter}
 """
 
 
-def engine_run(model: Path, lora: Path | None, args: argparse.Namespace, work: Path, batch: int, compile_: bool, processes: int) -> dict[str, Any]:
+def engine_run(
+    model: Path, lora: Path | None, args: argparse.Namespace, work: Path, batch: int, compile_: bool, processes: int, filter_: bool = True
+) -> dict[str, Any]:
+    """One engine configuration. If a random-weight model's images fail the quality filter (e.g. NaN in
+    fp16), the configuration is measured again with the filter off and both outcomes are recorded."""
+    from dermkohya.errors import DermkohyaError
     from dermkohya.generate import generate
 
-    name = f"bench-b{batch}-{'compiled' if compile_ else 'eager'}-p{processes}"
+    name = f"bench-b{batch}-{'compiled' if compile_ else 'eager'}-p{processes}{'' if filter_ else '-nofilter'}"
     plan = work / f"{name}.toml"
     lora_block = f'[[lora]]\npath = "{lora}"\nweight = 1.0' if lora else ""
     plan.write_text(
         PLAN.format(name=name, model=model, lora=lora_block, count=args.count, negative=NEGATIVE, scheduler=args.scheduler,
-                    steps=args.steps, guidance=args.guidance, size=args.size, batch=batch, compile=str(compile_).lower()),
+                    steps=args.steps, guidance=args.guidance, size=args.size, batch=batch, compile=str(compile_).lower(),
+                    filter=str(filter_).lower()),
         encoding="utf-8",
     )  # fmt: skip
-    record: dict[str, Any] = {"batch_size": batch, "compile": compile_, "processes": processes}
+    record: dict[str, Any] = {"batch_size": batch, "compile": compile_, "processes": processes, "filter": filter_}
     try:
         result = generate(plan, out=work / "synthetic" / name, processes=processes, show_progress=False)
+    except DermkohyaError as exc:
+        if filter_ and "was rejected" in str(exc):
+            return engine_run(model, lora, args, work, batch, compile_, processes, False) | {"filter_on_error": str(exc)}
+        return record | {"error": str(exc).splitlines()[0]}
     except Exception as exc:  # a failed configuration is a result, not the end of the benchmark
         return record | {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     finally:
@@ -238,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not args.skip_plain:
         results["plain"] = plain_loop(model, lora, args, work / "plain")
+        _free()
         print(f"plain loop: {results['plain']['images_per_s']:.3f} images/s", flush=True)
     compiles = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     runs = []

@@ -394,9 +394,10 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def prepare_job(plan_path: Path, out: Path | None = None) -> Job:
-    """Validate the plan, find and hash the base and LoRAs, allocate the images, and create (or check)
-    `plan.json` in the output folder. Every problem a user can fix is found here, before any model loads."""
+def prepare_job(plan_path: Path, out: Path | None = None, *, write: bool = True) -> Job:
+    """Validate the plan, find and hash the base and LoRAs, allocate the images, and check `plan.json` in
+    the output folder (or, with `write`, create it). Every problem a user can fix is found here, before
+    any model loads."""
     from dermkohya import basemodel
 
     plan, name = load_plan(plan_path)
@@ -417,11 +418,11 @@ def prepare_job(plan_path: Path, out: Path | None = None) -> Job:
     )
     out = Path(out) if out is not None else Path("synthetic") / name
     job = Job(plan, name, out, model_dir, basemodel.sha256_path(model_dir), loras, tuple(allocate(plan)))
-    _check_or_write_plan_json(job, plan_path)
+    _check_or_write_plan_json(job, plan_path, write)
     return job
 
 
-def _check_or_write_plan_json(job: Job, plan_path: Path) -> None:
+def _check_or_write_plan_json(job: Job, plan_path: Path, write: bool) -> None:
     current = fingerprint(job.plan, job.base_sha256, job.loras)
     record = job.out / "plan.json"
     if record.is_file():
@@ -433,6 +434,8 @@ def _check_or_write_plan_json(job: Job, plan_path: Path) -> None:
                 f"{job.out}: was generated from a different plan (changed: {'; '.join(changed[:6])}); "
                 "give the plan a new `name`, or move that folder away — finished images are never rewritten"
             )
+        return
+    if not write:
         return
     if job.out.exists() and any(p.name != STAGING for p in job.out.iterdir()):
         raise DermkohyaError(f"{job.out}: exists and holds files dermkohya did not write (no plan.json); choose another output folder")
@@ -658,7 +661,7 @@ class Engine:
 def render_one(plan_path: Path, n: int, attempt: int | None = None, *, out: Path | None = None, device: str | None = None) -> np.ndarray:
     """Regenerate image n alone (the attempt recorded in its file, else 0): the proof that any image can
     be remade from the plan. Bit-identical to the file on the same device, precision and batch size."""
-    job = prepare_job(plan_path, out)
+    job = prepare_job(plan_path, out, write=False)
     item = job.items[n]
     if attempt is None:
         final = job.out / item.path
@@ -794,7 +797,7 @@ def _produce(
                     continue
                 item, attempt = entry
                 side = sides[item.n]
-                reasons = ["nan"] if nan else []
+                reasons = ["nan"] if nan and plan.filter.enabled else []
                 if plan.filter.enabled and not nan:
                     reasons = metrics.image_problems(image, min_std=plan.filter.min_std, max_clipped=plan.filter.max_clipped)
                     if not reasons and engine.classifier is not None:

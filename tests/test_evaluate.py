@@ -48,7 +48,7 @@ def write_split(folder: Path, rows: list[tuple[str, str]], seed: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sets(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> dict[str, Path]:
+def sets(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> dict[str, Path]:  # noqa: F811
     from dermkohya.generate import generate
 
     root = tmp_path_factory.mktemp("eval")

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _kohya_run import RUN, kohya_run  # noqa: F401  (the session fixture: one kohya training per session)
 from click.testing import CliRunner
 from PIL import Image
 
-from _kohya_run import RUN, kohya_run  # noqa: F401  (the session fixture: one kohya training per session)
 from dermkohya import metrics
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.generate import allocate, generate, image_seed, load_plan, quotas, read_record, render_one
@@ -330,7 +330,7 @@ def test_benchmark_harness_runs_tiny_on_cpu(tmp_path: Path, tiny: dict[str, Path
 
 
 @pytest.fixture
-def kohya_lora(kohya_run: Path) -> Path:
+def kohya_lora(kohya_run: Path) -> Path:  # noqa: F811
     """The LoRA kohya's train_network.py wrote (two steps on the smoke model), shared with collect's tests."""
     return kohya_run / "output" / RUN / f"{RUN}.safetensors"
 
