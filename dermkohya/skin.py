@@ -14,7 +14,10 @@ UNKNOWN = "unknown"
 
 _ROMAN = {str(i + 1): t for i, t in enumerate(FST_TYPES)}
 _GROUP_DIGITS = {"12": "I-II", "34": "III-IV", "56": "V-VI"}
-_CAPTION_RE = re.compile(r"fitzpatrick(?:\s+skin)?(?:\s+type)?\s*(?:fst\s*)?(VI|IV|V|I{1,3}|[1-6])\b", re.IGNORECASE)
+_NUMERAL = r"(?:VI|IV|V|I{1,3}|[1-6])"
+_CAPTION_RE = re.compile(
+    rf"fitzpatrick(?:\s+skin)?(?:\s+type)?\s*(?:fst\s*)?({_NUMERAL}(?:\s*[-–/]\s*{_NUMERAL})?)(?![\w-])", re.IGNORECASE
+)
 
 
 def parse_fst(value: object) -> str | None:
@@ -44,4 +47,7 @@ def parse_fst(value: object) -> str | None:
 def fst_from_caption(caption: str) -> str | None:
     """The skin type a caption states ("... Fitzpatrick skin type IV ..."), if it states one."""
     match = _CAPTION_RE.search(caption)
-    return parse_fst(match.group(1)) if match else None
+    if not match:
+        return None
+    parts = re.split(r"\s*[-–/]\s*", match.group(1))
+    return parse_fst(parts[0]) if len(parts) == 1 else parse_fst("-".join(parse_fst(p) or p for p in parts))
