@@ -15,6 +15,7 @@ WHEELS=(
   transformers==4.54.1 diffusers==0.32.1 huggingface-hub==0.34.3 tokenizers==0.21.4 accelerate==1.6.0
   voluptuous==0.15.2 imagesize==1.4.1 toml==0.10.2 ftfy==6.3.1 wcwidth==0.9.4 importlib-metadata==8.7.0 typing-extensions==4.16.0
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 tomli-w==1.2.0
+  peft==0.17.1 rich==14.1.0 markdown-it-py==4.0.0 mdurl==0.1.2 pygments==2.19.2 click==8.4.0  # generate (peft loads kohya LoRAs in diffusers), dermkohya CLI
   open-clip-torch==3.3.0  # only its CLIP BPE merges file, read by dermkohya.basemodel (never imported)
 )
 
