@@ -347,8 +347,9 @@ def clip_files(folder: Path) -> list[WeightFile]:
 
 
 class CLIPEmbedder:
-    """Image and text embeddings from a local transformers CLIP folder. Calls the model's own
-    projection heads, which behave the same in transformers 4 and 5 (unlike torchmetrics' wrapper)."""
+    """Image and text embeddings from a local transformers CLIP folder: the towers' pooled outputs through
+    the model's own projection heads, spelled out because get_*_features changed its return type in
+    transformers 5 (what breaks torchmetrics' CLIPScore there)."""
 
     def __init__(self, folder: Path, device: str = "cpu") -> None:
         import torch
@@ -364,14 +365,16 @@ class CLIPEmbedder:
 
         pixels = self.processor(images=pil_images, return_tensors="pt")["pixel_values"].to(self.device)
         with torch.inference_mode():
-            return self.model.get_image_features(pixel_values=pixels).cpu().numpy()
+            pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+            return self.model.visual_projection(pooled).cpu().numpy()
 
     def texts(self, texts: list[str]) -> np.ndarray:
         import torch
 
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            return self.model.get_text_features(**tokens).cpu().numpy()
+            pooled = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).pooler_output
+            return self.model.text_projection(pooled).cpu().numpy()
 
 
 def load_clip(folder: Path, device: str = "cpu") -> CLIPEmbedder:
