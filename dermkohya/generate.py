@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dermkohya import __version__, metrics, skin
 from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.files import write_atomic
 from dermkohya.spec import DEFAULT_CAPTION_TEMPLATE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -451,20 +452,10 @@ def _check_or_write_plan_json(job: Job, plan_path: Path, write: bool) -> None:
         "dermkohya_version": __version__,
         "fingerprint": current,
     }
-    _atomic_write_text(record, json.dumps(body, indent=2) + "\n")
+    write_atomic(record, json.dumps(body, indent=2) + "\n")
 
 
 # --- small file helpers ------------------------------------------------------------------------------------
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _png_bytes(image: np.ndarray, record: dict[str, Any]) -> bytes:
@@ -727,13 +718,13 @@ def _record(job: Job, item: Item, attempt: int, seed: int, phash: int, rejected:
 
 
 def _write_candidate(staging: Path, n: int, attempt: int, png: bytes, side: dict[str, Any]) -> None:
-    _atomic_write_bytes(staging / f"{n}-{attempt}.png", png)
-    _atomic_write_text(staging / f"{n}.json", json.dumps(side))
+    write_atomic(staging / f"{n}-{attempt}.png", png)
+    write_atomic(staging / f"{n}.json", json.dumps(side))
 
 
 def _write_rejection(out: Path, n: int, attempt: int, png: bytes, side: dict[str, Any]) -> None:
-    _atomic_write_bytes(out / REJECTED / f"{n}-{attempt}.png", png)
-    _atomic_write_text(out / STAGING / f"{n}.json", json.dumps(side))
+    write_atomic(out / REJECTED / f"{n}-{attempt}.png", png)
+    write_atomic(out / STAGING / f"{n}.json", json.dumps(side))
 
 
 def _owner(n: int, batch_size: int, world: int) -> int:
@@ -861,7 +852,7 @@ def _finalize(job: Job, cache: dict[int, dict[str, Any]]) -> int:
                 )
                 side["candidate"] = None
                 os.replace(staging / f"{item.n}-{cand['attempt']}.png", job.out / REJECTED / f"{item.n}-{cand['attempt']}.png")
-                _atomic_write_text(side_path, json.dumps(side))
+                write_atomic(side_path, json.dumps(side))
                 if len(side["rejected"]) >= plan.filter.max_attempts:
                     raise _too_many(job, item, side["rejected"])
                 blocked = True
@@ -903,7 +894,7 @@ def write_index(job: Job, cache: dict[int, dict[str, Any]]) -> Path:
             }
         )
     path = job.out / "index.csv"
-    _atomic_write_text(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return path
 
 
@@ -994,14 +985,14 @@ def _run_rank(job: Job, rank: int, world: int, init_file: Path | None, limit: in
                 if rank == 0:
                     done = _finalize(job, cache)
                     bar.update()
-                    _atomic_write_text(job.staging / "round.json", json.dumps({"finished": done}))
+                    write_atomic(job.staging / "round.json", json.dumps({"finished": done}))
                 dist.barrier()
                 done = (_read_json(job.staging / "round.json") or {}).get("finished", 0)
                 if stop or done == len(job.items):
                     break
         end = time.perf_counter()
         timing = dataclasses.asdict(progress) | {"end": end, "device": engine.device}
-        _atomic_write_text(job.staging / f"timing-{rank}.json", json.dumps(timing))
+        write_atomic(job.staging / f"timing-{rank}.json", json.dumps(timing))
     finally:
         dist.close()
 
@@ -1033,7 +1024,7 @@ class _ProgressBar:
     def update(self) -> None:
         p = self.progress
         if self.rank > 0:
-            _atomic_write_text(self.job.staging / f"progress-{self.rank}.json", json.dumps({"made": p.made, "rejected": p.rejected}))
+            write_atomic(self.job.staging / f"progress-{self.rank}.json", json.dumps({"made": p.made, "rejected": p.rejected}))
         if self.bar is None:
             return
         made, rejected = p.made, p.rejected
@@ -1053,7 +1044,7 @@ def _worker(rank: int, job: Job, world: int, init_file: Path, limit: int | None,
     try:
         _run_rank(job, rank, world, init_file, limit, show_progress)
     except DermkohyaError as exc:
-        _atomic_write_text(job.staging / f"error-{rank}.txt", str(exc))
+        write_atomic(job.staging / f"error-{rank}.txt", str(exc))
         raise SystemExit(1) from None
 
 
@@ -1128,7 +1119,7 @@ def _summarise(job: Job, processes: int, wall_s: float) -> Result:
     )
     summary = dataclasses.asdict(result) | {"out": str(job.out), "complete": result.complete}
     summary["cells"] = [{"diagnosis": d, "fst": f, "planned": q} for (d, f), q in quotas(job.plan).items()]
-    _atomic_write_text(job.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(job.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if result.complete:
         shutil.rmtree(job.staging, ignore_errors=True)
     return result
