@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gpus": torch.cuda.device_count(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__},
         "model": args.model,
-        "lora": str(lora) if lora else None,
+        "lora": ("a random rank-16 kohya-format LoRA written by the harness (--random-lora)" if args.random_lora else lora.name) if lora else None,
         "size": args.size,
         "steps": args.steps,
         "guidance": args.guidance,

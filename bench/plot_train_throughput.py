@@ -73,7 +73,11 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
                      f"({_fmt(100 * overhead['first_run_s'] / three, 1)} % of a 3-epoch run on 1,000 images, ≈{three:.0f} s), "
                      + (f"{_fmt(max(later), 2)} s once its caches are filled ({100 * max(later) / three:.2f} %)." if later else "."))
     multi = report.get("multi_gpu") or {}
-    if not multi.get("measured"):
+    if multi.get("measured"):
+        lines.append(f"Multi-GPU ({multi['machine']}, {multi['file']}): {multi['images_per_s_1gpu']} images/s on 1 GPU, "
+                     f"{multi['images_per_s_2gpu']} on 2 (`[launch] processes = 2`), scaling efficiency "
+                     f"{100 * multi['efficiency']:.0f} % ({multi['about']}).")
+    else:
         lines.append(f"Multi-GPU: {multi.get('reason', multi.get('error', 'not measured'))}.")
     if png_name:
         lines += ["", f"![training throughput per variant]({png_name})"]
