@@ -30,7 +30,14 @@ def private_temp(folder: Path, name: str, suffix: str) -> Path:
     return Path(tmp)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once: os.umask is process-wide, so reading it per call races between threads
+
+
+def _umask() -> int:
+    return _UMASK
