@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import difflib
 import hashlib
 import io
 import json
@@ -26,8 +25,6 @@ import os
 import re
 import shutil
 import time
-import tomllib
-import typing
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,9 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dermkohya import __version__, metrics, skin
+from dermkohya.schema import load_toml_model
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.files import write_atomic
 from dermkohya.spec import DEFAULT_CAPTION_TEMPLATE
@@ -186,59 +184,11 @@ class Plan(_Section):
 
 def load_plan(path: Path) -> tuple[Plan, str]:
     """Parse and validate a plan file, reporting every problem at once; returns it and its name."""
-    if not path.is_file():
-        raise DermkohyaError(f"{path}: plan file not found (copy plans/demo.toml and edit it)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise DermkohyaError(f"{path}: not valid TOML: {exc} (fix the syntax at that line)") from None
-    try:
-        plan = Plan.model_validate(raw)
-    except ValidationError as exc:
-        raise ProblemsError(str(path), [_describe(err, text) for err in exc.errors()]) from None
+    plan = load_toml_model(path, Plan, what="plan file", example="plans/demo.toml")
     name = plan.name or path.stem
     if not NAME_RE.match(name):
         raise DermkohyaError(f"{path}: plan name {name!r} must be letters, digits, '.', '_' or '-': set `name`")
     return plan, name
-
-
-def _model_at(loc: list[str]) -> type[BaseModel] | None:
-    """The schema class that holds the key at `loc` (list indices skipped), for 'did you mean'."""
-    model: type[BaseModel] = Plan
-    for part in loc:
-        if part.isdigit():
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        candidates = [field.annotation, *typing.get_args(field.annotation)]
-        inner = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if inner is None:
-            return None
-        model = inner
-    return model
-
-
-def _describe(err: dict[str, Any], text: str) -> str:
-    loc = [str(p) for p in err["loc"]]
-    key = loc[-1] if loc else ""
-    section = " ".join(p if not p.isdigit() else f"#{int(p) + 1}" for p in loc[:-1])
-    where = f"[{section}] {key}" if section else key or "(top level)"
-    line = next((i for i, row in enumerate(text.splitlines(), 1) if re.match(rf"\s*{re.escape(key)}\s*=", row)), None)
-    at = f" (line {line})" if line and key else ""
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        valid = list(model.model_fields) if model else []
-        near = difflib.get_close_matches(key, valid, n=1)
-        hint = f"did you mean `{near[0]}`?" if near else f"valid keys: {', '.join(valid)}"
-        return f"unknown key `{where}`{at}: {hint}"
-    if err["type"] == "missing":
-        return f"missing key `{where}`: add it to the plan"
-    if err["type"] == "value_error":
-        return f"`{where}`{at}: {msg}" if key else msg
-    return f"`{where}`{at}: {msg} (got {err.get('input')!r})"
 
 
 # --- what to make ------------------------------------------------------------------------------------------

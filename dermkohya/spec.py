@@ -9,15 +9,14 @@ Defaults are the user's training card: SD 1.5, 512×512, network_dim 16, alpha 1
 
 from __future__ import annotations
 
-import difflib
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.errors import DermkohyaError
+from dermkohya.schema import load_toml_model
 
 Family = Literal["sd15", "sdxl"]
 SCRIPTS: dict[str, str] = {"sd15": "train_network.py", "sdxl": "sdxl_train_network.py"}
@@ -168,59 +167,8 @@ class RunSpec(_Section):
 
 def load_run(path: Path) -> tuple[RunSpec, str]:
     """Parse and validate a run file; returns the spec and its run name (the `name` key or the file stem)."""
-    if not path.is_file():
-        raise DermkohyaError(f"{path}: run file not found (copy runs/derm-sd15.toml and edit it)")
-    text = path.read_text(encoding="utf-8")
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise DermkohyaError(f"{path}: not valid TOML: {exc} (fix the syntax at that line)") from None
-    try:
-        spec = RunSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise ProblemsError(str(path), [_describe(err, text) for err in exc.errors()]) from None
+    spec = load_toml_model(path, RunSpec, what="run file", example="runs/derm-sd15.toml")
     name = spec.name or path.stem
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DermkohyaError(f"{path}: run name {name!r} must be letters, digits, '.', '_' or '-': set `name`")
     return spec, name
-
-
-def _describe(err: dict[str, Any], text: str) -> str:
-    """One line per problem: where (`[section] key`, line N), what, and the fix."""
-    loc = [str(part) for part in err["loc"]]
-    key = loc[-1] if loc else ""
-    section = loc[0] if len(loc) > 1 else ""
-    where = f"[{section}] {key}" if section and not section.isdigit() else key or "(top level)"
-    line = _line_of(text, key)
-    at = f" (line {line})" if line else ""
-    if err["type"] == "extra_forbidden":
-        model = _section_model(section if len(loc) > 1 else "")
-        valid = list(model.model_fields) if model else []
-        near = difflib.get_close_matches(key, valid, n=1)
-        hint = f"did you mean `{near[0]}`?" if near else f"valid keys: {', '.join(valid)}"
-        return f"unknown key `{where}`{at}: {hint}"
-    if err["type"] == "missing":
-        return f"missing key `{where}`: add it to the run file"
-    if err["type"] == "value_error" and not key:
-        return f"{err['msg'].removeprefix('Value error, ')}"
-    if err["type"] == "value_error":
-        return f"`{where}`{at}: {err['msg'].removeprefix('Value error, ')}"
-    return f"`{where}`{at}: {err['msg']} (got {err.get('input')!r})"
-
-
-def _section_model(section: str) -> type[BaseModel] | None:
-    if not section:
-        return RunSpec
-    field = RunSpec.model_fields.get(section)
-    annotation = field.annotation if field else None
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def _line_of(text: str, key: str) -> int | None:
-    if not key or key.isdigit():
-        return None
-    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
-    for number, line in enumerate(text.splitlines(), start=1):
-        if pattern.match(line):
-            return number
-    return None
