@@ -11,7 +11,7 @@ loading excluded (reported separately). Writes JSON (default bench/results/gener
 
 GPU (the lead's run): python bench/generate_throughput.py --model <diffusers SD 1.5 folder> --random-lora
 CPU smoke: python bench/generate_throughput.py --model random:sd15 --random-lora --size 64 --steps 2 \
-             --count 6 --plain-count 2 --batch-sizes 3 --compile no --out /tmp/generate-cpu.json
+             --count 6 --plain-count 2 --batch-sizes 3 --compile no --out generate-cpu.json
 Needs dermkohya's `ml` extra (diffusers 0.32.1, transformers 4.54.1, peft, accelerate, scipy) and its base deps.
 """
 

@@ -5,10 +5,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench/results}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+SITE="$(mktemp -d)"  # the carried wheels, installed beside the image's torch
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # kohya pins accelerate 1.6.0; keep the image's own if the pin does not import beside its torch
-python3 -c "import accelerate.commands.launch" 2>/dev/null || { echo "accelerate 1.6.0 does not import here: using the image's"; rm -rf /tmp/site/accelerate /tmp/site/accelerate-*; }
+python3 -c "import accelerate.commands.launch" 2>/dev/null || { echo "accelerate 1.6.0 does not import here: using the image's"; rm -rf "$SITE"/accelerate "$SITE"/accelerate-*; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 bench/train_throughput.py --out "$DEST/train-throughput-h100.json" --log "$DEST/train-throughput-h100-kohya.log" "$@"
 python3 bench/plot_train_throughput.py "$DEST/train-throughput-h100.json" --png "$DEST/train-throughput-h100.png"
