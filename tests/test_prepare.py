@@ -87,10 +87,10 @@ def test_the_demo_recipe_prepares_the_demo_data(tmp_path: Path) -> None:
     recipe = tmp_path / "demo" / "dataset.toml"
     recipe.parent.mkdir()
     shutil.copy(PROJECT_ROOT / "datasets" / "demo" / "dataset.toml", recipe)
-    demo.make_demo_dataset(recipe.parent / "data", size=64)
+    demo.make_demo_dataset(recipe.parent / "source", size=64, per_cell=4)  # as datasets/demo/README.md says
     record = prepare.prepare(recipe)
     assert record["balance"]["policy"] == "fst" and record["balance"]["within_tolerance"]
-    assert record["split"]["heldout_images"] > 0 and record["resolution"] == [512, 512]
+    assert record["split"]["heldout_images"] == 18 and record["resolution"] == [512, 512]  # one per cell
     report = dataset.scan(recipe.parent / record["train_data_dir"], resolution=(512, 512))
     assert not report.has_errors()
     assert {fst for fst, c in report.fst_counts.items() if c["images"]} == set(FST_TYPES)
