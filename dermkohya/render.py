@@ -23,6 +23,7 @@ import tomli_w
 
 from dermkohya import __version__, basemodel, dataset, kohya
 from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.files import write_atomic
 from dermkohya.paths import TEMPLATES_DIR
 from dermkohya.skin import FST_TYPES
 from dermkohya.spec import SMOKE_BASES, RunSpec, load_run
@@ -254,7 +255,7 @@ def render(
     for filename, text in texts.items():
         path = out_dir / filename
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+            write_atomic(path, text)
         files[filename] = path
     files["train_command.sh"].chmod(0o755)
     return RenderedRun(
