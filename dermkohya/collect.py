@@ -22,9 +22,9 @@ from typing import Any
 import jinja2
 
 from dermkohya import __version__, lora
+from dermkohya.templating import file_environment
 from dermkohya.files import private_temp, write_atomic
 from dermkohya.errors import DermkohyaError, ProblemsError
-from dermkohya.paths import TEMPLATES_DIR
 from dermkohya.skin import FST_GROUPS, FST_TYPES, UNKNOWN, fst_from_caption
 
 INTENDED_USE = (
@@ -548,15 +548,7 @@ def lora_fine_checklist(
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["yaml"] = lambda v: json.dumps(v, ensure_ascii=False)
-    return env
+    return file_environment(trim_blocks=True, yaml=lambda v: json.dumps(v, ensure_ascii=False))
 
 
 def _skin_table(counts: Any) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from dermkohya import __version__, metrics, skin
 from dermkohya.errors import DermkohyaError, ProblemsError
-from dermkohya.paths import TEMPLATES_DIR, cache_root
+from dermkohya.paths import cache_root
 
 METRICS = ("fid", "lpips", "clip", "memorisation")
 REPORT_TEMPLATE = "evaluation_report.md.j2"
@@ -535,14 +535,8 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    import jinja2
 
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["fmt"] = _fmt
+    from dermkohya.templating import file_environment
+
+    env = file_environment(trim_blocks=True, fmt=_fmt)
     return env.get_template(REPORT_TEMPLATE).render(report=report, smoke=str(report.get("base_model") or "").startswith("random:"))

@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dermkohya import __version__, metrics, skin
+from dermkohya.templating import text_template
 from dermkohya.schema import load_toml_model
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.files import write_atomic
@@ -171,7 +172,7 @@ class Plan(_Section):
         import jinja2
 
         try:
-            template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(self.prompt.template)
+            template = text_template(self.prompt.template)
             template.render(diagnosis="x", fst="I", **self.prompt.vars)
         except jinja2.TemplateError as exc:
             raise ValueError(f"[prompt] template: {exc} (variables: diagnosis, fst, and [prompt.vars])") from None
@@ -222,9 +223,8 @@ def quotas(plan: Plan) -> dict[tuple[str, str], int]:
 
 def allocate(plan: Plan) -> list[Item]:
     """Every image of the plan in index order: cells in plan order (diagnosis, then skin type)."""
-    import jinja2
 
-    template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(plan.prompt.template)
+    template = text_template(plan.prompt.template)
     width = max(6, len(str(plan.classes.count - 1)))
     items: list[Item] = []
     for (diagnosis, fst), quota in quotas(plan).items():

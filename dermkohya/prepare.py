@@ -39,6 +39,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from dermkohya import __version__, dataset
+from dermkohya.templating import text_template
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.importers import DISPLAY_NAMES, LABEL_CHOICES, Record, SourceOptions, load_records, slug
 from dermkohya.skin import FST_GROUPS, FST_TYPES, UNKNOWN
@@ -234,7 +235,7 @@ def _share_problems(shares: dict[str, float] | None) -> list[str]:
 
 
 def _template(text: str) -> jinja2.Template:
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False).from_string(text)
+    return text_template(text)
 
 
 def render_caption(template: jinja2.Template, diagnosis: str, fst: str, source: str, extra: str) -> str:

@@ -24,7 +24,7 @@ import tomli_w
 from dermkohya import __version__, basemodel, dataset, kohya
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.files import write_atomic
-from dermkohya.paths import TEMPLATES_DIR
+from dermkohya.templating import file_environment, text_template
 from dermkohya.skin import FST_TYPES
 from dermkohya.spec import SMOKE_BASES, RunSpec, load_run
 
@@ -68,14 +68,7 @@ def toml_value(value: Any) -> str:
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["toml"] = toml_value
-    return env
+    return file_environment(toml=toml_value)
 
 
 def project_path(path: Path, root: Path) -> str:
@@ -124,7 +117,7 @@ def _sample_prompts(spec: RunSpec, counts: dict[str, Any]) -> list[dict[str, Any
         diagnoses = sample.diagnoses or sorted(counts)
         if not diagnoses:
             return []
-        template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(sample.template)
+        template = text_template(sample.template)
         try:
             texts = [template.render(diagnosis=d, fst=f) for d in diagnoses for f in sample.skin_types]
         except jinja2.UndefinedError as exc:
