@@ -174,3 +174,23 @@ def test_unknown_passthrough_key_is_refused_with_a_suggestion(tmp_path: Path) ->
     with pytest.raises(ProblemsError) as caught:
         render.render(Path("runs/demo.toml"), project_root=root, check_keys=True)
     assert "did you mean `noise_offset_random_strength`" in caught.value.problems[0]
+
+
+def test_a_prepared_dataset_renders_its_subsets_counts_and_template(tmp_path: Path) -> None:
+    from dermkohya import demo, prepare
+
+    root = tmp_path / "project"
+    recipe = root / "datasets" / "demo" / "dataset.toml"
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text((PROJECT_ROOT / "datasets" / "demo" / "dataset.toml").read_text())
+    demo.make_demo_dataset(recipe.parent / "source", size=64, per_cell=4)
+    record = prepare.prepare(recipe)
+    (root / "runs").mkdir()
+    (root / "runs" / "prep.toml").write_text(DEMO_RUN.replace('train_data_dir = "data"', 'prepared = "datasets/demo"'))
+    rendered = render.render(Path("runs/prep.toml"), project_root=root, check_keys=False)
+    subsets = tomllib.loads(rendered.files["dataset.toml"].read_text())["datasets"][0]["subsets"]
+    assert len(subsets) == len(record["subsets"]) == 18
+    assert all(s["image_dir"].startswith("datasets/demo/prepared/train/") for s in subsets)
+    assert rendered.manifest["dataset"]["content_hash"] == record["content_hash"]
+    assert rendered.manifest["dataset"]["caption_template"] == record["caption_template"]
+    assert rendered.manifest["dataset"]["counts"] == record["counts_after"]
