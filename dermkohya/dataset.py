@@ -779,6 +779,19 @@ def _read_metadata(root: Path, all_images: Iterable[Path], problems: list[Proble
     return rows
 
 
+def metadata_counts(root: Path) -> dict[str, dict[str, int]]:
+    """Images per diagnosis × skin type from the root's metadata.csv ({} without one): for manifests and
+    the sample-prompt grid. Rows naming no image of a subset are left out (`scan` reports them)."""
+    images = [image for subset in find_subsets(Path(root)) for image in subset.images]
+    counts: dict[str, dict[str, int]] = {}
+    for record in _read_metadata(Path(root), images, []).values():
+        if "diagnosis" in record:
+            cell = counts.setdefault(record["diagnosis"], {})
+            fst = record.get("fitzpatrick", UNKNOWN)
+            cell[fst] = cell.get(fst, 0) + 1
+    return counts
+
+
 def _check_caption(path: Path, data: bytes, counter: ClipTokenCounter,
                    problems: list[Problem]) -> tuple[str | None, int | None]:
     """The caption kohya will use (its first line) and its token count, reporting what is wrong."""

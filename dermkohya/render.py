@@ -164,7 +164,7 @@ def render(
             f"{run_file}: [train] cache_latents_to_disk writes .npz files into {data_dir}, your source images: "
             "use a prepared dataset ([dataset] prepared = ...) or set cache_latents_to_disk = false"
         )
-    counts = info.get("counts_after") or _sidecar_counts(data_dir)
+    counts = info.get("counts_after") or dataset.metadata_counts(data_dir)
 
     if spec.model.base in SMOKE_BASES:
         base_path, tokenizer_dir = smoke_model_paths(spec.model.family, root)
@@ -266,24 +266,6 @@ def render(
         base_path=base_path,
         warnings=warnings,
     )
-
-
-def _sidecar_counts(data_dir: Path) -> dict[str, dict[str, int]]:
-    """Counts per diagnosis × skin type from a metadata.csv beside the kohya folders, if there is one."""
-    import csv
-
-    sidecar = data_dir / "metadata.csv"
-    if not sidecar.is_file():
-        return {}
-    counts: dict[str, dict[str, int]] = {}
-    with sidecar.open(newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            diagnosis = row.get("diagnosis")
-            fst = row.get("fitzpatrick") or row.get("fst") or "unknown"
-            if diagnosis:
-                cell = counts.setdefault(diagnosis, {})
-                cell[fst] = cell.get(fst, 0) + 1
-    return counts
 
 
 def _flatten_keys(config: dict[str, Any]) -> set[str]:
