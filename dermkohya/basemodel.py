@@ -27,6 +27,7 @@ from typing import Any
 
 from dermkohya.errors import DermkohyaError
 from dermkohya.paths import cache_root
+from dermkohya.files import sha256_file as _hash_file
 
 SMOKE_MARKER = "SMOKE_MODEL_RANDOM_WEIGHTS.txt"
 SMOKE_INFO = "dermkohya_smoke.json"
@@ -52,7 +53,6 @@ CKPT_WARNING = (
     "it holds; prefer a .safetensors copy of the same model"
 )
 
-_HASH_CHUNK = 8 * 1024 * 1024
 _HASH_CACHE_FILE = "sha256-cache.json"
 
 # --- the real architectures' configs (from the public model repos), so no hub access is needed -----------
@@ -419,14 +419,6 @@ def _smoke_info(folder: Path) -> dict[str, Any] | None:
 
 
 # --- hashing -----------------------------------------------------------------------------------------------
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _HashCache:

@@ -38,6 +38,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from dermkohya.files import sha256_file
 from dermkohya.errors import DermkohyaError
 from dermkohya.skin import FST_GROUPS, FST_TYPES, UNKNOWN, fst_from_caption, parse_fst
 
@@ -346,9 +347,7 @@ def find_subsets(root: Path, *, caption_extension: str = ".txt") -> list[Subset]
 # Content hash: what later stages record as the dataset's identity
 
 
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+_file_sha256 = sha256_file
 
 
 def _dataset_digest(entries: Iterable[tuple[str, str]]) -> str:

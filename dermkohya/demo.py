@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dermkohya.files import write_atomic
+from dermkohya.files import sha256_file, write_atomic
 from dermkohya.errors import DermkohyaError
 from dermkohya.skin import FST_TYPES
 
@@ -110,8 +110,7 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 def _sha256(path: Path) -> str | None:
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 

@@ -41,3 +41,11 @@ _UMASK = _read_umask()  # read once: os.umask is process-wide, so reading it per
 
 def _umask() -> int:
     return _UMASK
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks (a 4 GB checkpoint never sits in memory)."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from dermkohya.files import sha256_file
 from dermkohya.errors import DermkohyaError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -123,13 +124,7 @@ def read_header(path: Path) -> SafetensorsFile:
     return SafetensorsFile(path, header_size, dict(metadata), tensors, size)
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of the whole file (what the `.sha256` sidecar records)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+file_sha256 = sha256_file  # the whole file: what the `.sha256` sidecar records
 
 
 def _as_float_array(entry: TensorEntry, raw: bytes) -> np.ndarray | None:
