@@ -68,6 +68,24 @@ def prepare_launch(
     spec, name = rendered.spec, rendered.name
     warnings = list(rendered.warnings)
 
+    output_dir = rendered.output_dir
+    final = output_dir / f"{name}.safetensors"
+    script_args = list(rendered.script_args)
+    if resume:
+        states = saved_states(output_dir, name)
+        if not states:
+            raise DermkohyaError(f"--resume: no saved kohya state in {output_dir} (states are saved when [train] save_state = true)")
+        script_args += ["--resume", render.project_path(states[-1], root)]
+    elif final.exists() and not new:
+        raise DermkohyaError(
+            f"{output_dir} holds a finished run ({final.name}): `dermkohya collect {run_file}` it, "
+            "pass --new to keep it as output/<run>.N and start afresh, or --resume"
+        )
+    elif output_dir.exists() and any(output_dir.glob("*.safetensors")) and not new:
+        raise DermkohyaError(
+            f"{output_dir} holds an unfinished run: pass --resume to continue it or --new to keep it aside and start afresh"
+        )
+
     sd_scripts = kohya.find_sd_scripts()
     python = kohya.find_python()
     base = rendered.manifest["base_model"]
@@ -104,24 +122,7 @@ def prepare_launch(
             "you have a different checkpoint; fix [model] sha256 or the file"
         )
 
-    output_dir = rendered.output_dir
-    final = output_dir / f"{name}.safetensors"
-    script_args = list(rendered.script_args)
-    if resume:
-        states = saved_states(output_dir, name)
-        if not states:
-            raise DermkohyaError(f"--resume: no saved kohya state in {output_dir} (states are saved when [train] save_state = true)")
-        script_args += ["--resume", render.project_path(states[-1], root)]
-    elif final.exists() and not new:
-        raise DermkohyaError(
-            f"{output_dir} holds a finished run ({final.name}): `dermkohya collect {run_file}` it, "
-            "pass --new to keep it as output/<run>.N and start afresh, or --resume"
-        )
-    elif output_dir.exists() and any(output_dir.glob("*.safetensors")) and not new:
-        raise DermkohyaError(
-            f"{output_dir} holds an unfinished run: pass --resume to continue it or --new to keep it aside and start afresh"
-        )
-    elif new and output_dir.exists():
+    if new and not resume and output_dir.exists():
         warnings.append(f"previous outputs kept in {_set_aside(output_dir)}")
 
     argv = [str(python), *rendered.launch_args, str(sd_scripts / spec.script), *script_args]
