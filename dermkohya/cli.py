@@ -109,7 +109,7 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
             from dermkohya import collect
         except ImportError:
             return
-        artifact = collect.collect(run_file)
+        artifact = collect.collect(run_file, new_version=new)  # a fresh run (--new) is a new result: a new version, never a replacement
         console.print(f"[green]collected[/] {artifact}")
 
 
