@@ -2,8 +2,10 @@
 
 Runs `train.prepare_launch` (everything `dermkohya train` does before it launches kohya) on a copy
 of the demo project, first with cold caches (kohya's option list, the base-model hash) and then warm,
-and writes bench/results/overhead.json. Target (issue #4): under 2 s warm. Needs sd-scripts and
-kohya's Python (make setup); the smoke model is reused from models/ when `make train` built it.
+and writes bench/results/overhead.json. On the cold run the two slow checks are handed to the launch
+to run beside kohya's start-up; they are timed here on their own (`cold_overlapped_checks_s`), which
+is what they would add if run first. Target (issue #4): under 2 s warm. Needs sd-scripts and kohya's
+Python (make setup); the smoke model is reused from models/ when `make train` built it.
 """
 
 from __future__ import annotations
@@ -42,19 +44,30 @@ def main() -> None:
         basemodel.ensure_smoke_model("sd15", cache_root=project / render.SMOKE_MODELS_DIR)
         smoke_build_s = time.perf_counter() - started
 
-        timings = []
+        timings, overlapped = [], []
         for _ in range(1 + args.repeats):
             started = time.perf_counter()
-            train.prepare_launch(Path("runs/demo.toml"), project_root=project)
+            prepared = train.prepare_launch(Path("runs/demo.toml"), project_root=project)
             timings.append(round(time.perf_counter() - started, 3))
+            started = time.perf_counter()
+            prepared.run_overlapped()  # in `dermkohya train` these run while kohya starts
+            overlapped.append({"checks": sorted(prepared.overlapped), "s": round(time.perf_counter() - started, 3)})
 
     result = {
-        "benchmark": "dermkohya train before kohya starts (render with key check, dataset scan, base hash, env checks)",
+        "benchmark": "dermkohya train before kohya starts (render, dataset scan, env checks; key check and base hash "
+                     "when their answers are cached, else beside kohya's start-up)",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "dataset": "runs/demo.toml on demo-data --per-cell 1 (18 images, 512 px)",
         "smoke_model_build_or_reuse_s": round(smoke_build_s, 2),
         "cold_s": timings[0],
+        "cold_overlapped_checks": overlapped[0]["checks"],
+        "cold_overlapped_checks_s": overlapped[0]["s"],
+        "cold_if_checked_first_s": round(timings[0] + overlapped[0]["s"], 3),
         "warm_s": timings[1:],
+        "warm_overlapped_checks": sorted({c for o in overlapped[1:] for c in o["checks"]}),
+        "note": "in-process seconds (the interpreter's own start-up, ~1 s, not included). Cold = empty dermkohya "
+                "cache: hashing the 2 GB smoke model and reading kohya's option list (importing train_network.py "
+                "in kohya's environment) run beside kohya's own start-up; both answers are then cached.",
         "target_warm_s": 2.0,
         "meets_target": max(timings[1:]) < 2.0,
     }

@@ -57,7 +57,7 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     lines.append(f"**dermkohya's default vs the card typed by hand: {_fmt(speedup)}× it/s**, "
                  f"MFU of the default {_fmt(report.get('mfu_default_pct'), 1)} %. End to end, start-up included, this "
                  f"{default.get('steps', '?')}-step run took {_fmt(default.get('wall_s'), 0)} s vs {_fmt(raw.get('wall_s'), 0)} s "
-                 f"(first-run checks {_fmt(default.get('dermkohya_overhead_s'), 0)} s and the one-time graph capture "
+                 f"(dermkohya's own {_fmt(default.get('dermkohya_overhead_s'), 1)} s and the one-time graph capture "
                  "included); the per-step gain dominates from a few hundred steps on.")
     eq = report.get("loss_equivalence") or {}
     if eq.get("steps_compared"):
@@ -69,8 +69,15 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     if overhead:
         later = overhead.get("later_runs_s") or []
         three = overhead["three_epoch_run_1000_images_s"]
-        lines.append(f"dermkohya's own work before kohya starts: {_fmt(overhead.get('first_run_s'), 1)} s on a fresh machine "
-                     f"({_fmt(100 * overhead['first_run_s'] / three, 1)} % of a 3-epoch run on 1,000 images, ≈{three:.0f} s), "
+        timing = overhead.get("first_run_timing") or {}
+        beside = ""
+        if timing.get("checks_finished_after_launch_s") is not None:
+            beside = (f" — the first run's base-model hash and option-list check ran beside kohya's start-up and were done "
+                      f"{_fmt(timing['checks_finished_after_launch_s'], 1)} s after the launch, kohya's first step came at "
+                      f"{_fmt(timing.get('kohya_first_step_after_launch_s'), 1)} s, so they held it back "
+                      f"{_fmt(timing.get('kohya_held_back_s'), 2)} s")
+        lines.append(f"dermkohya's own time in the run: {_fmt(overhead.get('first_run_s'), 2)} s on a fresh machine "
+                     f"({_fmt(100 * overhead['first_run_s'] / three, 2)} % of a 3-epoch run on 1,000 images, ≈{three:.0f} s){beside}; "
                      + (f"{_fmt(max(later), 2)} s once its caches are filled ({100 * max(later) / three:.2f} %)." if later else "."))
     multi = report.get("multi_gpu") or {}
     if multi.get("measured"):

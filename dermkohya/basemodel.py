@@ -432,12 +432,19 @@ class _HashCache:
             self.entries = {}
         self.dirty = False
 
-    def sha256(self, path: Path) -> str:
-        key = str(path.resolve())
+    def known(self, path: Path) -> str | None:
+        """The cached digest while the file's size and mtime are unchanged, else None (nothing is read)."""
         stat = path.stat()
-        entry = self.entries.get(key)
+        entry = self.entries.get(str(path.resolve()))
         if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
             return entry["sha256"]
+        return None
+
+    def sha256(self, path: Path) -> str:
+        if (digest := self.known(path)) is not None:
+            return digest
+        key = str(path.resolve())
+        stat = path.stat()
         digest = _hash_file(path)
         self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
         self.dirty = True
@@ -456,6 +463,18 @@ class _HashCache:
             pass  # a read-only cache only costs time
 
 
+def _path_digest(path: Path, file_digest: Callable[[Path], str | None]) -> str | None:
+    """A file's digest, or a folder's: each file's relative path and digest, in sorted order."""
+    if path.is_file():
+        return file_digest(path)
+    digest = hashlib.sha256()
+    for file in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
+        if (known := file_digest(file)) is None:
+            return None
+        digest.update(f"{file.relative_to(path).as_posix()}\0{known}\n".encode())
+    return digest.hexdigest()
+
+
 def sha256_path(path: Path, *, cache_root: Path | None = None) -> str:
     """SHA-256 of a file, or of a folder (each file's relative path and hash, in sorted order), so a
     diffusers folder has one identity. File hashes are cached: a 4 GB checkpoint is read once."""
@@ -464,14 +483,19 @@ def sha256_path(path: Path, *, cache_root: Path | None = None) -> str:
         raise DermkohyaError(f"{path}: not found; cannot hash a base model that is not there")
     cache = _HashCache(Path(cache_root) if cache_root is not None else default_cache_root())
     try:
-        if path.is_file():
-            return cache.sha256(path)
-        digest = hashlib.sha256()
-        for file in sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.relative_to(path).as_posix()):
-            digest.update(f"{file.relative_to(path).as_posix()}\0{cache.sha256(file)}\n".encode())
-        return digest.hexdigest()
+        digest = _path_digest(path, cache.sha256)
+        assert digest is not None
+        return digest
     finally:
         cache.save()
+
+
+def cached_sha256(path: Path, *, cache_root: Path | None = None) -> str | None:
+    """`sha256_path`'s answer when every file of `path` is in the hash cache (a stat per file), else None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    return _path_digest(path, _HashCache(Path(cache_root) if cache_root is not None else default_cache_root()).known)
 
 
 # --- identification ---------------------------------------------------------------------------------------

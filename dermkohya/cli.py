@@ -103,7 +103,10 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
         else:
             err_console.print("no kohya state was saved (states are saved at epoch ends when [train] save_state = true)")
         sys.exit(result.returncode)
-    console.print(f"[green]trained[/] {result.lora} in {result.kohya_seconds:.0f} s (dermkohya's own time before kohya: {result.overhead_seconds:.2f} s)")
+    beside = (f"; checked {' and '.join(result.overlapped_checks)} while kohya started"
+              if result.overlapped_checks else "")
+    console.print(f"[green]trained[/] {result.lora} in {result.kohya_seconds:.0f} s "
+                  f"(dermkohya's own time: {result.overhead_seconds:.2f} s{beside})")
     if not no_collect:
         try:
             from dermkohya import collect

@@ -13,10 +13,12 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dermkohya.files import write_atomic
 from dermkohya.errors import DermkohyaError
@@ -82,8 +84,12 @@ def verify_commit(folder: Path, *, strict: bool = False) -> str | None:
     return message
 
 
+def _cache_file(name: str, key: str) -> Path:
+    return cache_root() / name / f"{key}.json"
+
+
 def _cached(name: str, key: str, compute: Callable[[], object]) -> object:
-    path = cache_root() / name / f"{key}.json"
+    path = _cache_file(name, key)
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
@@ -109,12 +115,30 @@ def verify_python(python: Path) -> None:
         )
 
 
-def argument_names(script: str) -> set[str]:
-    """Every option `script`'s own argparse parser knows (cached by the script and train_util contents)."""
+def _arguments_key(script: str) -> str:
     folder = find_sd_scripts()
-    python = find_python()
     sources = [folder / script, folder / "library" / "train_util.py", folder / "train_network.py"]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.is_file())).hexdigest()[:24]
+    return f"{Path(script).stem}-{digest}"
+
+
+def cached_argument_names(script: str) -> set[str] | None:
+    """The option list when an earlier call already asked kohya's parser (no subprocess), else None."""
+    path = _cache_file("kohya-args", _arguments_key(script))
+    try:
+        return set(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def argument_names(script: str) -> set[str]:
+    """Every option `script`'s own argparse parser knows (cached by the script and train_util contents).
+
+    The first call imports the script in kohya's environment (torch, diffusers: ~15 s cold); later calls
+    read the cache.
+    """
+    folder = find_sd_scripts()
+    python = find_python()
 
     def compute() -> list[str]:
         code = (
@@ -129,7 +153,7 @@ def argument_names(script: str) -> set[str]:
             raise DermkohyaError(f"could not read {script}'s options with {python}: {out.stderr.strip()[-400:]}")
         return json.loads(lines[-1].removeprefix("DERMKOHYA-ARGS "))
 
-    return set(_cached("kohya-args", f"{Path(script).stem}-{digest}", compute))  # type: ignore[arg-type]
+    return set(_cached("kohya-args", _arguments_key(script), compute))  # type: ignore[arg-type]
 
 
 def kohya_env(*, online: bool = False) -> dict[str, str]:
@@ -186,6 +210,9 @@ class LaunchResult:
     interrupted: bool
     tail: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stopped_by: BaseException | None = None  # what the guard raised; kohya was stopped for it
+    guard_seconds: float | None = None  # when the guard finished, in seconds after kohya started
+    first_step_seconds: float | None = None  # when kohya's first progress line arrived (its training loop began)
 
 
 def launch(
@@ -196,11 +223,16 @@ def launch(
     env: dict[str, str],
     on_line: Callable[[str], None] | None = None,
     tail_lines: int = 40,
+    guard: Callable[[], None] | None = None,
 ) -> LaunchResult:
     """Run kohya in its own process group, teeing every byte to log_path and every line to on_line.
 
     Ctrl-C is forwarded to kohya's whole process group as SIGINT (accelerate passes it on), then
     SIGTERM, then SIGKILL, so no orphaned worker keeps the GPU.
+
+    `guard` runs in a thread while kohya starts (checks that take seconds, overlapped with kohya's own
+    imports and model loading); if it raises, kohya's group is stopped at once (SIGTERM, then SIGKILL)
+    and the exception is returned as `stopped_by`.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
@@ -212,6 +244,20 @@ def launch(
         process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         assert process.stdout is not None
+        guarded: dict[str, Any] = {}
+        watcher = None
+        if guard is not None:
+            def watch() -> None:
+                try:
+                    guard()
+                except BaseException as exc:  # noqa: BLE001 - handed back to the caller, who raises it
+                    guarded["error"] = exc
+                    _stop_group(process, signals=((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
+                guarded["seconds"] = time.monotonic() - start
+
+            watcher = threading.Thread(target=watch, name="dermkohya-checks", daemon=True)
+            watcher.start()
+        first_step = None
         buffer = b""
         try:
             while True:
@@ -226,6 +272,8 @@ def launch(
                     line = raw.decode("utf-8", "replace").rstrip()
                     if line:
                         tail.append(line)
+                        if first_step is None and parse_progress(line):
+                            first_step = time.monotonic() - start
                         if on_line:
                             on_line(line)
         except KeyboardInterrupt:
@@ -234,11 +282,19 @@ def launch(
         if buffer.strip():
             tail.append(buffer.decode("utf-8", "replace").rstrip())
         returncode = process.wait()
-    return LaunchResult(returncode=returncode, interrupted=interrupted, tail=list(tail), seconds=time.monotonic() - start)
+    seconds = time.monotonic() - start
+    if watcher is not None and not interrupted:
+        watcher.join()  # kohya finished before the checks did: their verdict still counts
+    return LaunchResult(returncode=returncode, interrupted=interrupted, tail=list(tail), seconds=seconds,
+                        stopped_by=guarded.get("error"), guard_seconds=guarded.get("seconds"),
+                        first_step_seconds=first_step)
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
-    for sig, grace in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+_INTERRUPT = ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5))
+
+
+def _stop_group(process: subprocess.Popen[bytes], signals: tuple[tuple[int, float], ...] = _INTERRUPT) -> None:
+    for sig, grace in signals:
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:

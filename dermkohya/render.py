@@ -56,6 +56,7 @@ class RenderedRun:
     dataset_dir: Path
     base_path: Path
     warnings: list[str] = field(default_factory=list)
+    config_keys: frozenset[str] = frozenset()  # every key of config.toml, for the check against kohya's parser
 
     def argv(self, python: Path, sd_scripts: Path) -> list[str]:
         """The exact argv `dermkohya train` runs (and train_command.sh spells out)."""
@@ -222,7 +223,7 @@ def render(
             "set it in the run file's own section instead"
         )
     if check_keys:
-        _check_against_kohya(spec.script, config_keys, run_file, warnings)
+        warnings += check_keys_against_kohya(spec.script, config_keys, run_file)
 
     script_args = ["--config_file", f"{out_rel}/config.toml", "--dataset_config", f"{out_rel}/dataset.toml"]
     launch_args = _launch_args(spec)
@@ -265,6 +266,7 @@ def render(
         dataset_dir=data_dir,
         base_path=base_path,
         warnings=warnings,
+        config_keys=frozenset(config_keys),
     )
 
 
@@ -274,13 +276,17 @@ def _flatten_keys(config: dict[str, Any]) -> set[str]:
     }
 
 
-def _check_against_kohya(script: str, keys: set[str], run_file: Path, warnings: list[str]) -> None:
-    """kohya's --config_file accepts unknown keys silently; we refuse them, using kohya's own parser."""
-    try:
-        known = kohya.argument_names(script)
-    except DermkohyaError as exc:
-        warnings.append(f"rendered keys not checked against sd-scripts: {str(exc).splitlines()[0]}")
-        return
+def check_keys_against_kohya(script: str, keys: set[str] | frozenset[str], run_file: Path,
+                             known: set[str] | None = None) -> list[str]:
+    """kohya's --config_file accepts unknown keys silently; we refuse them, using kohya's own parser.
+
+    Returns warnings (the check could not run); raises ProblemsError naming each unknown key.
+    """
+    if known is None:
+        try:
+            known = kohya.argument_names(script)
+        except DermkohyaError as exc:
+            return [f"rendered keys not checked against sd-scripts: {str(exc).splitlines()[0]}"]
     unknown = sorted(keys - known)
     if unknown:
         import difflib
@@ -291,6 +297,7 @@ def _check_against_kohya(script: str, keys: set[str], run_file: Path, warnings: 
             hint = f" — did you mean `{near[0]}`?" if near else ""
             problems.append(f"`{key}` is not an option of sd-scripts' {script}{hint} (fix it in [kohya] or the section that sets it)")
         raise ProblemsError(str(run_file), problems)
+    return []
 
 
 def _manifest(

@@ -10,7 +10,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,8 +33,10 @@ class TrainResult:
     hint: str | None = None
     tail: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    overhead_seconds: float = 0.0
+    overhead_seconds: float = 0.0  # dermkohya's time before the launch + any time its overlapped checks held kohya back
     kohya_seconds: float = 0.0
+    overlapped_checks: list[str] = field(default_factory=list)
+    checks_seconds: float | None = None  # when the overlapped checks finished, in seconds after the launch
 
 
 def saved_states(output_dir: Path, name: str) -> list[Path]:
@@ -54,6 +56,36 @@ def _set_aside(output_dir: Path) -> Path:
     return target
 
 
+@dataclass
+class PreparedLaunch:
+    """What `train` launches, and the checks it runs while kohya starts.
+
+    The two checks that can take seconds on a first run (hashing the base model; asking kohya's parser
+    for its option list, which imports the training script in kohya's environment) run beside kohya's
+    own start-up (imports, model loading, latent caching), which takes longer; a failure stops kohya's
+    process group before its training loop starts. Answers already cached are checked before the
+    launch, so later runs have nothing left to overlap.
+    """
+
+    rendered: render.RenderedRun
+    argv: list[str]
+    manifest: dict[str, Any]
+    warnings: list[str]
+    overlapped: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
+
+    def run_overlapped(self) -> None:
+        """Run the overlapped checks side by side; the first failure is raised as soon as it happens."""
+        if not self.overlapped:
+            return
+        pool = ThreadPoolExecutor(max_workers=len(self.overlapped), thread_name_prefix="dermkohya-check")
+        try:
+            futures = [pool.submit(check) for check in self.overlapped.values()]
+            for future in as_completed(futures):
+                self.warnings.extend(future.result())
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)  # a failure is reported without waiting for the rest
+
+
 def prepare_launch(
     run_file: Path,
     *,
@@ -61,10 +93,11 @@ def prepare_launch(
     resume: bool = False,
     new: bool = False,
     strict: bool = False,
-) -> tuple[render.RenderedRun, list[str], dict[str, Any], list[str]]:
-    """Everything before kohya starts: returns (rendered run, argv, output manifest, warnings)."""
+    overlap: bool = True,
+) -> PreparedLaunch:
+    """Everything before kohya starts. With overlap=False the slow checks run here too, before returning."""
     root = (project_root or Path.cwd()).resolve()
-    rendered = render.render(run_file, project_root=root)
+    rendered = render.render(run_file, project_root=root, check_keys=False)
     spec, name = rendered.spec, rendered.name
     warnings = list(rendered.warnings)
 
@@ -98,15 +131,14 @@ def prepare_launch(
             f"[model] base {spec.model.base!r} not found at {rendered.base_path}: put the checkpoint there or fix the path in {run_file}"
         )
 
-    # Independent checks, run side by side: the dataset scan and the base hash read files, the
-    # interpreter and commit checks wait on subprocesses. A cold 4 GB hash then costs its own time only.
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    # Independent checks, run side by side: the dataset scan reads image headers, the interpreter and
+    # commit checks wait on subprocesses.
+    with ThreadPoolExecutor(max_workers=3) as pool:
         scanning = pool.submit(dataset.scan, rendered.dataset_dir, caption_extension=spec.dataset.caption_extension,
                                resolution=(spec.resolution, spec.resolution))
-        hashing = pool.submit(basemodel.sha256_path, rendered.base_path)
         python_ok = pool.submit(kohya.verify_python, python)
         commit = pool.submit(kohya.verify_commit, sd_scripts, strict=strict)
-        report, sha256 = scanning.result(), hashing.result()
+        report = scanning.result()
         python_ok.result()
         commit_warning = commit.result()
     if report.has_errors(strict):
@@ -116,22 +148,44 @@ def prepare_launch(
         )
     if commit_warning:
         warnings.append(commit_warning)
-    if spec.model.sha256 and spec.model.sha256 != sha256:
-        raise DermkohyaError(
-            f"[model] base {rendered.base_path} has sha256 {sha256}, but the run file expects {spec.model.sha256}: "
-            "you have a different checkpoint; fix [model] sha256 or the file"
-        )
-
-    if new and not resume and output_dir.exists():
-        warnings.append(f"previous outputs kept in {_set_aside(output_dir)}")
 
     argv = [str(python), *rendered.launch_args, str(sd_scripts / spec.script), *script_args]
     manifest = dict(rendered.manifest)
-    manifest["base_model"] = base | {"sha256": sha256, "verified": spec.model.sha256 is not None and spec.model.sha256 == sha256}
+    manifest["base_model"] = base | {"sha256": None, "verified": False}
     manifest["sd_scripts"] = {"path": str(sd_scripts), "commit": kohya.sd_scripts_commit(sd_scripts), "pinned_commit": kohya.PINNED_COMMIT}
     manifest["command"] = argv
     manifest["resumed_from"] = script_args[-1] if resume else None
-    return rendered, argv, manifest, warnings
+
+    def check_base() -> list[str]:
+        sha256 = basemodel.sha256_path(rendered.base_path)
+        manifest["base_model"] = manifest["base_model"] | {"sha256": sha256, "verified": spec.model.sha256 == sha256}
+        if spec.model.sha256 and spec.model.sha256 != sha256:
+            raise DermkohyaError(
+                f"[model] base {rendered.base_path} has sha256 {sha256}, but the run file expects {spec.model.sha256}: "
+                "you have a different checkpoint; fix [model] sha256 or the file"
+            )
+        return []
+
+    def check_keys() -> list[str]:
+        return render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file)
+
+    prepared = PreparedLaunch(rendered, argv, manifest, warnings)
+    known = kohya.cached_argument_names(spec.script)
+    if known is not None:
+        warnings += render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, known)
+    else:
+        prepared.overlapped["rendered keys against kohya's parser"] = check_keys
+    if basemodel.cached_sha256(rendered.base_path) is not None:
+        check_base()  # a stat and a dictionary lookup
+    else:
+        prepared.overlapped["base model sha256"] = check_base
+    if not overlap:
+        prepared.run_overlapped()
+        prepared.overlapped.clear()
+
+    if new and not resume and output_dir.exists():
+        warnings.append(f"previous outputs kept in {_set_aside(output_dir)}")
+    return prepared
 
 
 def train(
@@ -144,20 +198,31 @@ def train(
     online: bool = False,
     on_line: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    """Launch kohya for a run file and report what happened; never raises for a kohya failure."""
+    """Launch kohya for a run file and report what happened; never raises for a kohya failure.
+
+    A failed check that ran beside kohya's start-up stops kohya and is raised (its log stays).
+    """
     started = time.monotonic()
     root = (project_root or Path.cwd()).resolve()
-    rendered, argv, manifest, warnings = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict)
+    prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict)
+    rendered, manifest = prepared.rendered, prepared.manifest
     output_dir = rendered.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = output_dir / "manifest.json"
     log_path = output_dir / "train.log"
     manifest["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    manifest["checked_while_kohya_starts"] = sorted(prepared.overlapped)
     _write_json(manifest_path, manifest)
-    overhead = time.monotonic() - started
+    before_launch = time.monotonic() - started
 
-    result = kohya.launch(argv, cwd=root, log_path=log_path, env=kohya.kohya_env(online=online), on_line=on_line)
+    result = kohya.launch(prepared.argv, cwd=root, log_path=log_path, env=kohya.kohya_env(online=online), on_line=on_line,
+                          guard=prepared.run_overlapped if prepared.overlapped else None)
 
+    # The overlapped checks cost kohya time only where they outlasted its start-up (its first step).
+    held_back = 0.0
+    if result.guard_seconds is not None:
+        started_training = result.first_step_seconds if result.first_step_seconds is not None else result.seconds
+        held_back = max(0.0, result.guard_seconds - started_training)
     final = output_dir / f"{rendered.name}.safetensors"
     returncode = result.returncode
     hint = kohya.hint_for(result.tail)
@@ -166,15 +231,27 @@ def train(
         hint = hint or f"kohya exited 0 but wrote no {final.name}: read {log_path}"
     if result.interrupted and returncode == 0:
         returncode = 130
+    if result.stopped_by is not None and returncode == 0:
+        returncode = 1
     manifest |= {
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "exit_code": returncode,
         "interrupted": result.interrupted,
         "kohya_seconds": round(result.seconds, 1),
+        "timing": {
+            "dermkohya_before_launch_s": round(before_launch, 3),
+            "checks_finished_after_launch_s": None if result.guard_seconds is None else round(result.guard_seconds, 2),
+            "kohya_first_step_after_launch_s": None if result.first_step_seconds is None else round(result.first_step_seconds, 2),
+            "kohya_held_back_s": round(held_back, 3),
+        },
         "outputs": sorted(p.name for p in output_dir.glob("*.safetensors")),
         "loss_last": _last_loss(result.tail),
     }
+    if result.stopped_by is not None:
+        manifest["stopped_by_check"] = str(result.stopped_by)
     _write_json(manifest_path, manifest)
+    if result.stopped_by is not None:
+        raise result.stopped_by
     return TrainResult(
         name=rendered.name,
         lora=final if returncode == 0 else None,
@@ -185,9 +262,11 @@ def train(
         saved_states=saved_states(output_dir, rendered.name),
         hint=hint,
         tail=result.tail,
-        warnings=warnings,
-        overhead_seconds=overhead,
+        warnings=prepared.warnings,
+        overhead_seconds=before_launch + held_back,
         kohya_seconds=result.seconds,
+        overlapped_checks=sorted(prepared.overlapped),
+        checks_seconds=result.guard_seconds,
     )
 
 
