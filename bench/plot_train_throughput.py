@@ -136,13 +136,27 @@ def update_readme(readme: Path, block: str) -> None:
     readme.write_text(text, encoding="utf-8")
 
 
+def multi_gpu_from(path: Path) -> dict[str, Any]:
+    """The README's multi-GPU line from the separate call's own JSON (its `scaling` block), not from memory."""
+    other = json.loads(path.read_text(encoding="utf-8"))
+    scaling = other.get("scaling")
+    if not scaling:
+        return {"measured": False, "reason": f"{path.name} has no scaling result"}
+    machine = other.get("machine", {})
+    return {"measured": True, "machine": f"{machine.get('gpu_count', '?')}× {machine.get('gpu', '?')}, a separate call",
+            "file": f"bench/results/{path.name}", **scaling}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--readme", type=Path)
+    parser.add_argument("--multi-gpu", type=Path, help="a JSON of the same harness on several GPUs (its `scaling`)")
     args = parser.parse_args()
     report = json.loads(args.json.read_text(encoding="utf-8"))
+    if args.multi_gpu and not (report.get("multi_gpu") or {}).get("measured"):
+        report["multi_gpu"] = multi_gpu_from(args.multi_gpu)
     if args.png:
         plot(report, args.png)
     block = markdown(report, png_name=None)

@@ -59,14 +59,19 @@ def find_python() -> Path:
 
 
 def sd_scripts_commit(folder: Path) -> str | None:
-    """The checkout's commit, or None when it is not a git checkout (kohya then records none either)."""
+    """The checkout's commit, or None when it is not a git checkout (kohya then records none either).
+
+    A plain copy of sd-scripts inside another repository is not a checkout: git would answer with the
+    enclosing repository's commit, so the answer counts only when `folder` is the work tree's top.
+    """
     try:
         out = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+            ["git", "-C", str(folder), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, check=True
         )
-    except (OSError, subprocess.CalledProcessError):
+        toplevel, commit = out.stdout.split()
+    except (OSError, subprocess.CalledProcessError, ValueError):
         return None
-    return out.stdout.strip() or None
+    return commit if Path(toplevel).resolve() == Path(folder).resolve() else None
 
 
 def verify_commit(folder: Path, *, strict: bool = False) -> str | None:

@@ -123,6 +123,11 @@ def test_another_commit_warns_and_strict_refuses(tmp_path: Path) -> None:
     with pytest.raises(DermkohyaError, match="--strict"):
         kohya.verify_commit(repo, strict=True)
     assert "not a git checkout" in (kohya.verify_commit(tmp_path) or "")
+    copy = repo / "copies" / "sd-scripts"  # a plain copy inside another repository is not that repository
+    copy.mkdir(parents=True)
+    (copy / "train_network.py").write_text("# not kohya\n")
+    assert kohya.sd_scripts_commit(copy) is None and kohya.sd_scripts_commit(repo)
+    assert "not a git checkout" in (kohya.verify_commit(copy) or "")
 
 
 def test_a_python_without_kohyas_requirements_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
