@@ -83,6 +83,9 @@ VARIANTS: list[Variant] = [
     Variant("dermkohya-eager-2gpu", "dermkohya", "lora_fast-eager on 2 GPUs ([launch] processes = 2; batch 4 per GPU); "
             "scaling vs dermkohya-lora_fast-eager (CUDA graphs are off with several processes)",
             overrides={"network": {"args": ["cuda_graph=off"]}, "launch": {"processes": 2}}),
+    Variant("raw+sdpa+cache_latents+compile", "raw", "the card + --sdpa --cache_latents --torch_compile --dynamo_backend "
+            "inductor: compile time (start-up minus the same flags without compile) and the compiled step rate",
+            raw_flags=["--sdpa", "--cache_latents", "--torch_compile", "--dynamo_backend", "inductor"]),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
@@ -421,6 +424,27 @@ def loss_equivalence(fast: dict[str, Any] | None, ref: dict[str, Any] | None) ->
     return out
 
 
+def torch_compile_summary(compiled: dict[str, Any], eager: dict[str, Any] | None,
+                          default: dict[str, Any] | None) -> dict[str, Any]:
+    """kohya's --torch_compile against the same flags without it: what the compile costs, what a step gains."""
+    out: dict[str, Any] = {"measured": True, "variant": compiled["name"], "ok": compiled.get("ok"),
+                           "it_per_s": compiled.get("it_per_s"), "startup_s": compiled.get("startup_s")}
+    if not compiled.get("ok"):
+        out["error"] = str(compiled.get("error", ""))[-400:]
+    if eager and eager.get("startup_s") is not None and compiled.get("startup_s") is not None:
+        compile_s = compiled["startup_s"] - eager["startup_s"]
+        out["compile_s"] = round(compile_s, 1)
+        if eager.get("it_per_s") and compiled.get("it_per_s"):
+            out["speedup_vs_same_flags_eager"] = round(compiled["it_per_s"] / eager["it_per_s"], 2)
+            steps = 3 * -(-1000 // CARD["batch_size"])  # a 3-epoch run on 1,000 images
+            out["three_epochs_1000_images_s"] = {
+                "eager": round(eager["startup_s"] + steps / eager["it_per_s"], 1),
+                "compiled": round(compiled["startup_s"] + steps / compiled["it_per_s"], 1)}
+    if default and default.get("it_per_s") and compiled.get("it_per_s"):
+        out["dermkohya_default_vs_compiled"] = round(default["it_per_s"] / compiled["it_per_s"], 2)
+    return out
+
+
 def summarise(report: dict[str, Any]) -> None:
     by = _by_name(report["variants"])
     raw, default = by.get("card-raw"), by.get("dermkohya-default")
@@ -435,6 +459,9 @@ def summarise(report: dict[str, Any]) -> None:
         if by.get(name, {}).get("it_per_s") and by.get(name.removesuffix("-repeat"), {}).get("it_per_s"):
             report.setdefault("drift", {})[name] = round(by[name]["it_per_s"] / by[name.removesuffix("-repeat")]["it_per_s"], 3)
     report["loss_equivalence"] = loss_equivalence(default, by.get("dermkohya-networks.lora"))
+    compiled, eager = by.get("raw+sdpa+cache_latents+compile"), by.get("raw+sdpa+cache_latents")
+    if compiled:
+        report["torch_compile"] = torch_compile_summary(compiled, eager, default)
     if default and default.get("dermkohya_overhead_s") is not None and default.get("it_per_s"):
         images = report["setup"]["dataset"]["images"]
         per_epoch = -(-images // default["batch_size"])
