@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-cell", type=int, default=1, help="demo images per diagnosis × skin type (56 → 1,008 images)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -35,7 +36,8 @@ def main() -> None:
         project = Path(scratch) / "project"
         (project / "runs").mkdir(parents=True)
         shutil.copy(ROOT / "runs" / "demo.toml", project / "runs" / "demo.toml")
-        demo.make_demo_dataset(project / "datasets" / "demo" / "data", per_cell=1)
+        data = demo.make_demo_dataset(project / "datasets" / "demo" / "data", per_cell=args.per_cell)
+        images = sum(1 for p in data.rglob("*.png"))
         if (ROOT / "models").is_dir():
             (project / "models").symlink_to(ROOT / "models")
         from dermkohya import basemodel, render
@@ -57,7 +59,7 @@ def main() -> None:
         "benchmark": "dermkohya train before kohya starts (render, dataset scan, env checks; key check and base hash "
                      "when their answers are cached, else beside kohya's start-up)",
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
-        "dataset": "runs/demo.toml on demo-data --per-cell 1 (18 images, 512 px)",
+        "dataset": f"runs/demo.toml on demo-data --per-cell {args.per_cell} ({images} images, 512 px)",
         "smoke_model_build_or_reuse_s": round(smoke_build_s, 2),
         "cold_s": timings[0],
         "cold_overlapped_checks": overlapped[0]["checks"],
