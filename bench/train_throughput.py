@@ -13,8 +13,16 @@ through NVML), final loss and loss curve, MFU, and success or the error; then
   trained by `dermkohya.train.train` — exactly what `dermkohya train` runs (render, checks, launch).
   Sampling is switched off ([sample] every_n_epochs removed): it is not training throughput.
 
+`--family sdxl` measures the same card on SDXL: `sdxl_train_network.py` at 1024 px on a random-weight
+full-size SDXL (`random:sdxl`, built on the machine, its build time in the JSON), the same generator's 72
+images at 1024 px, the card typed by hand (`sdxl-card-raw`) vs runs/derm-sdxl.toml (`sdxl-dermkohya-*`,
+its fp16-fix `vae` path dropped: the random model's VAE is the random SD 1.5 one, used in fp16 by every SD
+1.5 variant, so no `no_half_vae` either), with fewer steps and its own names, budget and output file
+(train-throughput-sdxl-h100.json). The SD 1.5 run and its JSON are unchanged.
+
 Speed does not depend on weight values, so random weights measure the real thing. On the device:
-`bash bench/gpu_run.sh` (after `make bench-gpu` here). `--smoke` runs the plumbing on a CPU at 64 px.
+`bash bench/gpu_run.sh [--family sdxl]` (after `make bench-gpu` here). `--smoke` runs the plumbing on a
+CPU at 64 px.
 """
 
 from __future__ import annotations
@@ -47,8 +55,17 @@ from dermkohya import kohya, render  # noqa: E402
 
 # Work per batch-4 step at 512 px (issue #6): U-Net forward 803 GFLOP per sample, forward+backward with
 # frozen weights 1,726 GFLOP per sample (6.9 TFLOP a step); encoding the latents adds 4.5 TFLOP a step.
+# Re-counted by bench/unet_flops.py (FlopCounterMode, meta device, diffusers' UNet2DConditionModel /
+# AutoencoderKL from dermkohya.basemodel's configs, rank-16 LoRA on the transformer blocks' layers):
+# forward 803.3 GFLOP, forward+backward 1,750.1 GFLOP (2.18×) → 7.0 TFLOP a step, VAE encode 1,116.7 GFLOP
+# per sample → 4.47 TFLOP a step. The SD 1.5 constants stay the issue's, so its results stay comparable.
 STEP_TFLOP_CACHED = 6.9
 STEP_TFLOP_VAE = 4.5
+# SDXL at 1024 px, same count (bench/unet_flops.py): U-Net forward 6,761.2 GFLOP per sample (77 tokens, the
+# 2816-wide `y` vector), forward+backward 14,400.3 GFLOP (2.13×, 722 LoRA layers) → 57.6 TFLOP a batch-4
+# step; VAE encode 4,879.0 GFLOP per sample → 19.5 TFLOP a step. 8.2× an SD 1.5 step.
+SDXL_STEP_TFLOP_CACHED = 57.6
+SDXL_STEP_TFLOP_VAE = 19.5
 PEAK_TFLOPS = 989.0  # H100/H200 SXM dense fp16/bf16
 WARMUP_STEPS = 10
 CARD = {"network_dim": 16, "network_alpha": 16, "learning_rate": 1e-4, "batch_size": 4, "mixed_precision": "fp16",
@@ -63,6 +80,7 @@ class Variant:
     about: str
     raw_flags: list[str] = field(default_factory=list)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    only_if_failed: str | None = None  # run only when this variant ran and failed (a fallback reference)
 
 
 VARIANTS: list[Variant] = [
@@ -89,6 +107,71 @@ VARIANTS: list[Variant] = [
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
+
+# SDXL: few variants, each ~1 min of kohya start-up (7 GB model) before its first step. The card as typed has
+# kohya's naive attention: at 1024 px and batch 4 its saved attention maps alone are ~66 GiB (fp32 softmax +
+# fp16 copy; bench/unet_flops.py's shapes), so it may not fit 80 GB: then the card + --sdpa (the first fix a
+# practitioner makes) runs as the raw reference. lora_fast needs gradient checkpointing off (graphs) and
+# cuda_graph=on (kohya's SdxlUNet2DConditionModel is not on its verified list); networks.lora with the same
+# flags is its loss and speed reference and shows what checkpointing costs.
+SDXL_VARIANTS: list[Variant] = [
+    Variant("sdxl-card-raw", "raw", "the card typed by hand on SDXL: sdxl_train_network.py, no attention flag, "
+            "no latent cache, kohya's defaults"),
+    Variant("sdxl-raw+sdpa", "raw", "the card + --sdpa: run only if sdxl-card-raw failed (the raw reference then)",
+            raw_flags=["--sdpa"], only_if_failed="sdxl-card-raw"),
+    Variant("sdxl-dermkohya-default", "dermkohya", "dermkohya render of runs/derm-sdxl.toml (gradient checkpointing, "
+            "networks.lora), launched by dermkohya train"),
+    Variant("sdxl-dermkohya-lora_fast", "dermkohya", "the default without gradient checkpointing, with "
+            "dermkohya.networks.lora_fast and network_args cuda_graph=on (U-Net step as CUDA graphs)",
+            overrides={"train": {"gradient_checkpointing": False},
+                       "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on"]}}),
+    Variant("sdxl-dermkohya-no-gc", "dermkohya", "the default without gradient checkpointing (kohya's networks.lora): "
+            "the loss and speed reference of lora_fast",
+            overrides={"train": {"gradient_checkpointing": False}}),
+]
+
+
+@dataclass(frozen=True)
+class FamilySetup:
+    """What differs between the SD 1.5 and the SDXL run: script, model, run file, work per step, defaults."""
+
+    family: str
+    label: str
+    script: str
+    run_file: str
+    card: dict[str, Any]
+    step_tflop_cached: float
+    step_tflop_vae: float
+    variants: list[Variant]
+    raw: str  # the card typed by hand
+    default: str  # dermkohya's rendered default
+    equivalence: tuple[str, str]  # (lora_fast, networks.lora with the same flags)
+    epochs: int
+    budget: float
+    variant_timeout: float
+    min_slot: float  # a variant is started only with this many seconds left
+    warmup: int
+    out_name: str  # bench/results/<out_name>.json, -kohya.log, .png
+
+
+FAMILIES: dict[str, FamilySetup] = {
+    "sd15": FamilySetup("sd15", "SD 1.5", "train_network.py", "derm-sd15.toml", CARD, STEP_TFLOP_CACHED, STEP_TFLOP_VAE,
+                        VARIANTS, "card-raw", "dermkohya-default", ("dermkohya-default", "dermkohya-networks.lora"),
+                        epochs=4, budget=540, variant_timeout=170, min_slot=90, warmup=WARMUP_STEPS,
+                        out_name="train-throughput-h100"),
+    # 2 epochs of 18 steps: ~30 timed steps a variant, so 3–4 variants and the model build fit one 600 s call
+    "sdxl": FamilySetup("sdxl", "SDXL", "sdxl_train_network.py", "derm-sdxl.toml", CARD | {"resolution": 1024},
+                        SDXL_STEP_TFLOP_CACHED, SDXL_STEP_TFLOP_VAE, SDXL_VARIANTS, "sdxl-card-raw",
+                        "sdxl-dermkohya-default", ("sdxl-dermkohya-lora_fast", "sdxl-dermkohya-no-gc"),
+                        epochs=2, budget=540, variant_timeout=200, min_slot=110, warmup=6,
+                        out_name="train-throughput-sdxl-h100"),
+}
+
+
+def results_path(family: str, suffix: str = ".json", folder: Path | None = None) -> Path:
+    """bench/results/train-throughput-h100.json for SD 1.5 (as before), train-throughput-sdxl-h100.json for SDXL."""
+    name = FAMILIES[family].out_name + ("-kohya.log" if suffix == ".log" else suffix)
+    return (folder or ROOT / "bench" / "results") / name
 
 
 # --- measuring one launch -----------------------------------------------------------------------------
@@ -179,10 +262,11 @@ def steady_state(points: dict[int, tuple[float, float | None]], warmup: int) -> 
             "window": [first, last]}
 
 
-def mfu_pct(it_per_s: float | None, batch: int, cached_latents: bool) -> float | None:
+def mfu_pct(it_per_s: float | None, batch: int, cached_latents: bool, family: str = "sd15") -> float | None:
     if not it_per_s:
         return None
-    tflop = (STEP_TFLOP_CACHED + (0 if cached_latents else STEP_TFLOP_VAE)) * batch / 4
+    setup = FAMILIES[family]
+    tflop = (setup.step_tflop_cached + (0 if cached_latents else setup.step_tflop_vae)) * batch / 4
     return round(100 * it_per_s * tflop / PEAK_TFLOPS, 2)
 
 
@@ -268,28 +352,35 @@ class Bench:
     sampler: GpuSampler
     log: Path
     warmup: int = WARMUP_STEPS
+    family: str = "sd15"
+
+    @property
+    def setup(self) -> FamilySetup:
+        return FAMILIES[self.family]
 
     def raw_argv(self, variant: Variant, out_dir: Path) -> list[str]:
-        precision = "no" if self.smoke else CARD["mixed_precision"]
-        resolution = 64 if self.smoke else CARD["resolution"]
+        card = self.setup.card
+        precision = "no" if self.smoke else card["mixed_precision"]
+        resolution = 64 if self.smoke else card["resolution"]
         return [
             str(kohya.find_python()), "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
-            "train_network.py",
+            self.setup.script,
             "--pretrained_model_name_or_path", str(self.model_dir), "--tokenizer_cache_dir", str(self.tokenizers),
             "--train_data_dir", str(self.data_dir), "--caption_extension", ".txt",
             "--output_dir", str(out_dir), "--output_name", "card", "--save_model_as", "safetensors",
             "--resolution", f"{resolution},{resolution}",
-            "--network_module", "networks.lora", "--network_dim", str(CARD["network_dim"]),
-            "--network_alpha", str(CARD["network_alpha"]), "--learning_rate", str(CARD["learning_rate"]),
-            "--train_batch_size", str(CARD["batch_size"]), "--max_train_epochs", str(self.epochs),
+            "--network_module", "networks.lora", "--network_dim", str(card["network_dim"]),
+            "--network_alpha", str(card["network_alpha"]), "--learning_rate", str(card["learning_rate"]),
+            "--train_batch_size", str(card["batch_size"]), "--max_train_epochs", str(self.epochs),
             "--mixed_precision", precision, "--save_precision", "fp16", "--seed", "42",
             *variant.raw_flags,
         ]
 
     def run_file(self, variant: Variant) -> Path:
-        data = tomllib.loads((self.root / "runs" / "derm-sd15.toml").read_text(encoding="utf-8"))
+        data = tomllib.loads((self.root / "runs" / self.setup.run_file).read_text(encoding="utf-8"))
         data["name"] = "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", variant.name)
-        data["model"] = {"base": "random:sd15", "family": "sd15"}
+        # the random model only: a run file's vae (SDXL's fp16-fix file) is not on the bench machine
+        data["model"] = {"base": f"random:{self.family}", "family": self.family}
         data["dataset"] = {k: v for k, v in data.get("dataset", {}).items() if k != "prepared"}
         data["dataset"]["train_data_dir"] = str(self.data_dir)
         data.setdefault("train", {})["epochs"] = self.epochs
@@ -324,7 +415,7 @@ class Bench:
                                             on_line=progress)
                     returncode, tail = launched.returncode, launched.tail
                     lora = out_dir / "card.safetensors"
-                    batch, cached = CARD["batch_size"], "--cache_latents" in variant.raw_flags
+                    batch, cached = self.setup.card["batch_size"], "--cache_latents" in variant.raw_flags
                     tb_dir = None
                 else:
                     run_file = self.run_file(variant)
@@ -370,7 +461,7 @@ class Bench:
             "cached_latents": cached,
             **steady,
             "images_per_s": round(steady["it_per_s"] * batch, 2) if steady["it_per_s"] else None,
-            "mfu_pct": mfu_pct(steady["it_per_s"], batch, cached),
+            "mfu_pct": mfu_pct(steady["it_per_s"], batch, cached, self.family),
             "peak_gpu_mem_gib": self.sampler.peak_gib(),
             "gpu_util_mean_pct": util,
             "final_loss": progress.last_loss,
@@ -446,8 +537,9 @@ def torch_compile_summary(compiled: dict[str, Any], eager: dict[str, Any] | None
 
 
 def summarise(report: dict[str, Any]) -> None:
+    setup = FAMILIES[report.get("family", "sd15")]
     by = _by_name(report["variants"])
-    raw, default = by.get("card-raw"), by.get("dermkohya-default")
+    raw, default = by.get(setup.raw), by.get(setup.default)
     if raw and default and raw.get("it_per_s") and default.get("it_per_s"):
         report["speedup_default_vs_card_raw"] = round(default["it_per_s"] / raw["it_per_s"], 2)
         if raw.get("wall_s") and default.get("wall_s"):
@@ -458,10 +550,13 @@ def summarise(report: dict[str, Any]) -> None:
     for name in ("card-raw-repeat", "dermkohya-default-repeat"):
         if by.get(name, {}).get("it_per_s") and by.get(name.removesuffix("-repeat"), {}).get("it_per_s"):
             report.setdefault("drift", {})[name] = round(by[name]["it_per_s"] / by[name.removesuffix("-repeat")]["it_per_s"], 3)
-    report["loss_equivalence"] = loss_equivalence(default, by.get("dermkohya-networks.lora"))
+    fast, reference = setup.equivalence
+    report["loss_equivalence"] = loss_equivalence(by.get(fast), by.get(reference))
     compiled, eager = by.get("raw+sdpa+cache_latents+compile"), by.get("raw+sdpa+cache_latents")
     if compiled:
         report["torch_compile"] = torch_compile_summary(compiled, eager, default)
+    if setup.family != "sd15":
+        _summarise_more(report, setup, by)
     if default and default.get("dermkohya_overhead_s") is not None and default.get("it_per_s"):
         images = report["setup"]["dataset"]["images"]
         per_epoch = -(-images // default["batch_size"])
@@ -482,6 +577,29 @@ def summarise(report: dict[str, Any]) -> None:
             "three_epoch_run_1000_images_s": round(three_epochs_1000, 1),
             "fraction_of_three_epochs_1000_images": round(default["dermkohya_overhead_s"] / three_epochs_1000, 4),
         }
+
+
+def _last_line(text: Any) -> str | None:
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else None
+
+
+def _summarise_more(report: dict[str, Any], setup: FamilySetup, by: dict[str, dict[str, Any]]) -> None:
+    """SDXL's extras: every variant's it/s against the card's, and the fallback reference if the card failed."""
+    raw, default = by.get(setup.raw), by.get(setup.default)
+    if raw and raw.get("it_per_s"):
+        report["speedup_vs_card_raw"] = {v["name"]: round(v["it_per_s"] / raw["it_per_s"], 2) for v in report["variants"]
+                                         if v.get("ok") and v.get("it_per_s") and v["name"] != setup.raw}
+    elif raw and not raw.get("ok"):
+        report["card_raw_failed"] = "timed out" if raw.get("timed_out") else _last_line(raw.get("error"))
+    for variant in setup.variants:
+        fallback = by.get(variant.name)
+        if variant.only_if_failed == setup.raw and fallback and fallback.get("it_per_s"):
+            ratios = {v["name"]: round(v["it_per_s"] / fallback["it_per_s"], 2) for v in report["variants"]
+                      if v.get("ok") and v.get("it_per_s") and v["kind"] == "dermkohya"}
+            report[f"speedup_vs_{variant.name}"] = ratios
+            if default and default["name"] in ratios:
+                report[f"speedup_default_vs_{variant.name}"] = ratios[default["name"]]
 
 
 def multi_gpu_render(root: Path, bench: Bench) -> dict[str, Any]:
@@ -532,18 +650,32 @@ def _commit(path: Path) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train-throughput-h100.json")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15",
+                        help="sd15 (train_network.py, 512 px) or sdxl (sdxl_train_network.py, 1024 px)")
+    parser.add_argument("--out", type=Path, help="default bench/results/train-throughput-h100.json (SD 1.5), "
+                        "train-throughput-sdxl-h100.json (SDXL)")
     parser.add_argument("--log", type=Path, help="kohya's combined output of every variant")
     parser.add_argument("--device-dir", type=Path, default=ROOT / ".device", help="what bench/gpu_prepare.sh made")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dermkohya-bench")
     parser.add_argument("--project-root", type=Path, default=ROOT)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs of the 72-image set: 4 → 72 steps")
-    parser.add_argument("--budget", type=float, default=540, help="seconds for everything; variants that do not fit are skipped")
-    parser.add_argument("--variant-timeout", type=float, default=170)
-    parser.add_argument("--variants", help="comma-separated names (default: all, in order)")
+    parser.add_argument("--epochs", type=int, help="epochs of the 72-image set (18 steps each): SD 1.5 4, SDXL 2")
+    parser.add_argument("--budget", type=float, help="seconds for everything, the model build included; variants "
+                        "that do not fit are skipped (default 540)")
+    parser.add_argument("--variant-timeout", type=float, help="seconds per variant: SD 1.5 170, SDXL 200")
+    parser.add_argument("--variants", help="comma-separated names (default: all of the family's, in order)")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 64 px, fp32, 1 epoch of 18 images")
     args = parser.parse_args()
     t0 = time.monotonic()
+    family = FAMILIES[args.family]
+    args.out = args.out or results_path(family.family)
+    args.epochs = args.epochs or family.epochs
+    args.budget = args.budget or family.budget
+    args.variant_timeout = args.variant_timeout or family.variant_timeout
+    names = args.variants.split(",") if args.variants else [v.name for v in family.variants]
+    unknown = sorted(set(names) - {v.name for v in family.variants})
+    if unknown:
+        parser.error(f"--variants {','.join(unknown)}: not a {family.label} variant; choose from "
+                     + ", ".join(v.name for v in family.variants))
     root = args.project_root.resolve()
     work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -566,10 +698,13 @@ def main() -> int:
         if (device / "tokenizers").is_dir() and not (models / "tokenizers").exists():
             shutil.copytree(device / "tokenizers", models / "tokenizers")
         started = time.monotonic()
-        model_dir, tokenizers = basemodel.ensure_smoke_model("sd15", cache_root=models)
+        model_dir, tokenizers = basemodel.ensure_smoke_model(family.family, cache_root=models)
         model_s = time.monotonic() - started
+        model_bytes = sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file())
+        print(f"[{time.monotonic() - t0:6.0f} s] random:{family.family} ready in {model_s:.0f} s "
+              f"({model_bytes / 1e9:.1f} GB)", flush=True)
         started = time.monotonic()
-        per_cell, size = (1, 64) if args.smoke else (4, 512)
+        per_cell, size = (1, 64) if args.smoke else (4, family.card["resolution"])
         data_dir = demo.make_demo_dataset(work / "data", seed=0, per_cell=per_cell, size=size)
         images = len(list(data_dir.glob("*/*.png")))
         data_s = time.monotonic() - started
@@ -579,7 +714,7 @@ def main() -> int:
     sampler = GpuSampler()
     epochs = 1 if args.smoke else args.epochs
     bench = Bench(root, work, data_dir, model_dir, tokenizers, epochs, args.smoke, sampler, log,
-                  warmup=1 if args.smoke else WARMUP_STEPS)
+                  warmup=1 if args.smoke else family.warmup, family=family.family)
 
     sd_scripts = kohya.find_sd_scripts()
     report: dict[str, Any] = {
@@ -591,7 +726,7 @@ def main() -> int:
             "sd_scripts_commit": kohya.sd_scripts_commit(sd_scripts) or _commit(device / "sd-scripts.commit"),
             "dermkohya_commit": _commit(device / "repo.commit"),
         },
-        "card": CARD,
+        "card": family.card,
         "setup": {
             "model": "random:sd15 — full-size SD 1.5 architecture, random fp16 weights (speed does not depend on values)",
             "model_build_s": round(model_s, 1),
@@ -608,23 +743,27 @@ def main() -> int:
         "skipped": [],
         "torch_compile": {"measured": False, "reason": "issue #6 measured no step within 330 s with --torch_compile "
                           "--dynamo_backend inductor; not repeated within this call's time"},
-        "sdxl": {"measured": False, "reason": "not run within this call's device time; the harness is SD 1.5 only"},
+        "sdxl": {"measured": False, "reason": "measured by its own call: bench/gpu_run.sh --family sdxl "
+                 "(train-throughput-sdxl-h100.json)"},
     }
-    try:
-        report["multi_gpu"] = {"measured": False,
-                               "reason": "the 1 vs 2 GPU run needs nvidia-h200-x2 (not part of this single-GPU call)",
-                               **multi_gpu_render(root, bench)}
-    except Exception as exc:
-        report["multi_gpu"] = {"measured": False, "error": f"{type(exc).__name__}: {exc}"}
+    if family.family == "sd15":
+        try:
+            report["multi_gpu"] = {"measured": False,
+                                   "reason": "the 1 vs 2 GPU run needs nvidia-h200-x2 (not part of this single-GPU call)",
+                                   **multi_gpu_render(root, bench)}
+        except Exception as exc:
+            report["multi_gpu"] = {"measured": False, "error": f"{type(exc).__name__}: {exc}"}
+    else:
+        report = sdxl_report(report, family, model_bytes)
 
     places = {str(work): "<work>", str(root): "<repo>"}
     report["setup"]["paths"] = "machine paths redacted: <repo> is the repository root, <work> the scratch folder"
-    names = args.variants.split(",") if args.variants else [v.name for v in VARIANTS]
-    chosen = [v for name in names for v in VARIANTS if v.name == name]
+    chosen = [v for name in names for v in family.variants if v.name == name]
     for variant in chosen:
         left = args.budget - (time.monotonic() - t0)
-        if left < 90:  # a variant needs ~60–120 s; a shorter slot only ends in a timeout
-            report["skipped"].append({"name": variant.name, "reason": f"time budget ({left:.0f} s left)"})
+        reason = skip_reason(variant, report["variants"], left, family.min_slot)
+        if reason:
+            report["skipped"].append({"name": variant.name, "reason": reason})
             continue
         print(f"[{time.monotonic() - t0:6.0f} s] {variant.name} …", flush=True)
         result = bench.measure(variant, timeout=min(args.variant_timeout, left - 15))
@@ -637,9 +776,50 @@ def main() -> int:
     report["harness_seconds"] = round(time.monotonic() - t0, 1)
     summarise(report)
     _write(args.out, report, places)
-    print(json.dumps({k: report.get(k) for k in ("speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall",
-                                                  "mfu_default_pct", "loss_equivalence", "overhead")}, indent=1))
+    headline = ["speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall", "mfu_default_pct", "loss_equivalence",
+                "overhead"]
+    headline += [k for k in report if k.startswith(("speedup_vs", "speedup_default_vs_sdxl", "card_raw_failed"))]
+    print(json.dumps({k: report.get(k) for k in headline}, indent=1))
     return 0
+
+
+def skip_reason(variant: Variant, done: list[dict[str, Any]], left: float, min_slot: float) -> str | None:
+    """Why a variant is not started: a fallback whose variant did not fail, or too little time left
+    (a variant needs ~60–120 s, SDXL more; a shorter slot only ends in a timeout)."""
+    if variant.only_if_failed:
+        before = _by_name(done).get(variant.only_if_failed)
+        if before is None or before["ok"]:
+            return f"runs only if {variant.only_if_failed} failed; it " + ("was not run" if before is None else "ran fine")
+    if left < min_slot:
+        return f"time budget ({left:.0f} s left)"
+    return None
+
+
+def sdxl_report(report: dict[str, Any], family: FamilySetup, model_bytes: int) -> dict[str, Any]:
+    """The SD 1.5 report's fields, said of SDXL: family, resolution, script, model, work per step."""
+    setup = report["setup"] | {
+        "model": f"random:{family.family} — full-size SDXL architecture (U-Net, CLIP-L and bigG text encoders), random "
+                 "fp16 weights (speed does not depend on values); built on this machine by the harness",
+        "model_bytes": model_bytes,
+        "script": family.script,
+        "run_file": f"runs/{family.run_file} with [model] base = random:{family.family} (its vae path dropped), "
+                    "sampling off, epochs and data from the bench",
+        "mfu": f"it/s × {family.step_tflop_cached} TFLOP (+{family.step_tflop_vae} without cached latents) × batch/4 ÷ "
+               f"{PEAK_TFLOPS} TFLOP/s (bench/unet_flops.py)",
+    }
+    replaced = {
+        "benchmark": {"benchmark": f"{family.label} LoRA training throughput, the card's kohya command vs dermkohya's "
+                      "default", "family": family.family, "resolution": family.card["resolution"]},
+        "setup": {"setup": setup},
+        "torch_compile": {"torch_compile": {"measured": False, "reason": "not tried on SDXL (issue #6: no SD 1.5 step "
+                                            "within 330 s)"}},
+        "sdxl": {"multi_gpu": {"measured": False, "reason": "single-GPU call; the 1 vs 2 GPU scaling is measured on "
+                               "SD 1.5 (bench/gpu_run_x2.sh)"}},
+    }
+    out: dict[str, Any] = {}
+    for key, value in report.items():
+        out |= replaced.get(key, {key: value})
+    return out
 
 
 def redact(value: Any, places: dict[str, str]) -> Any:
