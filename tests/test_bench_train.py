@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -80,9 +81,9 @@ def data_dir(tmp_path: Path) -> Path:
     return folder.parent
 
 
-def _bench(tmp_path: Path, data_dir: Path, smoke: bool = False):
+def _bench(tmp_path: Path, data_dir: Path, smoke: bool = False, family: str = "sd15"):
     return tt.Bench(PROJECT_ROOT, tmp_path / "work", data_dir, tmp_path / "model", tmp_path / "tok", 4, smoke,
-                    tt.GpuSampler.__new__(tt.GpuSampler), tmp_path / "log.txt")
+                    tt.GpuSampler.__new__(tt.GpuSampler), tmp_path / "log.txt", family=family)
 
 
 def test_run_files_are_the_committed_default_pointed_at_the_random_model(tmp_path: Path, data_dir: Path) -> None:
@@ -227,3 +228,175 @@ def test_committed_results_hold_every_required_field() -> None:
     names = [v["name"] for v in report["variants"]]
     assert names[:2] == ["card-raw", "dermkohya-default"]  # measured back to back, in that order
     assert all("ok" in v and ("error" in v or v["ok"]) for v in report["variants"])
+
+
+# --- SDXL (--family sdxl) ---------------------------------------------------------------------------
+
+
+def _sdxl(name: str):
+    return next(v for v in tt.SDXL_VARIANTS if v.name == name)
+
+
+def test_sdxl_card_raw_is_the_card_on_sdxl_train_network(tmp_path: Path, data_dir: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOHYA_PYTHON", sys.executable)
+    argv = _bench(tmp_path, data_dir, family="sdxl").raw_argv(_sdxl("sdxl-card-raw"), tmp_path / "out")
+    pairs = dict(zip(argv, argv[1:]))
+    assert "sdxl_train_network.py" in argv and "train_network.py" not in argv
+    assert pairs["--resolution"] == "1024,1024" and pairs["--mixed_precision"] == "fp16"
+    assert pairs["--network_dim"] == "16" and pairs["--network_alpha"] == "16"
+    assert pairs["--learning_rate"] == "0.0001" and pairs["--train_batch_size"] == "4"
+    assert not {"--sdpa", "--xformers", "--cache_latents", "--gradient_checkpointing", "--vae", "--no_half_vae"} & set(argv)
+    fallback = _bench(tmp_path, data_dir, family="sdxl").raw_argv(_sdxl("sdxl-raw+sdpa"), tmp_path / "out")
+    assert fallback == argv + ["--sdpa"]
+    smoke_argv = _bench(tmp_path, data_dir, smoke=True, family="sdxl").raw_argv(_sdxl("sdxl-card-raw"), tmp_path / "out")
+    smoke = dict(zip(smoke_argv, smoke_argv[1:]))
+    assert smoke["--resolution"] == "64,64" and smoke["--mixed_precision"] == "no"
+
+
+def test_sdxl_run_files_are_derm_sdxl_on_the_random_model_without_its_vae(tmp_path: Path, data_dir: Path) -> None:
+    bench = _bench(tmp_path, data_dir, family="sdxl")
+    committed = tomllib.loads((PROJECT_ROOT / "runs" / "derm-sdxl.toml").read_text(encoding="utf-8"))
+    assert committed["model"].get("vae")  # the committed run file has one: the bench must drop it
+    runs = {v.name: bench.run_file(v) for v in tt.SDXL_VARIANTS if v.kind == "dermkohya"}
+    default = tomllib.loads(runs["sdxl-dermkohya-default"].read_text(encoding="utf-8"))
+    assert default["model"] == {"base": "random:sdxl", "family": "sdxl"}
+    assert default["train"]["resolution"] == 1024 and default["train"]["epochs"] == 4
+    assert {k: v for k, v in default["train"].items() if k != "epochs"} == {
+        k: v for k, v in committed["train"].items() if k != "epochs"}
+    assert default["network"] == committed["network"] and "every_n_epochs" not in default["sample"]
+    fast = tomllib.loads(runs["sdxl-dermkohya-lora_fast"].read_text(encoding="utf-8"))
+    assert fast["train"]["gradient_checkpointing"] is False
+    assert fast["network"]["module"] == "dermkohya.networks.lora_fast" and fast["network"]["args"] == ["cuda_graph=on"]
+    reference = tomllib.loads(runs["sdxl-dermkohya-no-gc"].read_text(encoding="utf-8"))
+    assert reference["train"] == fast["train"] and "module" not in reference["network"]
+    for path in runs.values():
+        rendered = render.render(path, project_root=PROJECT_ROOT, check_keys=False)
+        config = tomllib.loads(rendered.files["config.toml"].read_text(encoding="utf-8"))
+        assert rendered.spec.script == "sdxl_train_network.py"
+        assert config["training"]["resolution"] == "1024,1024" and config["training"]["mixed_precision"] == "fp16"
+        assert "vae" not in config["model"] and "no_half_vae" not in config["model"]
+        assert config["model"]["pretrained_model_name_or_path"].endswith("random-sdxl-seed0-v1")
+    smoke = tomllib.loads(_bench(tmp_path, data_dir, smoke=True, family="sdxl").run_file(
+        _sdxl("sdxl-dermkohya-default")).read_text(encoding="utf-8"))
+    assert smoke["train"]["resolution"] == 64 and smoke["train"]["mixed_precision"] == "no"
+
+
+def test_sdxl_fallback_runs_only_after_the_card_failed() -> None:
+    fallback = _sdxl("sdxl-raw+sdpa")
+    assert "ran fine" in tt.skip_reason(fallback, [{"name": "sdxl-card-raw", "ok": True}], 500, 110)
+    assert "not run" in tt.skip_reason(fallback, [], 500, 110)
+    assert tt.skip_reason(fallback, [{"name": "sdxl-card-raw", "ok": False}], 500, 110) is None
+    assert tt.skip_reason(_sdxl("sdxl-dermkohya-default"), [], 100, 110) == "time budget (100 s left)"
+    assert tt.skip_reason(tt.VARIANTS[0], [], 100, tt.FAMILIES["sd15"].min_slot) is None  # SD 1.5: 90 s, as before
+
+
+def test_results_are_named_by_family() -> None:
+    assert tt.results_path("sd15").name == "train-throughput-h100.json"  # unchanged
+    assert tt.results_path("sdxl").name == "train-throughput-sdxl-h100.json"
+    assert tt.results_path("sdxl", ".log").name == "train-throughput-sdxl-h100-kohya.log"
+    assert tt.results_path("sdxl", ".png").name == "train-throughput-sdxl-h100.png"
+    script = (BENCH / "gpu_run.sh").read_text(encoding="utf-8")
+    for family in ("sd15", "sdxl"):
+        assert f"NAME={tt.results_path(family).stem} " in script
+    refused = subprocess.run(["bash", str(BENCH / "gpu_run.sh"), "--family", "sd3"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--family sd3: use sd15 or sdxl" in refused.stderr
+
+
+def test_flop_constants_are_plausible() -> None:
+    sd15, sdxl = tt.FAMILIES["sd15"], tt.FAMILIES["sdxl"]
+    assert (sd15.step_tflop_cached, sd15.step_tflop_vae) == (6.9, 4.5)  # the issue's, kept for comparability
+    # 4× the pixels, a wider and deeper U-Net: well over 3× the work of an SD 1.5 step
+    assert 3 < sdxl.step_tflop_cached / sd15.step_tflop_cached < 12
+    assert 3 < sdxl.step_tflop_vae / sd15.step_tflop_vae < 5  # same VAE, 4× the pixels
+    assert tt.mfu_pct(1.0, 4, True, "sdxl") == pytest.approx(100 * 57.6 / 989, abs=0.01)
+    assert tt.mfu_pct(1.0, 4, False, "sdxl") == pytest.approx(100 * (57.6 + 19.5) / 989, abs=0.01)
+
+
+@pytest.mark.slow
+def test_flop_constants_match_a_fresh_count() -> None:
+    pytest.importorskip("diffusers")
+    flops = _load("unet_flops")
+    sd15 = flops.unet_flops("sd15")
+    assert sd15["unet_forward_gflop"] == pytest.approx(803, rel=0.01)  # issue #6's figure
+    assert flops.step_constants(sd15)["step_tflop_cached"] == pytest.approx(6.9, rel=0.03)
+    sdxl = flops.step_constants(flops.unet_flops("sdxl"))
+    assert sdxl["step_tflop_cached"] == pytest.approx(tt.SDXL_STEP_TFLOP_CACHED, rel=0.01)
+    assert sdxl["step_tflop_vae"] == pytest.approx(tt.SDXL_STEP_TFLOP_VAE, rel=0.01)
+
+
+def _sdxl_report() -> dict:
+    return {
+        "family": "sdxl", "resolution": 1024,
+        "machine": {"gpu": "NVIDIA H100 80GB HBM3"}, "versions": {"torch": "2.11.0", "sd_scripts_commit": "48d368fa"},
+        "setup": {"dataset": {"images": 72, "size": 1024}, "epochs": 2, "warmup_steps_skipped": 6, "model_build_s": 61.0},
+        "multi_gpu": {"measured": False, "reason": "single-GPU call"},
+        "variants": [
+            {"name": "sdxl-card-raw", "kind": "raw", "ok": False, "timed_out": False,
+             "error": "Traceback …\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.50 GiB"},
+            _variant("sdxl-raw+sdpa", 0.8, kind="raw"),
+            _variant("sdxl-dermkohya-default", 1.0, kind="dermkohya", dermkohya_overhead_s=4.0),
+            _variant("sdxl-dermkohya-lora_fast", 2.0, kind="dermkohya", dermkohya_overhead_s=0.5,
+                     losses_tensorboard=[[1, 0.2], [2, 0.1]]),
+            _variant("sdxl-dermkohya-no-gc", 1.25, kind="dermkohya", dermkohya_overhead_s=0.5,
+                     losses_tensorboard=[[1, 0.2], [2, 0.1002]]),
+        ],
+    }
+
+
+def test_sdxl_summary_when_the_card_fails_names_the_failure_and_the_fallback() -> None:
+    report = _sdxl_report()
+    tt.summarise(report)
+    assert report["speedup_default_vs_card_raw"] is None
+    assert report["card_raw_failed"].startswith("torch.OutOfMemoryError: CUDA out of memory")
+    assert report["speedup_default_vs_sdxl-raw+sdpa"] == 1.25
+    assert report["speedup_vs_sdxl-raw+sdpa"]["sdxl-dermkohya-lora_fast"] == 2.5
+    eq = report["loss_equivalence"]
+    assert (eq["fast"], eq["reference"]) == ("sdxl-dermkohya-lora_fast", "sdxl-dermkohya-no-gc")
+    assert eq["max_abs_diff"] == pytest.approx(0.0002)
+    assert report["overhead"]["first_run_s"] == 4.0
+
+
+def test_sdxl_summary_when_the_card_runs() -> None:
+    report = _sdxl_report()
+    report["variants"][0] = _variant("sdxl-card-raw", 0.5, kind="raw")
+    del report["variants"][1]
+    tt.summarise(report)
+    assert report["speedup_default_vs_card_raw"] == 2.0 and "card_raw_failed" not in report
+    assert report["speedup_vs_card_raw"] == {"sdxl-dermkohya-default": 2.0, "sdxl-dermkohya-lora_fast": 4.0,
+                                             "sdxl-dermkohya-no-gc": 2.5}
+
+
+def test_sdxl_table_plot_and_readme_block_are_its_own(tmp_path: Path) -> None:
+    report = _sdxl_report()
+    tt.summarise(report)
+    table = plot.markdown(report)
+    assert "random-weight SDXL (built in 61 s), 72 synthetic 1024 px images" in table
+    assert "failed: torch.OutOfMemoryError" in table and "`sdxl-card-raw`) failed" in table
+    assert "`sdxl-dermkohya-default` 1.25×" in table
+    png = tmp_path / "sdxl.png"
+    plot.plot(report, png)
+    assert png.stat().st_size > 0
+    readme = tmp_path / "README.md"
+    readme.write_text("### Training throughput (H100)\n\nsd15 prose\n\n### Training throughput, SDXL (H100)\n\n"
+                      "sdxl prose\n", encoding="utf-8")
+    sd15 = _report()
+    tt.summarise(sd15)
+    plot.update_readme(readme, plot.markdown(sd15))
+    plot.update_readme(readme, table, "sdxl")
+    plot.update_readme(readme, table.replace("1.25×", "1.30×"), "sdxl")
+    text = readme.read_text(encoding="utf-8")
+    assert text.count(plot.BEGIN_SDXL) == 1 and text.count(plot.BEGIN) == 1 and "1.30×" in text
+    assert text.index(plot.END) < text.index("### Training throughput, SDXL (H100)") < text.index(plot.BEGIN_SDXL)
+    assert "| `dermkohya-default` | 10.00 |" in text.split(plot.END)[0]  # the SD 1.5 block untouched by SDXL's
+
+
+def test_committed_sdxl_results_hold_every_required_field() -> None:
+    path = tt.results_path("sdxl")
+    if not path.is_file():
+        pytest.skip("no SDXL GPU results committed yet")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert report["family"] == "sdxl" and report["resolution"] == 1024
+    assert {"machine", "versions", "variants", "speedup_default_vs_card_raw", "setup"} <= set(report)
+    assert report["setup"]["model_build_s"] is not None
+    assert [v["name"] for v in report["variants"]][0] == "sdxl-card-raw"
