@@ -674,7 +674,7 @@ def main() -> int:
     names = args.variants.split(",") if args.variants else [v.name for v in family.variants]
     unknown = sorted(set(names) - {v.name for v in family.variants})
     if unknown:
-        parser.error(f"--variants {','.join(unknown)}: not a {family.label} variant; choose from "
+        parser.error(f"--variants {','.join(unknown)}: not one of the {family.label} variants; choose from "
                      + ", ".join(v.name for v in family.variants))
     root = args.project_root.resolve()
     work = args.work.resolve()
