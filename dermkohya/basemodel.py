@@ -366,6 +366,26 @@ def _build_pipeline_folder(out: Path, kind: str, seed: int, configs: dict[str, d
         "builder_version": SMOKE_BUILD_VERSION,
     }
     (out / SMOKE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if kind == "sdxl":
+        _link_fp16_variant(out)
+
+
+def _link_fp16_variant(folder: Path) -> None:
+    """Give each weights file its `variant="fp16"` name too (a hard link: no extra bytes).
+
+    kohya's SDXL loader asks diffusers for `variant="fp16"` under fp16 mixed precision and falls back
+    only on an OSError, while diffusers 0.32 raises a ValueError when the variant files are missing.
+    The smoke weights are fp16, so the variant names are true.
+    """
+    for weights in sorted(folder.glob("*/*.safetensors")):
+        if weights.name.endswith(".fp16.safetensors"):
+            continue
+        variant = weights.with_name(weights.name.removesuffix(".safetensors") + ".fp16.safetensors")
+        if not variant.exists():
+            try:
+                os.link(weights, variant)
+            except OSError:
+                shutil.copyfile(weights, variant)
 
 
 def _build_random(kind: str, out_dir: Path, seed: int) -> Path:
@@ -373,6 +393,8 @@ def _build_random(kind: str, out_dir: Path, seed: int) -> Path:
     if out_dir.exists():
         info = _smoke_info(out_dir)
         if info and info.get("kind") == kind and info.get("seed") == seed and (out_dir / "model_index.json").is_file():
+            if kind == "sdxl":
+                _link_fp16_variant(out_dir)  # a folder built before the variant names were added
             return out_dir
         if out_dir.is_file() or any(out_dir.iterdir()):
             raise DermkohyaError(

@@ -321,6 +321,9 @@ HINTS: tuple[tuple[str, str], ...] = (
     ("cannot identify image file", "an image does not decode: run `dermkohya check --decode` on the dataset"),
     ("image file is truncated", "an image is truncated: run `dermkohya check --decode` on the dataset"),
     ("We couldn't connect to 'https://huggingface.co'", "kohya tried to download from the hub: give a local base model / tokenizer cache"),
+    ("You are trying to load the model files of the `variant=fp16`",
+     "kohya loads a diffusers SDXL folder as variant fp16 under fp16, and this folder has no *.fp16.safetensors files: "
+     "use the single-file .safetensors checkpoint, or mixed_precision = \"bf16\""),
     ("does not appear to have a file named", "the base model path is not a model kohya can read: check [model] base"),
     ("No module named 'dermkohya'", "kohya cannot import dermkohya's network module: run from a dermkohya source checkout (make setup) or use [network] module = \"networks.lora\""),
     ("No module named", "kohya's Python lacks a package: rebuild it with `make setup` (or install sd-scripts' requirements into KOHYA_PYTHON)"),

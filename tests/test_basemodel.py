@@ -127,6 +127,11 @@ def test_sdxl_smoke_folder_loads_as_an_sdxl_pipeline(tmp_path: Path) -> None:
     assert isinstance(pipe.text_encoder_2, transformers.CLIPTextModelWithProjection)
     assert pipe.tokenizer_2.pad_token == "!"
     assert basemodel.identify_base(folder)["family"] == "sdxl"
+    # kohya's SDXL loader under fp16 (library/sdxl_train_util.py::_load_target_model) asks for the fp16 variant
+    fp16 = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder), torch_dtype=torch.float16, variant="fp16", tokenizer=None)
+    assert fp16.unet.dtype == torch.float16
+    unet = folder / "unet"
+    assert (unet / "diffusion_pytorch_model.fp16.safetensors").stat().st_ino == (unet / "diffusion_pytorch_model.safetensors").stat().st_ino
 
 
 @pytest.mark.parametrize(
