@@ -125,6 +125,9 @@ SDXL_VARIANTS: list[Variant] = [
             "dermkohya.networks.lora_fast and network_args cuda_graph=on (U-Net step as CUDA graphs)",
             overrides={"train": {"gradient_checkpointing": False},
                        "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on"]}}),
+    Variant("sdxl-dermkohya-lora_fast-gc", "dermkohya", "the default (gradient checkpointing) with "
+            "dermkohya.networks.lora_fast: fused LoRA layers, eager U-Net (graphs stay off with checkpointing)",
+            overrides={"network": {"module": "dermkohya.networks.lora_fast", "args": []}}),
     Variant("sdxl-dermkohya-no-gc", "dermkohya", "the default without gradient checkpointing (kohya's networks.lora): "
             "the loss and speed reference of lora_fast",
             overrides={"train": {"gradient_checkpointing": False}}),
