@@ -54,6 +54,22 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+_LAUNCHER_ERRORS = ("subprocess.CalledProcessError",)  # accelerate's own report that its child failed
+
+
+def failure_cause(text: Any) -> str | None:
+    """The line that says why a run failed: the last `SomethingError: …` that is not accelerate's
+    CalledProcessError (the child's own exception, e.g. torch.OutOfMemoryError), else the last line."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    if not lines:
+        return None
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) and " " not in head and not head.startswith(_LAUNCHER_ERRORS):
+            return line[:300]
+    return lines[-1][:300]
+
+
 def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     """The table and the headline figures, for practitioners who know kohya's flags."""
     family = family_of(report)
@@ -75,8 +91,8 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     for v in report["variants"]:
         if not v.get("ok"):
             v = {"name": v["name"], "ok": False, "error": v.get("error")}
-        error_lines = str(v.get("error") or "").strip().splitlines()
-        status = "ok" if v.get("ok") else "failed" + (f": {error_lines[-1][:90]}" if error_lines else "")
+        cause = failure_cause(v.get("error"))
+        status = "ok" if v.get("ok") else "failed" + (f": {cause[:90]}" if cause else "")
         lines.append(
             f"| `{v['name']}` | {_fmt(v.get('it_per_s'))} | {_fmt(v.get('images_per_s'), 1)} | "
             f"{_fmt(v.get('peak_gpu_mem_gib'), 1)} | {_fmt(v.get('gpu_util_mean_pct'), 0)} | {_fmt(v.get('mfu_pct'), 1)} | "
@@ -130,7 +146,8 @@ def _sdxl_headline(report: dict[str, Any], family: Family, raw: dict[str, Any], 
     """The SDXL sentence: vs the card as typed, or, when the card failed, what failed and the fallback reference."""
     out = []
     if report.get("card_raw_failed"):
-        out.append(f"**The card typed by hand (`{family.raw}`) failed**: {report['card_raw_failed']}.")
+        cause = failure_cause(raw.get("error")) if raw.get("error") else report["card_raw_failed"]
+        out.append(f"**The card typed by hand (`{family.raw}`) failed**: {cause}.")
     else:
         out.append(f"**dermkohya's default vs the card typed by hand: {_fmt(report.get('speedup_default_vs_card_raw'))}× it/s**.")
     for key, value in report.items():

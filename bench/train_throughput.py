@@ -50,8 +50,10 @@ import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from dermkohya import kohya, render  # noqa: E402
+from plot_train_throughput import failure_cause  # noqa: E402
 
 # Work per batch-4 step at 512 px (issue #6): U-Net forward 803 GFLOP per sample, forward+backward with
 # frozen weights 1,726 GFLOP per sample (6.9 TFLOP a step); encoding the latents adds 4.5 TFLOP a step.
@@ -582,11 +584,6 @@ def summarise(report: dict[str, Any]) -> None:
         }
 
 
-def _last_line(text: Any) -> str | None:
-    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
-    return lines[-1][:300] if lines else None
-
-
 def _summarise_more(report: dict[str, Any], setup: FamilySetup, by: dict[str, dict[str, Any]]) -> None:
     """SDXL's extras: every variant's it/s against the card's, and the fallback reference if the card failed."""
     raw, default = by.get(setup.raw), by.get(setup.default)
@@ -594,7 +591,7 @@ def _summarise_more(report: dict[str, Any], setup: FamilySetup, by: dict[str, di
         report["speedup_vs_card_raw"] = {v["name"]: round(v["it_per_s"] / raw["it_per_s"], 2) for v in report["variants"]
                                          if v.get("ok") and v.get("it_per_s") and v["name"] != setup.raw}
     elif raw and not raw.get("ok"):
-        report["card_raw_failed"] = "timed out" if raw.get("timed_out") else _last_line(raw.get("error"))
+        report["card_raw_failed"] = "timed out" if raw.get("timed_out") else failure_cause(raw.get("error"))
     for variant in setup.variants:
         fallback = by.get(variant.name)
         if variant.only_if_failed == setup.raw and fallback and fallback.get("it_per_s"):

@@ -400,3 +400,28 @@ def test_committed_sdxl_results_hold_every_required_field() -> None:
     assert {"machine", "versions", "variants", "speedup_default_vs_card_raw", "setup"} <= set(report)
     assert report["setup"]["model_build_s"] is not None
     assert [v["name"] for v in report["variants"]][0] == "sdxl-card-raw"
+
+
+def test_failure_cause_is_the_childs_exception_not_accelerates() -> None:
+    kohya_then_accelerate = (
+        "  File \"sdxl_train_network.py\", line 234\n"
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 120.00 MiB.\n"
+        "steps:   0%|          | 0/36 [00:07<?, ?it/s]\n"
+        "Traceback (most recent call last):\n"
+        "    raise subprocess.CalledProcessError(returncode=process.returncode, cmd=cmd)\n"
+        "subprocess.CalledProcessError: Command '['python3', 'sdxl_train_network.py']' returned non-zero exit status 1.\n"
+    )
+    assert plot.failure_cause(kohya_then_accelerate).startswith("torch.OutOfMemoryError: CUDA out of memory")
+    assert plot.failure_cause("timed out") == "timed out"
+    assert plot.failure_cause("") is None
+
+
+def test_torch_compile_summary_charges_the_compile_against_a_three_epoch_run() -> None:
+    compiled = {"name": "raw+sdpa+cache_latents+compile", "ok": True, "it_per_s": 4.0, "startup_s": 200.0}
+    eager = {"name": "raw+sdpa+cache_latents", "ok": True, "it_per_s": 2.0, "startup_s": 50.0}
+    out = tt.torch_compile_summary(compiled, eager, {"it_per_s": 6.0})
+    assert out["compile_s"] == 150.0 and out["speedup_vs_same_flags_eager"] == 2.0
+    assert out["three_epochs_1000_images_s"] == {"eager": 50.0 + 750 / 2.0, "compiled": 200.0 + 750 / 4.0}
+    assert out["dermkohya_default_vs_compiled"] == 1.5
+    stalled = tt.torch_compile_summary({"name": "c", "ok": False, "error": "timed out", "startup_s": None}, eager, None)
+    assert stalled["ok"] is False and stalled["error"] == "timed out" and "compile_s" not in stalled
