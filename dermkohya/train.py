@@ -62,9 +62,10 @@ class PreparedLaunch:
 
     The two checks that can take seconds on a first run (hashing the base model; asking kohya's parser
     for its option list, which imports the training script in kohya's environment) run beside kohya's
-    own start-up (imports, model loading, latent caching), which takes longer; a failure stops kohya's
-    process group before its training loop starts. Answers already cached are checked before the
-    launch, so later runs have nothing left to overlap.
+    own start-up (imports, model loading, latent caching), which takes longer (on an H100: done 15-19 s
+    after the launch, kohya's first step at 54-64 s); a failure stops kohya's process group at once.
+    The manifest's `timing` says whether they held kohya back. Answers already cached are checked
+    before the launch, so later runs have nothing left to overlap.
     """
 
     rendered: render.RenderedRun
@@ -72,6 +73,7 @@ class PreparedLaunch:
     manifest: dict[str, Any]
     warnings: list[str]
     overlapped: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
+    set_aside: Path | None = None  # where --new moved the previous outputs
 
     def run_overlapped(self) -> None:
         """Run the overlapped checks side by side; the first failure is raised as soon as it happens."""
@@ -184,7 +186,8 @@ def prepare_launch(
         prepared.overlapped.clear()
 
     if new and not resume and output_dir.exists():
-        warnings.append(f"previous outputs kept in {_set_aside(output_dir)}")
+        prepared.set_aside = _set_aside(output_dir)
+        warnings.append(f"previous outputs kept in {prepared.set_aside}")
     return prepared
 
 
@@ -251,7 +254,10 @@ def train(
         manifest["stopped_by_check"] = str(result.stopped_by)
     _write_json(manifest_path, manifest)
     if result.stopped_by is not None:
-        raise result.stopped_by
+        note = f"found while kohya started; kohya was stopped, its log is {log_path}"
+        if prepared.set_aside is not None:
+            note += f"; the previous outputs are kept in {prepared.set_aside}"
+        raise _with_note(result.stopped_by, note)
     return TrainResult(
         name=rendered.name,
         lora=final if returncode == 0 else None,
@@ -268,6 +274,15 @@ def train(
         overlapped_checks=sorted(prepared.overlapped),
         checks_seconds=result.guard_seconds,
     )
+
+
+def _with_note(exc: BaseException, note: str) -> BaseException:
+    """The same user error, saying that kohya had started and was stopped for it."""
+    if isinstance(exc, ProblemsError):
+        return ProblemsError(exc.source, [*exc.problems, note])
+    if isinstance(exc, DermkohyaError):
+        return DermkohyaError(f"{exc} ({note})")
+    return exc
 
 
 def _last_loss(lines: list[str]) -> float | None:

@@ -147,7 +147,7 @@ def test_a_different_checkpoint_stops_kohya_before_it_trains(project: Path, monk
     run = _write_run(project, pin=f'sha256 = "{"0" * 64}"')
     monkeypatch.setenv("STAND_IN_STARTUP_S", "120")  # kohya still loading when the hash is known
     _after_kohya_started(monkeypatch, basemodel, "sha256_path")
-    with pytest.raises(DermkohyaError, match="expects 0{64}: you have a different checkpoint"):
+    with pytest.raises(DermkohyaError, match="expects 0{64}: you have a different checkpoint.*kohya was stopped, its log is"):
         train.train(run, project_root=project)
     pid = int(Path(os.environ["STAND_IN_PID"]).read_text())
     time.sleep(0.2)
@@ -166,6 +166,7 @@ def test_an_option_kohya_does_not_know_stops_kohya_and_is_named(project: Path, m
     with pytest.raises(ProblemsError) as raised:
         train.train(run, project_root=project)
     assert any("`network_dim` is not an option of sd-scripts' train_network.py" in p for p in raised.value.problems)
+    assert "kohya was stopped" in raised.value.problems[-1]
     assert not _running(int(Path(os.environ["STAND_IN_PID"]).read_text()))
     assert not (project / "output" / "tiny" / "tiny.safetensors").exists()
 
@@ -193,3 +194,14 @@ def test_cached_sha256_reads_nothing_and_notices_a_changed_file(tmp_path: Path) 
     assert basemodel.sha256_path(folder, cache_root=cache) == basemodel.cached_sha256(folder, cache_root=cache)
     model.write_bytes(b"other weights")
     assert basemodel.cached_sha256(model, cache_root=cache) is None
+
+
+def test_a_stop_after_new_says_where_the_previous_run_is(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = project / "output" / "tiny"
+    previous.mkdir(parents=True)
+    (previous / "tiny.safetensors").write_bytes(b"the first LoRA")
+    run = _write_run(project, pin=f'sha256 = "{"0" * 64}"')
+    monkeypatch.setenv("STAND_IN_STARTUP_S", "120")
+    with pytest.raises(DermkohyaError, match=r"previous outputs are kept in .*tiny\.1"):
+        train.train(run, project_root=project, new=True)
+    assert (project / "output" / "tiny.1" / "tiny.safetensors").read_bytes() == b"the first LoRA"
