@@ -19,6 +19,8 @@ import pytest
 from dermkohya import kohya
 from dermkohya.errors import DermkohyaError
 
+from _processes import running
+
 TQDM_LINES = [
     "steps:   0%|          | 0/18 [00:00<?, ?it/s]",
     "steps:  50%|█████     | 9/18 [00:27<00:27, 3.05s/it, avr_loss=0.152]",
@@ -89,16 +91,7 @@ def test_ctrl_c_stops_kohyas_whole_process_group(tmp_path: Path) -> None:
     assert '"interrupted": true' in out
     grandchild = int(pid_file.read_text())
     time.sleep(0.2)
-    assert not _running(grandchild)
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (an unreaped zombie is dead: no init reaps it in some containers)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
+    assert not running(grandchild)
 
 
 def test_missing_sd_scripts_and_python_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,8 @@ from PIL import Image
 from dermkohya import basemodel, kohya, render, train
 from dermkohya.errors import DermkohyaError, ProblemsError
 
+from _processes import running
+
 pytest.importorskip("accelerate", reason="the stand-in is launched through accelerate, as kohya is")
 
 BASE = b"a base model's bytes"
@@ -113,14 +115,6 @@ def _after_kohya_started(monkeypatch: pytest.MonkeyPatch, module: object, name: 
     monkeypatch.setattr(module, name, later)
 
 
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 def test_first_run_checks_while_kohya_starts_and_caches_their_answers(project: Path) -> None:
     run = _write_run(project, pin=f'sha256 = "{hashlib.sha256(BASE).hexdigest()}"')
     result = train.train(run, project_root=project)
@@ -151,7 +145,7 @@ def test_a_different_checkpoint_stops_kohya_before_it_trains(project: Path, monk
         train.train(run, project_root=project)
     pid = int(Path(os.environ["STAND_IN_PID"]).read_text())
     time.sleep(0.2)
-    assert not _running(pid)
+    assert not running(pid)
     output = project / "output" / "tiny"
     assert not (output / "tiny.safetensors").exists()
     manifest = json.loads((output / "manifest.json").read_text())
@@ -167,7 +161,7 @@ def test_an_option_kohya_does_not_know_stops_kohya_and_is_named(project: Path, m
         train.train(run, project_root=project)
     assert any("`network_dim` is not an option of sd-scripts' train_network.py" in p for p in raised.value.problems)
     assert "kohya was stopped" in raised.value.problems[-1]
-    assert not _running(int(Path(os.environ["STAND_IN_PID"]).read_text()))
+    assert not running(int(Path(os.environ["STAND_IN_PID"]).read_text()))
     assert not (project / "output" / "tiny" / "tiny.safetensors").exists()
 
 
