@@ -757,7 +757,12 @@ def main() -> int:
         report = sdxl_report(report, family, model_bytes)
 
     places = {str(work): "<work>", str(root): "<repo>"}
-    report["setup"]["paths"] = "machine paths redacted: <repo> is the repository root, <work> the scratch folder"
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):  # gpu_run.sh's temporary wheel folder
+        if entry and Path(entry).resolve() != root:
+            places[str(Path(entry).resolve())] = "<site>"
+            places[entry] = "<site>"
+    report["setup"]["paths"] = ("machine paths redacted: <repo> is the repository root, <work> the scratch folder, "
+                                "<site> the folder of the carried wheels")
     chosen = [v for name in names for v in family.variants if v.name == name]
     for variant in chosen:
         left = args.budget - (time.monotonic() - t0)
