@@ -453,21 +453,25 @@ class _HashCache:
         except (OSError, ValueError):
             self.entries = {}
         self.dirty = False
+        self._by_inode: dict[tuple[int, int, int, int], str] = {}
 
     def known(self, path: Path) -> str | None:
         """The cached digest while the file's size and mtime are unchanged, else None (nothing is read)."""
-        stat = path.stat()
-        entry = self.entries.get(str(path.resolve()))
+        return self._lookup(str(path.resolve()), path.stat())
+
+    def _lookup(self, key: str, stat: os.stat_result) -> str | None:
+        entry = self.entries.get(key)
         if entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
             return entry["sha256"]
         return None
 
     def sha256(self, path: Path) -> str:
-        if (digest := self.known(path)) is not None:
+        key, stat = str(path.resolve()), path.stat()
+        if (digest := self._lookup(key, stat)) is not None:
             return digest
-        key = str(path.resolve())
-        stat = path.stat()
-        digest = _hash_file(path)
+        inode = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        digest = self._by_inode.get(inode) or _hash_file(path)  # a hard link (SDXL's fp16 names) is read once
+        self._by_inode[inode] = digest
         self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
         self.dirty = True
         return digest

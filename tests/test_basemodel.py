@@ -381,3 +381,16 @@ def test_cli_base_group_lists_its_commands() -> None:
     out = CliRunner().invoke(main, ["base", "--help"]).output
     for command in ("random-sd15", "random-sdxl", "hash", "info"):
         assert command in out
+
+
+def test_a_hard_linked_weights_file_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "xl" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "w.safetensors").write_bytes(b"fp16 weights")
+    os.link(folder / "w.safetensors", folder / "w.fp16.safetensors")  # what random:sdxl carries
+    reads: list[str] = []
+    real = basemodel._hash_file
+    monkeypatch.setattr(basemodel, "_hash_file", lambda path: reads.append(path.name) or real(path))
+    digest = basemodel.sha256_path(tmp_path / "xl", cache_root=tmp_path / "cache")
+    assert len(reads) == 1
+    assert digest == basemodel.cached_sha256(tmp_path / "xl", cache_root=tmp_path / "cache")
