@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES_DIR = PROJECT_ROOT / "templates"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"  # package data: ships in the wheel
 VENDORED_SD_SCRIPTS = PROJECT_ROOT / "vendor" / "sd-scripts"
 DEFAULT_KOHYA_PYTHON = PROJECT_ROOT / ".venv-kohya" / "bin" / "python"
 
