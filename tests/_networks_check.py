@@ -202,6 +202,51 @@ def cpu_dispatch() -> dict[str, object]:
             "dispatch_diff": float((via - direct).abs().max())}
 
 
+def cuda_graphs(dtype: str) -> dict[str, object]:
+    """On a GPU: the same LoRA trained for several steps through graph replay (cuda_graph=on) and through
+    the eager path (cuda_graph=off), from the same weights and inputs, under autocast as kohya trains."""
+    autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    ref, _, _ = build(kohya_lora, {}, None)
+    torch.manual_seed(3)
+    state = {k: (torch.randn_like(v) * 0.1 if k.endswith("weight") else v) for k, v in ref.state_dict().items()}
+    runs = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        te, unet = TinyTextEncoder().cuda(), TinyUNet().cuda()
+        torch.manual_seed(1)
+        network = lora_fast.create_network(1.0, 4, 2.0, None, te, unet, cuda_graph=mode)
+        network.apply_to(te, unet, True, True)
+        network.load_state_dict(copy.deepcopy(state))
+        network.cuda().requires_grad_(True)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.5)
+        outs, losses = [], []
+        for step_no in range(6):
+            torch.manual_seed(10 + step_no)
+            tokens = torch.randn(2, 5, 16, device="cuda")
+            latents = torch.randn(2, 8, 6, 6, device="cuda")
+            with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+                out = unet(latents, te(tokens))
+            loss = out.float().pow(2).mean()
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            optimizer.step()
+            outs.append(out.detach().float())
+            losses.append(float(loss))
+        graphs = network.dk_unet_graphs
+        runs[mode] = {"outs": outs, "losses": losses, "state": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
+                      "replays": graphs.replays if graphs else 0, "off_reason": graphs.off_reason if graphs else "not installed"}
+    on, off = runs["on"], runs["off"]
+    return {
+        "replays": on["replays"], "off_reason": on["off_reason"], "eager_replays": off["replays"],
+        "out_diff": max(float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])),
+        "out_scale": max(float(a.abs().max()) for a in off["outs"]),
+        "loss_on": on["losses"], "loss_off": off["losses"],
+        "weight_diff": max_diff(on["state"], off["state"]),
+        "weight_scale": max(float(v.abs().max()) for v in off["state"].values()),
+        "weights_moved": max_diff(off["state"], {k: v.float() for k, v in state.items()}),
+    }
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     result = {
@@ -213,4 +258,6 @@ if __name__ == "__main__":
         "option_errors": option_errors(),
         "cpu_dispatch": cpu_dispatch(),
     }
+    if torch.cuda.is_available():
+        result["cuda_graphs"] = {dtype: cuda_graphs(dtype) for dtype in ("fp32", "fp16", "bf16")}
     sys.stdout.write("NETWORKS-CHECK " + json.dumps(result) + "\n")

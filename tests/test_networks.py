@@ -80,3 +80,17 @@ def test_graph_dispatcher_runs_eagerly_without_cuda(result: dict) -> None:
     assert not r["installed"]  # no CUDA: nothing replaces the U-Net's forward
     assert r["eager_calls"] == 1 and r["replays"] == 0 and r["off_reason"] is None
     assert r["out_diff"] == 0.0 and r["dispatch_diff"] == 0.0
+
+
+@pytest.mark.kohya
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_graph_replay_trains_like_the_eager_path(result: dict, dtype: str) -> None:
+    """Six optimizer steps replayed from CUDA graphs land on the eager path's outputs, losses and weights."""
+    r = result["cuda_graphs"][dtype]
+    assert r["off_reason"] is None and r["replays"] == 6 and r["eager_replays"] == 0
+    tolerance = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}[dtype]
+    assert r["out_diff"] <= tolerance * r["out_scale"]
+    assert r["weights_moved"] > 100 * r["weight_diff"]  # training changed the weights far more than the paths differ
+    assert r["weight_diff"] <= tolerance * r["weight_scale"]
+    assert all(abs(a - b) <= tolerance * max(abs(b), 1e-8) for a, b in zip(r["loss_on"], r["loss_off"]))
