@@ -12,7 +12,6 @@ torch, diffusers and transformers are imported only by the builders: identifying
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -21,10 +20,10 @@ import shutil
 import struct
 import zipfile
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from dermkohya import clip_bpe
 from dermkohya.errors import DermkohyaError
 from dermkohya.paths import cache_root
 from dermkohya.files import sha256_file as _hash_file
@@ -41,12 +40,6 @@ CLIP_L_TOKENIZER_ID = "openai/clip-vit-large-patch14"
 CLIP_BIGG_TOKENIZER_ID = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
 CLIP_VOCAB_SIZE = 49408
 CLIP_MAX_LENGTH = 77
-
-# Where the BPE merges live in the packages that ship them: (distribution, file inside it).
-_BPE_SOURCES = (
-    ("open_clip_torch", "open_clip/bpe_simple_vocab_16e6.txt.gz"),
-    ("openai-clip", "clip/bpe_simple_vocab_16e6.txt.gz"),
-)
 
 CKPT_WARNING = (
     "{path}: a .ckpt file is a pickle, and kohya unpickles it with weights_only=False, which runs any code "
@@ -180,20 +173,8 @@ def default_cache_root() -> Path:
 
 
 def _clip_bpe_file() -> Path:
-    """The gzipped CLIP BPE merges, found through package metadata so the package is never imported
-    (open-clip-torch is installed with --no-deps and would not import without torchvision/timm)."""
-    for dist_name, rel in _BPE_SOURCES:
-        try:
-            dist = metadata.distribution(dist_name)
-        except metadata.PackageNotFoundError:
-            continue
-        candidate = Path(str(dist.locate_file(rel)))
-        if candidate.is_file():
-            return candidate
-    raise DermkohyaError(
-        "the CLIP BPE merges (bpe_simple_vocab_16e6.txt.gz) are needed to build kohya's tokenizer offline: "
-        "run `make env`, or `pip install --no-deps open-clip-torch` in dermkohya's environment"
-    )
+    """The gzipped CLIP BPE merges (the one lookup in dermkohya.clip_bpe), or an error naming the fix."""
+    return clip_bpe.require_merges_file()
 
 
 def _write_clip_vocab(folder: Path) -> tuple[Path, Path]:
@@ -202,8 +183,7 @@ def _write_clip_vocab(folder: Path) -> tuple[Path, Path]:
     then the two special tokens): 49408 entries, the ids every SD checkpoint was trained with."""
     from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-    lines = gzip.decompress(_clip_bpe_file().read_bytes()).decode("utf-8").split("\n")
-    merges = lines[1 : 49152 - 256 - 2 + 1]
+    merges = clip_bpe.read_merges(_clip_bpe_file())
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -10,6 +11,9 @@ from rich.markup import escape
 
 from dermkohya import __version__
 from dermkohya.errors import DermkohyaError, ProblemsError
+
+if TYPE_CHECKING:
+    from dermkohya.dataset import CheckReport
 
 console = Console()
 err_console = Console(stderr=True)
@@ -232,9 +236,79 @@ def check_cmd(dataset_path: Path, resolution: str, caption_extension: str, decod
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:
-        console.print(report)
+        _print_check_report(report)
     if report.has_errors(strict):
         raise SystemExit(1)
+
+
+def _print_check_report(report: CheckReport) -> None:
+    """The check report for a terminal: summary tables, then each kind of problem with its files and fix."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from dermkohya.dataset import CLIP_CHUNK_TOKENS, CODES
+
+    scan = "full decode" if report.decode else "header scan"
+    reg = (f"; train {report.images - report.reg_images} images ({report.effective_samples - report.reg_effective_samples} "
+           f"effective samples), reg {report.reg_images} images ({report.reg_effective_samples})" if report.reg_subsets else "")
+    console.print(Text.assemble(
+        (str(report.root), "bold"), f": {report.images} images in {len(report.subsets)} subset(s){reg}; captions "
+        f"{report.caption_extension}, resolution {report.resolution[0]}×{report.resolution[1]}, {scan} "
+        f"in {report.seconds:.1f} s"))
+    if report.subsets:
+        table = Table(title="subsets", title_justify="left")
+        for column in ("folder", "repeats", "concept", "images", "effective samples"):
+            table.add_column(column, justify="right" if column in ("repeats", "images", "effective samples") else "left")
+        for s in report.subsets:
+            kind = " (reg)" if s.is_reg else " (fine-tuning)" if s.kind == "fine-tuning" else ""
+            table.add_row(Text(report.subset_label(s) + kind), str(s.repeats), Text(s.concept), str(len(s.images)),
+                          str(s.effective_samples))
+        console.print(table)
+    for title, counts in (("Fitzpatrick skin type", report.fst_counts), ("diagnosis", report.diagnosis_counts)):
+        if counts:
+            table = Table(title=f"per {title}", title_justify="left")
+            table.add_column(title)
+            table.add_column("images", justify="right")
+            table.add_column("effective samples", justify="right")
+            table.add_column("share", justify="right")
+            total = sum(c["effective"] for c in counts.values()) or 1
+            for key, c in counts.items():
+                table.add_row(Text(key), str(c["images"]), str(c["effective"]), f"{100 * c['effective'] / total:.1f} %")
+            console.print(table)
+    if any(report.token_histogram.values()):
+        how = "CLIP BPE" if report.tokenizer.startswith("CLIP") else "approximate"
+        table = Table(title=f"caption tokens ({how}; {CLIP_CHUNK_TOKENS} per chunk)", title_justify="left")
+        table.add_column("tokens")
+        table.add_column("captions", justify="right")
+        table.add_column("")
+        top = max(report.token_histogram.values())
+        for label, count in report.token_histogram.items():
+            if count:
+                table.add_row(label, str(count), "█" * max(1, round(30 * count / top)))
+        console.print(table)
+    shown = 25
+    for code, problems in report.by_code().items():
+        severity = "error" if any(p.severity == "error" for p in problems) else "warning"
+        colour = "red" if severity == "error" else "yellow"
+        console.print(Text.from_markup(f"\n[bold {colour}]{severity}[/] [bold]{code}[/] ({len(problems)}): {CODES[code][1]}"))
+        table = Table(show_header=False, box=None, padding=(0, 1, 0, 2))
+        table.add_column("path", style="bold", overflow="fold")
+        table.add_column("problem", overflow="fold")
+        for p in problems[:shown]:
+            table.add_row(Text(report.display(p.path)), Text(p.message))
+        if len(problems) > shown:
+            table.add_row(f"… and {len(problems) - shown} more", "(--json lists every one)")
+        console.print(table)
+        fixes = list(dict.fromkeys(p.fix for p in problems))
+        console.print(Text(f"  fix: {fixes[0]}" if len(fixes) == 1 else "  fix: " + "; ".join(fixes[:3]), style="dim"))
+    console.print(Text(""))
+    if report.errors:
+        console.print(Text.from_markup(f"[bold red]✗ {len(report.errors)} error(s)[/], {len(report.warnings)} warning(s)"))
+    elif report.warnings:
+        console.print(Text.from_markup(f"[bold yellow]! 0 errors, {len(report.warnings)} warning(s)[/] (--strict makes them errors)"))
+    else:
+        console.print(Text.from_markup("[bold green]✓ no problems[/]"))
+    console.print(Text(f"content hash sha256:{report.content_hash}", style="dim"))
 
 
 @main.command("demo-data")
