@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dermkohya import basemodel, kohya
+from dermkohya import basemodel, clip_bpe, kohya
 from dermkohya.errors import DermkohyaError
 
 torch = pytest.importorskip("torch")
@@ -60,7 +60,7 @@ def test_tokenizer_cache_keeps_existing_entries(tokenizer_cache: Path) -> None:
 
 
 def test_missing_bpe_merges_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(basemodel, "_BPE_SOURCES", (("no-such-distribution-xyz", "x.txt.gz"),))
+    monkeypatch.setattr(clip_bpe, "merges_file", lambda: None)
     with pytest.raises(DermkohyaError, match="open-clip-torch"):
         basemodel.build_tokenizer_cache(tmp_path / "tok")
     assert not (tmp_path / "tok" / "openai_clip-vit-large-patch14").exists()

@@ -422,3 +422,201 @@ def test_cli_demo_dataset_is_clean(tmp_path: Path) -> None:
 def test_cli_missing_dataset_is_one_red_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["check", str(tmp_path / "nope")])
     assert result.exit_code == 1 and "nope" in result.output and "Traceback" not in result.output
+
+
+# --- kohya's documented dataset configs (sd-scripts docs/config_README-en.md) ------------------------
+
+KOHYA_DOCS = Path(__file__).parent / "data" / "kohya_docs"
+
+
+def docs_config(tmp_path: Path, name: str) -> Path:
+    """One of the docs' TOML examples with its Windows (and /path/to) paths pointed at `tmp_path`."""
+    text = (KOHYA_DOCS / name).read_text(encoding="utf-8")
+    text = text.replace("C:\\", f"{tmp_path.as_posix()}/").replace("\\", "/").replace("/path/to", tmp_path.as_posix())
+    config = tmp_path / name
+    config.write_text(text, encoding="utf-8")
+    return config
+
+
+def metadata_json(path: Path, entries: dict[str, dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries, indent=2), encoding="utf-8")
+    return path
+
+
+def docs_mixed_example(tmp_path: Path) -> Path:
+    """The docs' first example: two DreamBooth subsets, a reg subset with class tokens only, a fine-tuning subset."""
+    for i in range(2):
+        pair(tmp_path / "hoge", f"h{i}", f"hoge girl, photo {i}")
+    for i in range(3):
+        pair(tmp_path / "fuga", f"f{i}", f"fuga boy, photo {i}")
+    for i in range(4):
+        image(tmp_path / "reg" / f"r{i}.png")  # no captions: kohya trains them on class_tokens 'human'
+    for i in range(2):
+        image(tmp_path / "piyo" / f"p{i}.png")
+    metadata_json(tmp_path / "piyo" / "piyo_md.json", {
+        "p0.png": {"caption": "a photo of piyo", "tags": "bird, yellow"},
+        str(tmp_path / "piyo" / "p1.png"): {"caption": "", "tags": "bird, Fitzpatrick skin type II"},
+    })
+    return docs_config(tmp_path, "mixed_dreambooth_finetuning.toml")
+
+
+def test_docs_example_reports_every_subset_dreambooth_reg_and_fine_tuning(tmp_path: Path) -> None:
+    config = docs_mixed_example(tmp_path)
+    report = run(config)
+    assert not report.has_errors(), [p.to_dict(tmp_path) for p in report.errors]
+    assert {p.code for p in report.problems} == {"too-small"}  # 64×64 images at the docs' 512 and 768
+    assert [(report.subset_label(s), s.kind, s.is_reg, s.concept, s.repeats, len(s.images), s.effective_samples,
+             s.resolution) for s in report.subsets] == [
+        ("hoge", "dreambooth", False, "hoge girl", 1, 2, 2, (512, 512)),
+        ("fuga", "dreambooth", False, "fuga boy", 1, 3, 3, (512, 512)),
+        ("reg", "dreambooth", True, "human", 1, 4, 4, (512, 512)),
+        ("piyo/piyo_md.json", "fine-tuning", False, "", 1, 2, 2, (768, 768)),
+    ]
+    assert (report.images, report.reg_images, report.effective_samples, report.reg_effective_samples) == (11, 4, 11, 4)
+    assert sum(report.token_histogram.values()) == 7  # every caption kohya reads: 5 files, 2 metadata entries
+    assert report.fst_counts["II"] == {"images": 1, "effective": 1}  # from p1's tags
+    summary = report.to_dict()["summary"]
+    assert summary["train"] == {"images": 7, "effective_samples": 7} and summary["reg"] == {"images": 4, "effective_samples": 4}
+    assert summary["subsets"][3] == {"folder": "piyo", "repeats": 1, "concept": "", "is_reg": False, "images": 2,
+                                     "effective_samples": 2, "kind": "fine-tuning", "metadata_file": "piyo/piyo_md.json"}
+    assert "kind" not in summary["subsets"][0]
+    assert [len(s.images) for s in dataset.find_subsets(config)] == [2, 3, 4, 2]
+
+
+def test_docs_example_content_hash_covers_every_subset(tmp_path: Path) -> None:
+    config = docs_mixed_example(tmp_path)
+    digest = dataset.content_hash(config)
+    assert run(config).content_hash == digest
+    metadata = tmp_path / "piyo" / "piyo_md.json"
+    for edit in (lambda: metadata.write_text(metadata.read_text().replace("a photo of piyo", "a photo of piyo!")),
+                 lambda: image(tmp_path / "piyo" / "p0.png", size=(65, 64)),
+                 lambda: image(tmp_path / "reg" / "r0.png", size=(65, 64)),
+                 lambda: (tmp_path / "hoge" / "h0.txt").write_text("edited")):
+        edit()
+        changed = dataset.content_hash(config)
+        assert changed != digest and run(config).content_hash == changed
+        digest = changed
+
+
+def test_docs_example_same_image_dir_in_two_datasets_counts_both(tmp_path: Path) -> None:
+    for i in range(2):
+        pair(tmp_path / "hoge", f"h{i}")
+    report = run(docs_config(tmp_path, "same_image_dir_two_datasets.toml"))
+    assert [(s.path.name, s.resolution, len(s.images)) for s in report.subsets] == [
+        ("hoge", (512, 512), 2), ("hoge", (768, 768), 2)]
+    assert report.images == 4 and report.effective_samples == 4
+    assert config_warnings(report) == {"caption-extension-unset"}  # the example relies on --caption_extension
+
+
+def config_warnings(report: dataset.CheckReport) -> set[str]:
+    return {p.code for p in report.problems} - {"too-small"}
+
+
+def test_docs_example_wildcard_captions_are_not_multiline_warnings(tmp_path: Path) -> None:
+    pair(tmp_path / "image_dir", "miku", "1girl, hatsune miku\na girl with a microphone standing on a stage")
+    report = run(docs_config(tmp_path, "separators_wildcard.toml"))
+    assert [(s.path.name, s.repeats, s.enable_wildcard, len(s.images)) for s in report.subsets] == [("image_dir", 1, True, 1)]
+    assert config_warnings(report) == set() and report.subsets[0].resolution == (1024, 1024)
+
+
+# --- fine-tuning and reg subsets: what kohya does with them ------------------------------------------
+
+def fine_tuning_config(tmp_path: Path, metadata: str, image_dir: str | None = "images") -> Path:
+    config = tmp_path / "ft.toml"
+    lines = ["[[datasets]]", "[[datasets.subsets]]", f"metadata_file = '{metadata}'", "num_repeats = 3"]
+    if image_dir is not None:
+        lines.append(f"image_dir = '{image_dir}'")
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def test_fine_tuning_defects_are_found(tmp_path: Path) -> None:
+    for stem in ("ok", "stem_only", "no_caption", "unlisted"):
+        image(tmp_path / "images" / f"{stem}.png")
+    metadata_json(tmp_path / "md.json", {
+        "ok.png": {"caption": CAPTION},
+        "gone.png": {"caption": CAPTION},
+        "stem_only": {"caption": CAPTION},  # merge_captions_to_metadata.py's key: kohya opens it as written
+        "no_caption.png": {"tags": ""},
+        "bad.png": {"caption": 3},
+    })
+    report = run(fine_tuning_config(tmp_path, "md.json"))
+    metadata = tmp_path / "md.json"
+    messages = [p.message for p in report.problems if p.code == "metadata-key-no-image"]
+    assert len(messages) == 2 and any("'gone.png'" in m for m in messages)
+    assert any("'stem_only'" in m and "'stem_only.png'" in m for m in messages)
+    assert "'no_caption.png'" in found(report, "empty-caption")[metadata].message
+    assert "'bad.png'" in found(report, "bad-metadata-file")[metadata].message
+    assert tmp_path / "images" / "unlisted.png" in found(report, "image-not-in-metadata")
+    assert tmp_path / "images" / "stem_only.png" in found(report, "image-not-in-metadata")
+    subset = report.subsets[0]
+    assert [i.name for i in subset.images] == ["no_caption.png", "ok.png"] and subset.effective_samples == 6
+    assert report.has_errors()
+
+
+def test_fine_tuning_metadata_file_forms(tmp_path: Path) -> None:
+    image(tmp_path / "images" / "a.png")
+    (tmp_path / "md.jsonl").write_text(json.dumps({"image_path": "a.png", "caption": CAPTION}) + "\n")
+    report = run(fine_tuning_config(tmp_path, "md.jsonl"))
+    assert not report.has_errors() and report.images == 1 and report.effective_samples == 3
+    (tmp_path / "broken.json").write_text("{not json")
+    assert tmp_path / "broken.json" in found(run(fine_tuning_config(tmp_path, "broken.json")), "bad-metadata-file")
+    metadata_json(tmp_path / "rel.json", {"a.png": {"caption": CAPTION}})
+    no_dir = run(fine_tuning_config(tmp_path, "rel.json", image_dir=None))
+    assert "no image_dir" in found(no_dir, "bad-metadata-file")[tmp_path / "rel.json"].message
+    missing = run(fine_tuning_config(tmp_path, "nowhere.json"))
+    assert "metadata_file does not exist" in found(missing, "not-found")[Path("nowhere.json")].message
+    metadata_json(tmp_path / "empty.json", {})
+    assert tmp_path / "empty.json" in found(run(fine_tuning_config(tmp_path, "empty.json")), "empty-subset")
+
+
+def test_long_fine_tuning_caption_counts_caption_and_tags(tmp_path: Path) -> None:
+    image(tmp_path / "images" / "a.png")
+    metadata_json(tmp_path / "md.json", {"a.png": {"caption": CAPTION, "tags": ", ".join(["erythema"] * 40)}})
+    report = run(fine_tuning_config(tmp_path, "md.json"))
+    assert "md.json" in found(report, "caption-too-long")[tmp_path / "images" / "a.png"].message
+
+
+def test_reg_subset_without_captions_needs_class_tokens(tmp_path: Path) -> None:
+    pair(tmp_path / "train", "t0")
+    image(tmp_path / "reg" / "r0.png")
+    image(tmp_path / "plain" / "p0.png")
+    config = tmp_path / "reg.toml"
+    config.write_text(
+        "[general]\ncaption_extension = '.txt'\n[[datasets]]\n"
+        "[[datasets.subsets]]\nimage_dir = 'train'\nclass_tokens = 'derm'\n"
+        "[[datasets.subsets]]\nimage_dir = 'reg'\nis_reg = true\nclass_tokens = 'skin'\nnum_repeats = 2\n")
+    report = run(config)
+    assert not report.has_errors() and (report.reg_images, report.reg_effective_samples) == (1, 2)
+    config.write_text(config.read_text().replace("class_tokens = 'skin'\n", "")
+                      + "[[datasets.subsets]]\nimage_dir = 'plain'\nclass_tokens = 'derm'\n")
+    missing = found(run(config), "missing-caption")
+    assert "empty caption" in missing[tmp_path / "reg" / "r0.png"].message  # reg without class tokens
+    assert "class token 'derm'" in missing[tmp_path / "plain" / "p0.png"].message  # training subsets need captions
+
+
+def test_mixed_dataset_and_controlnet_subsets_are_named(tmp_path: Path) -> None:
+    pair(tmp_path / "db", "a")
+    image(tmp_path / "ft" / "b.png")
+    metadata_json(tmp_path / "ft" / "md.json", {"b.png": {"caption": CAPTION}})
+    config = tmp_path / "mixed.toml"
+    config.write_text(
+        "[general]\ncaption_extension = '.txt'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'db'\n"
+        "[[datasets.subsets]]\nimage_dir = 'ft'\nmetadata_file = 'ft/md.json'\n"
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'db'\nconditioning_data_dir = 'cond'\n")
+    report = run(config)
+    assert "mixes DreamBooth subsets" in found(report, "bad-config")[config].message
+    assert "ControlNet" in found(report, "unsupported-subset")[config].message
+    assert [s.kind for s in report.subsets] == ["dreambooth", "fine-tuning"]
+
+
+def test_cli_shows_fine_tuning_and_reg_subsets(tmp_path: Path) -> None:
+    config = docs_mixed_example(tmp_path)
+    result = CliRunner().invoke(main, ["check", str(config)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # the terminal wraps long lines
+    assert "piyo/piyo_md.json" in text and "(fine-tuning)" in text and "reg (reg)" in text
+    assert "train 7 images (7 effective samples), reg 4 images (4)" in text
+    as_json = json.loads(CliRunner().invoke(main, ["check", str(config), "--json"]).output)
+    assert as_json["summary"]["reg"]["images"] == 4 and as_json["summary"]["subsets"][3]["kind"] == "fine-tuning"
