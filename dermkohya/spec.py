@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dermkohya.errors import DermkohyaError
 from dermkohya.schema import load_toml_model
@@ -29,12 +29,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_todo(value: str | None) -> str | None:
+    """`dermkohya adopt` leaves a path the source did not name as "TODO: …": never a path to use."""
+    if value is not None and value.startswith("TODO"):
+        raise ValueError(f"still {value!r} (left by `dermkohya adopt`): set the path")
+    return value
+
+
 class ModelSection(_Section):
     base: str = Field(description="local .safetensors/.ckpt file, diffusers folder, or random:sd15 / random:sdxl")
     family: Family = "sd15"
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     vae: str | None = None
     no_half_vae: bool | None = None
+
+    _paths = field_validator("base", "vae")(_no_todo)
 
 
 class DatasetSection(_Section):
@@ -48,6 +57,8 @@ class DatasetSection(_Section):
     shuffle_caption: bool = False
     keep_tokens: int = Field(default=0, ge=0)
     flip_aug: bool = False
+
+    _paths = field_validator("train_data_dir", "prepared")(_no_todo)
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSection:
@@ -78,7 +89,7 @@ class TrainSection(_Section):
     optimizer: str = "AdamW"
     optimizer_args: list[str] = Field(default_factory=list)
     lr_scheduler: str = "constant"
-    lr_warmup_steps: int = Field(default=0, ge=0)
+    lr_warmup_steps: int | float = Field(default=0, ge=0, description="steps, or a fraction (< 1) of all steps, as kohya reads it")
     min_snr_gamma: float | None = Field(default=None, gt=0)
     noise_offset: float | None = Field(default=None, ge=0)
     seed: int = 42
@@ -92,6 +103,21 @@ class TrainSection(_Section):
     save_every_n_epochs: int | None = Field(default=1, ge=1)
     save_state: bool = True
     clip_skip: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_alone(cls, data: Any) -> Any:
+        # kohya's max_train_epochs overrides max_train_steps: `max_steps` alone must not keep the default epochs
+        if isinstance(data, dict) and "max_steps" in data and "epochs" not in data:
+            return {**data, "epochs": None}
+        return data
+
+    @field_validator("lr_warmup_steps")
+    @classmethod
+    def _warmup(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value >= 1:
+            raise ValueError(f"{value} is a fraction of all steps and must be below 1: write whole steps as an integer")
+        return value
 
 
 class SampleSection(_Section):

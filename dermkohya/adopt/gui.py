@@ -32,7 +32,7 @@ caption_extension huber_schedule loss_type lr_scheduler mixed_precision save_pre
 training_comment log_with log_tracker_name wandb_run_name metadata_author metadata_description metadata_license
 metadata_tags metadata_title huggingface_repo_id huggingface_repo_type huggingface_repo_visibility huggingface_path_in_repo
 output_name resume_from_huggingface lr_scheduler_type lr_scheduler_power pretrained_model_name_or_path train_data_dir
-reg_data_dir output_dir logging_dir vae dataset_config resume log_tracker_config network_weights
+reg_data_dir output_dir logging_dir vae dataset_config resume log_tracker_config network_weights learning_rate train_batch_size
 """.split())
 INTEGERS = frozenset("""train_batch_size bucket_reso_steps caption_dropout_every_n_epochs gradient_accumulation_steps keep_tokens max_bucket_reso
 min_bucket_reso max_token_length seed max_train_epochs max_train_steps clip_skip max_data_loader_n_workers
@@ -159,7 +159,8 @@ def read(data: dict[str, Any], where: str) -> Source:
     for key in ("max_train_epochs", "max_train_steps"):
         if not _empty(data.get(key)):
             args[key] = _number(key, data[key], where)
-    done |= {"max_train_epochs", "max_train_steps"} & data.keys()
+    mark([k for k in ("max_train_epochs", "max_train_steps") if k in args], "converted", "same option in sd-scripts")
+    mark(["max_train_epochs", "max_train_steps"], "dropped", "empty or 0: not passed (the GUI then counts steps from `epoch`)")
     if "max_train_steps" in args and "max_train_epochs" not in args:
         mark(["epoch"], "dropped", f"max_train_steps = {args['max_train_steps']} is set, so kohya stops there (as in the GUI)")
     elif "max_train_epochs" not in args:

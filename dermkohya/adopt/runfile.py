@@ -188,6 +188,9 @@ def _dataset(b: _Builder, option: str | None, root: Path) -> None:
           renders={}, why="")
     for key in DATASET_KEYS:
         value, origin = b.take(key, False if key in ("enable_bucket", "shuffle_caption", "flip_aug") else None, dataset=True)
+        if key == "bucket_reso_steps" and value % 8:
+            b.needs(key, f"{value} is not a multiple of 8 (latents are 1/8 of the image; dermkohya's minimum is 8): 64 written")
+            value, origin = 64, f"needs you: the source's {value} is not a multiple of 8"
         b.put("dataset", key, value, origin)
     for key in ("caption_extension", "train_data_dir", *DATASET_KEYS, "bucket_no_upscale"):
         if key in b.source.args and key not in PATH_KEYS:
