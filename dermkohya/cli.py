@@ -41,6 +41,11 @@ def main() -> None:
     """Dermatology photographs to a kohya-trained Stable Diffusion LoRA, reproducibly."""
 
 
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+
+
 # --- run files: render, train ------------------------------------------------------------------
 
 @main.command("render")
@@ -65,13 +70,16 @@ def render_cmd(run_file, no_kohya_check: bool) -> None:
 @click.option("--strict", is_flag=True, help="Dataset warnings and a different sd-scripts commit are errors.")
 @click.option("--online", is_flag=True, help="Let kohya reach the Hugging Face hub (default: HF_HUB_OFFLINE=1).")
 @click.option("--no-collect", is_flag=True, help="Leave the LoRA in output/<run>/ without collecting it.")
-def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_collect: bool) -> None:
+@click.option("--break-lock", is_flag=True, help="Take the run's lock from a dermkohya on another host that no longer runs.")
+def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_collect: bool, break_lock: bool) -> None:
     """check → render → accelerate launch kohya → collect, with one live progress bar."""
     import sys
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dermkohya import kohya, train
+
+    _print_warnings(click.get_current_context().with_resource(train.run_lock(run_file, break_lock=break_lock)).warnings)
 
     columns = [TextColumn("[bold]kohya[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
@@ -95,7 +103,8 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if result.returncode != 0:
         if result.interrupted:
-            err_console.print("[bold red]interrupted:[/] kohya was stopped.", highlight=False)
+            err_console.print(f"[bold red]stopped[/] by {result.stopped.signal if result.stopped else 'a signal'}: "
+                              "kohya's whole process group was stopped.", highlight=False)
         else:
             err_console.print(f"[bold red]kohya failed[/] (exit {result.returncode}); last lines of {result.log_path}:", highlight=False)
             for line in result.tail[-15:]:
@@ -333,9 +342,12 @@ def demo_data_cmd(directory: Path, seed: int, per_cell: int, size: int) -> None:
 @click.argument("run")
 @click.option("--which", default="final", show_default=True, help="final, epoch:N or step:N (kohya's saved checkpoints).")
 @click.option("--new-version", is_flag=True, help="File a different result as artifacts/<run>/<run>-vN.safetensors.")
-def collect_cmd(run: str, which: str, new_version: bool) -> None:
+@click.option("--break-lock", is_flag=True, help="Take the run's lock from a dermkohya on another host that no longer runs.")
+def collect_cmd(run: str, which: str, new_version: bool, break_lock: bool) -> None:
     """Verify kohya's LoRA for RUN (name or run file) and file it in artifacts/<run>/ with card and manifest."""
     from dermkohya import collect
+
+    _print_warnings(click.get_current_context().with_resource(collect.run_lock(run, break_lock=break_lock)).warnings)
 
     artifact = collect.collect(run, which=which, new_version=new_version)
     console.print(f"[green]collected[/] {artifact}", highlight=False, soft_wrap=True)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import jinja2
 
-from dermkohya import __version__, lora
+from dermkohya import __version__, locks, lora
 from dermkohya.templating import file_environment
 from dermkohya.files import private_temp, write_atomic
 from dermkohya.errors import DermkohyaError, ProblemsError
@@ -217,14 +218,34 @@ def _write_text(path: Path, text: str) -> None:
 # ---- collect ---------------------------------------------------------------------------------------
 
 
+def run_lock(run: str | Path, *, project_root: Path | None = None, break_lock: bool = False) -> AbstractContextManager[locks.Held]:
+    """The run's lock (locks.py): collect never files a LoRA that a running train is still writing."""
+    return locks.hold_run((project_root or Path.cwd()).resolve(), run_name(run), "collect", break_lock=break_lock)
+
+
 def collect(
     run: str | Path,
     *,
     project_root: Path | None = None,
     which: str = "final",
     new_version: bool = False,
+    break_lock: bool = False,
 ) -> Path:
-    """Verify kohya's LoRA files for `run` and file the chosen one in artifacts/<run>/; returns its path."""
+    """Verify kohya's LoRA files for `run` and file the chosen one in artifacts/<run>/; returns its path.
+
+    Holds the run's lock: refused at once while another dermkohya trains or collects the run (`dermkohya
+    train` collects under the lock it trained under)."""
+    with run_lock(run, project_root=project_root, break_lock=break_lock):
+        return _collect_locked(run, project_root=project_root, which=which, new_version=new_version)
+
+
+def _collect_locked(
+    run: str | Path,
+    *,
+    project_root: Path | None = None,
+    which: str = "final",
+    new_version: bool = False,
+) -> Path:
     root = (project_root or Path.cwd()).resolve()
     name = run_name(run)
     manifest, manifest_path = _load_manifest(root, name)

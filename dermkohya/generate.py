@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dermkohya import __version__, metrics, skin
+from dermkohya import __version__, locks, metrics, skin
 from dermkohya.templating import text_template
 from dermkohya.schema import load_toml_model
 from dermkohya.errors import DermkohyaError, ProblemsError
@@ -1007,7 +1007,14 @@ def generate(
     show_progress: bool = True,
 ) -> Result:
     """Make (or finish) the plan's images. `processes` > 1 shards them over that many GPUs (or CPU
-    processes), with the same files as one process. `limit` stops after about that many new images."""
+    processes), with the same files as one process. `limit` stops after about that many new images.
+    A second generate into the same output folder meanwhile is refused at once (locks.py)."""
+    folder = Path(out) if out is not None else Path("synthetic") / load_plan(plan_path)[1]
+    with locks.holding(locks.folder_lock(folder), f"generate output {folder}", "generate"):
+        return _generate_locked(plan_path, out=folder, processes=processes, limit=limit, show_progress=show_progress)
+
+
+def _generate_locked(plan_path: Path, *, out: Path, processes: int, limit: int | None, show_progress: bool) -> Result:
     start = time.perf_counter()
     job = prepare_job(plan_path, out)
     job.staging.mkdir(parents=True, exist_ok=True)

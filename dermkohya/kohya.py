@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -212,12 +213,35 @@ def parse_progress(line: str) -> Progress | None:
 @dataclass
 class LaunchResult:
     returncode: int
-    interrupted: bool
+    interrupted: bool  # stopped by a signal to dermkohya (SIGINT, SIGTERM, SIGHUP): `stop_signal` says which
     tail: list[str] = field(default_factory=list)
     seconds: float = 0.0
     stopped_by: BaseException | None = None  # what the guard raised; kohya was stopped for it
     guard_seconds: float | None = None  # when the guard finished, in seconds after kohya started
     first_step_seconds: float | None = None  # when kohya's first progress line arrived (its training loop began)
+    stop_signal: str | None = None  # "SIGTERM" when dermkohya was told to stop and stopped kohya for it
+
+
+WATCHDOG = Path(__file__).with_name("watchdog.py")
+# Signals that stop a run: Ctrl-C, `kill`/SLURM's end of a job, a closed terminal. Each stops kohya's whole
+# group and is recorded; SIGKILL runs no code, and kohya's watchdog stops the group instead.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _Stop(BaseException):
+    """A stop signal, raised in the main thread where the output is read."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signum)
+
+
+def _signal_name(exc: BaseException) -> str:
+    return signal.Signals(exc.signum).name if isinstance(exc, _Stop) else "SIGINT"
 
 
 def launch(
@@ -232,8 +256,11 @@ def launch(
 ) -> LaunchResult:
     """Run kohya in its own process group, teeing every byte to log_path and every line to on_line.
 
-    Ctrl-C is forwarded to kohya's whole process group as SIGINT (accelerate passes it on), then
-    SIGTERM, then SIGKILL, so no orphaned worker keeps the GPU.
+    The group's leader is dermkohya's watchdog (watchdog.py), which runs kohya as its child and stops the
+    whole group if dermkohya dies, SIGKILL included. SIGINT (Ctrl-C, or a KeyboardInterrupt from on_line),
+    SIGTERM and SIGHUP to dermkohya stop kohya's whole group in order (SIGINT, which accelerate passes
+    on, first only for Ctrl-C; then SIGTERM, then SIGKILL), and `stop_signal` names the signal, so no
+    orphaned worker keeps the GPU. Signal handlers are installed only when called from the main thread.
 
     `guard` runs in a thread while kohya starts (checks that take seconds, overlapped with kohya's own
     imports and model loading); if it raises, kohya's group is stopped at once (SIGTERM, then SIGKILL)
@@ -242,63 +269,82 @@ def launch(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
     start = time.monotonic()
-    interrupted = False
-    with log_path.open("ab") as log:
-        log.write(f"$ {' '.join(argv)}\n".encode())
-        log.flush()
-        process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-        assert process.stdout is not None
-        guarded: dict[str, Any] = {}
-        watcher = None
-        if guard is not None:
-            def watch() -> None:
-                try:
-                    guard()
-                except BaseException as exc:  # noqa: BLE001 - handed back to the caller, who raises it
-                    guarded["error"] = exc
-                    _stop_group(process, signals=((signal.SIGTERM, 10), (signal.SIGKILL, 5)))
-                guarded["seconds"] = time.monotonic() - start
+    stop_signal: str | None = None
+    alive_read, alive_write = os.pipe()  # the write end stays here: its end of file tells the watchdog we died
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
+    try:
+        with log_path.open("ab") as log:
+            log.write(f"$ {shlex.join(argv)}\n".encode())
+            log.flush()
+            keeper = [sys.executable, "-I", str(WATCHDOG), str(alive_read), "--", *argv]
+            try:
+                process = subprocess.Popen(keeper, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(alive_read,))
+            finally:
+                os.close(alive_read)
+            assert process.stdout is not None
+            guarded: dict[str, Any] = {}
+            watcher = None
+            if guard is not None:
+                def watch() -> None:
+                    try:
+                        guard()
+                    except BaseException as exc:  # noqa: BLE001 - handed back to the caller, who raises it
+                        guarded["error"] = exc
+                        _stop_group(process, signals=_TERMINATE)
+                    guarded["seconds"] = time.monotonic() - start
 
-            watcher = threading.Thread(target=watch, name="dermkohya-checks", daemon=True)
-            watcher.start()
-        first_step = None
-        buffer = b""
-        try:
-            while True:
-                chunk = os.read(process.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                log.write(chunk)
-                log.flush()
-                buffer += chunk
-                *lines, buffer = re.split(rb"[\r\n]", buffer)
-                for raw in lines:
-                    line = raw.decode("utf-8", "replace").rstrip()
-                    if line:
-                        tail.append(line)
-                        if first_step is None and parse_progress(line):
-                            first_step = time.monotonic() - start
-                        if on_line:
-                            on_line(line)
-        except KeyboardInterrupt:
-            interrupted = True
-            _stop_group(process)
-        if buffer.strip():
-            tail.append(buffer.decode("utf-8", "replace").rstrip())
-        returncode = process.wait()
+                watcher = threading.Thread(target=watch, name="dermkohya-checks", daemon=True)
+                watcher.start()
+            first_step = None
+            buffer = b""
+            try:
+                while True:
+                    chunk = os.read(process.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    log.write(chunk)
+                    log.flush()
+                    buffer += chunk
+                    *lines, buffer = re.split(rb"[\r\n]", buffer)
+                    for raw in lines:
+                        line = raw.decode("utf-8", "replace").rstrip()
+                        if line:
+                            tail.append(line)
+                            if first_step is None and parse_progress(line):
+                                first_step = time.monotonic() - start
+                            if on_line:
+                                on_line(line)
+                if buffer.strip():
+                    tail.append(buffer.decode("utf-8", "replace").rstrip())
+                returncode = process.wait()
+            except (KeyboardInterrupt, _Stop) as exc:
+                stop_signal = _signal_name(exc)
+                _stop_group(process, signals=_INTERRUPT if stop_signal == "SIGINT" else _TERMINATE)
+                returncode = process.wait()
+            _kill_stragglers(process.pid)
+    finally:
+        os.close(alive_write)
+        for sig, previous in handlers.items():
+            if previous is not None:
+                signal.signal(sig, previous)
     seconds = time.monotonic() - start
-    if watcher is not None and not interrupted:
+    if watcher is not None and stop_signal is None:
         watcher.join()  # kohya finished before the checks did: their verdict still counts
-    return LaunchResult(returncode=returncode, interrupted=interrupted, tail=list(tail), seconds=seconds,
+    return LaunchResult(returncode=returncode, interrupted=stop_signal is not None, tail=list(tail), seconds=seconds,
                         stopped_by=guarded.get("error"), guard_seconds=guarded.get("seconds"),
-                        first_step_seconds=first_step)
+                        first_step_seconds=first_step, stop_signal=stop_signal)
 
 
 _INTERRUPT = ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5))
+_TERMINATE = ((signal.SIGTERM, 10), (signal.SIGKILL, 5))
 
 
 def _stop_group(process: subprocess.Popen[bytes], signals: tuple[tuple[int, float], ...] = _INTERRUPT) -> None:
+    """Each signal in turn to kohya's whole group, until its leader has gone; another stop signal meanwhile
+    moves on to the next, harder one."""
     for sig, grace in signals:
         try:
             os.killpg(process.pid, sig)
@@ -309,8 +355,16 @@ def _stop_group(process: subprocess.Popen[bytes], signals: tuple[tuple[int, floa
             return
         except subprocess.TimeoutExpired:
             continue
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Stop):
             continue
+
+
+def _kill_stragglers(group: int) -> None:
+    """Whatever is left of kohya's group once its leader has gone (a worker that ignored the stop)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 HINTS: tuple[tuple[str, str], ...] = (

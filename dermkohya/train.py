@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dermkohya import basemodel, dataset, kohya, render
+from dermkohya import basemodel, dataset, kohya, locks, render, runstate
 from dermkohya.files import write_atomic
 from dermkohya.errors import DermkohyaError, ProblemsError
 
@@ -37,6 +39,8 @@ class TrainResult:
     kohya_seconds: float = 0.0
     overlapped_checks: list[str] = field(default_factory=list)
     checks_seconds: float | None = None  # when the overlapped checks finished, in seconds after the launch
+    state: runstate.RunState = runstate.RunState.FAILED  # how the launch ended (also in the manifest)
+    stopped: runstate.Stop | None = None  # why kohya was stopped, when it was
 
 
 def saved_states(output_dir: Path, name: str) -> list[Path]:
@@ -191,6 +195,16 @@ def prepare_launch(
     return prepared
 
 
+def run_lock(run_file: Path, *, project_root: Path | None = None, break_lock: bool = False) -> AbstractContextManager[locks.Held]:
+    """The run's lock, held by `train` from before its refusals and --new's renaming until kohya has ended;
+    `dermkohya train` holds it through its own collect as well (locks are re-entrant within a thread)."""
+    from dermkohya.spec import load_run
+
+    root = (project_root or Path.cwd()).resolve()
+    _, name = load_run(run_file if run_file.is_absolute() else root / run_file)
+    return locks.hold_run(root, name, "train", break_lock=break_lock)
+
+
 def train(
     run_file: Path,
     *,
@@ -200,11 +214,32 @@ def train(
     strict: bool = False,
     online: bool = False,
     on_line: Callable[[str], None] | None = None,
+    break_lock: bool = False,
 ) -> TrainResult:
     """Launch kohya for a run file and report what happened; never raises for a kohya failure.
 
-    A failed check that ran beside kohya's start-up stops kohya and is raised (its log stays).
+    A failed check that ran beside kohya's start-up stops kohya and is raised (its log stays). A second
+    train, --resume or collect of the same run meanwhile is refused at once (locks.py).
     """
+    root = (project_root or Path.cwd()).resolve()
+    with run_lock(run_file, project_root=root, break_lock=break_lock) as held:
+        result = _train_locked(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online,
+                               on_line=on_line)
+    result.warnings[:0] = held.warnings
+    return result
+
+
+def _train_locked(
+    run_file: Path,
+    *,
+    project_root: Path | None = None,
+    resume: bool = False,
+    new: bool = False,
+    strict: bool = False,
+    online: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """`train` once the run's lock is held."""
     started = time.monotonic()
     root = (project_root or Path.cwd()).resolve()
     prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict)
@@ -215,6 +250,7 @@ def train(
     log_path = output_dir / "train.log"
     manifest["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest["checked_while_kohya_starts"] = sorted(prepared.overlapped)
+    manifest["state"] = runstate.RunState.RUNNING.value
     _write_json(manifest_path, manifest)
     before_launch = time.monotonic() - started
 
@@ -232,8 +268,8 @@ def train(
     if returncode == 0 and not final.exists() and not result.interrupted:
         returncode = 1
         hint = hint or f"kohya exited 0 but wrote no {final.name}: read {log_path}"
-    if result.interrupted and returncode == 0:
-        returncode = 130
+    if result.stop_signal is not None and returncode <= 0:
+        returncode = 128 + signal.Signals[result.stop_signal].value  # the shell's convention: 130, 143, 129
     if result.stopped_by is not None and returncode == 0:
         returncode = 1
     manifest |= {
@@ -250,8 +286,14 @@ def train(
         "outputs": sorted(p.name for p in output_dir.glob("*.safetensors")),
         "loss_last": _last_loss(result.tail),
     }
+    stopped = None
     if result.stopped_by is not None:
-        manifest["stopped_by_check"] = str(result.stopped_by)
+        stopped = runstate.Stop(cause="check", message=str(result.stopped_by))
+    elif result.stop_signal is not None:
+        stopped = runstate.Stop(cause="signal", signal=result.stop_signal)
+    state = runstate.ended(returncode, final.exists(), stopped)
+    manifest["stopped"] = stopped.model_dump(exclude_none=True) if stopped else None
+    manifest["state"] = state.value
     _write_json(manifest_path, manifest)
     if result.stopped_by is not None:
         note = f"found while kohya started; kohya was stopped, its log is {log_path}"
@@ -273,6 +315,8 @@ def train(
         kohya_seconds=result.seconds,
         overlapped_checks=sorted(prepared.overlapped),
         checks_seconds=result.guard_seconds,
+        state=state,
+        stopped=stopped,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -620,3 +621,29 @@ def test_cli_shows_fine_tuning_and_reg_subsets(tmp_path: Path) -> None:
     assert "train 7 images (7 effective samples), reg 4 images (4)" in text
     as_json = json.loads(CliRunner().invoke(main, ["check", str(config), "--json"]).output)
     assert as_json["summary"]["reg"]["images"] == 4 and as_json["summary"]["subsets"][3]["kind"] == "fine-tuning"
+
+
+@pytest.mark.kohya
+def test_every_docs_example_reads_as_kohya_reads_it(tmp_path: Path) -> None:
+    """kohya's own dataset group (tests/kohya_datasets.py) keeps the same subsets, images and totals."""
+    from dermkohya import kohya
+
+    configs = [docs_mixed_example(tmp_path / "mixed")]
+    for i in range(2):
+        pair(tmp_path / "same" / "hoge", f"h{i}")
+    configs.append(docs_config(tmp_path / "same", "same_image_dir_two_datasets.toml"))
+    pair(tmp_path / "wild" / "image_dir", "miku", "1girl, hatsune miku\na girl with a microphone")
+    configs.append(docs_config(tmp_path / "wild", "separators_wildcard.toml"))
+    helper = Path(__file__).with_name("kohya_datasets.py")
+    out = subprocess.run([str(kohya.find_python()), str(helper), *map(str, configs)], cwd=kohya.find_sd_scripts(),
+                         env=kohya.kohya_env(), capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("DERMKOHYA-DATASETS ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    for config, datasets in zip(configs, json.loads(lines[-1].removeprefix("DERMKOHYA-DATASETS "))):
+        report = run(config)
+        theirs = [(s["metadata_file"] or s["image_dir"], s["is_reg"], s["num_repeats"], s["images"])
+                  for d in datasets for s in d["subsets"]]
+        ours = [(str(s.metadata_file or s.path), s.is_reg, s.repeats, len(s.images)) for s in report.subsets]
+        assert ours == theirs, config.name
+        assert sum(d["num_train_images"] for d in datasets) == report.effective_samples - report.reg_effective_samples
+        assert sum(d["num_reg_images"] for d in datasets) == report.reg_effective_samples
