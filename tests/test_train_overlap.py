@@ -149,7 +149,8 @@ def test_a_different_checkpoint_stops_kohya_before_it_trains(project: Path, monk
     output = project / "output" / "tiny"
     assert not (output / "tiny.safetensors").exists()
     manifest = json.loads((output / "manifest.json").read_text())
-    assert "different checkpoint" in manifest["stopped_by_check"] and manifest["exit_code"] != 0
+    assert manifest["stopped"]["cause"] == "check" and "different checkpoint" in manifest["stopped"]["message"]
+    assert manifest["exit_code"] != 0 and manifest["state"] == "stopped"
     assert (output / "train.log").read_text().startswith("$ ")
 
 
