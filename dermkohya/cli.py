@@ -63,6 +63,35 @@ def render_cmd(run_file, no_kohya_check: bool) -> None:
         console.print(f"  {path}", highlight=False)
 
 
+@main.command("adopt")
+@click.argument("source", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", required=True, help="The run's name: writes runs/NAME.toml (never replaces one).")
+@click.option("--command", "command", default=None, help="An `accelerate launch ... train_network.py --flags` line, instead of SOURCE.")
+@click.option("--base", default=None, help="The base model's path (wins over the source's).")
+@click.option("--train-data-dir", default=None, help="The parent of the N_concept image folders (wins over the source's).")
+@click.option("--dataset-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The sd-scripts --dataset_config the source trains with (when the source does not name it).")
+@click.option("--family", type=click.Choice(["sd15", "sdxl"]), default=None,
+              help="For an sd-scripts config, which names no script: sd15 (train_network.py, default) or sdxl.")
+def adopt_cmd(source: Path | None, name: str, command: str | None, base: str | None, train_data_dir: str | None,
+              dataset_config: Path | None, family: str | None) -> None:
+    """A kohya_ss GUI config, an sd-scripts config or a command line → runs/NAME.toml, with a note for every key."""
+    from dermkohya import adopt
+
+    root = Path(click.get_current_context().find_root().params.get("project") or Path.cwd())
+    path, adopted = adopt.adopt(source, name, project_root=root, command=command, base=base,
+                                train_data_dir=train_data_dir, dataset_config=dataset_config, family=family)
+    counts = {kind: sum(n.kind == kind for n in adopted.notes) for kind in ("converted", "dropped", "dermkohya", "needs you")}
+    console.print(f"[bold]{name}[/]: wrote {path} ({counts['converted']} converted, {counts['dropped']} dropped, "
+                  f"{counts['dermkohya']} dermkohya choices; each noted in the file)", highlight=False)
+    for note in adopted.notes:
+        if note.kind == "needs you":
+            err_console.print(f"[yellow]needs you:[/] {escape(note.key)}: {escape(note.text)}", highlight=False, soft_wrap=True)
+    for key, why in sorted(adopted.differences.items()):
+        console.print(f"  [dim]differs from the source:[/] {escape(key)}: {escape(why)}", highlight=False, soft_wrap=True)
+    console.print(f"next: dermkohya render {path}", highlight=False)
+
+
 @main.command("train")
 @click.argument("run_file", type=click.Path(path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue from kohya's last saved state in output/<run>/.")

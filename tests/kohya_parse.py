@@ -24,8 +24,9 @@ def main() -> None:
     module = importlib.import_module(Path(script).stem)
     results = []
     for argv in argvs:
+        sys.argv = [script, *argv]  # read_config_from_file parses sys.argv again, over the config's values
         parser = module.setup_parser()
-        args = train_util.read_config_from_file(parser.parse_args(argv), parser)
+        args = train_util.read_config_from_file(parser.parse_args(), parser)
         results.append({key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()})
     print("DERMKOHYA-PARSED " + json.dumps(results, sort_keys=True, default=repr))
 

@@ -129,8 +129,6 @@ def read(data: dict[str, Any], where: str) -> Source:
     if algo:
         preset = data.get("LyCORIS_preset") or "full"
         network_args = [f"preset={preset}", *network_args, f"algo={algo}"]
-        source.note("network_module", "needs you", f"LoRA_type {lora_type!r} trains with LyCORIS (`lycoris.kohya`): "
-                    "install `lycoris-lora` into kohya's environment, or render refuses the module")
     for ratio in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
         if not _empty(data.get(ratio)):
             network_args.append(f"{ratio}={data[ratio]}")

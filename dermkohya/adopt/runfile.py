@@ -19,6 +19,7 @@ from dermkohya.render import toml_value
 from dermkohya.spec import DEFAULT_RESOLUTION
 
 TODO = "TODO"
+PACKAGES = {"lycoris": "lycoris-lora"}  # network modules outside sd-scripts → the package that provides them
 SECTIONS = ("model", "dataset", "network", "train", "sample", "validation", "launch", "kohya")
 # kohya's defaults for the options dermkohya renders, so that an option the source leaves out is written
 # out as what kohya would have used (values from sd-scripts' own parser at the pinned commit).
@@ -107,15 +108,14 @@ class _Builder:
     def differs(self, arg: str, rendered: Any, why: str) -> None:
         if arg not in PATH_KEYS and not _same(self.original(arg), rendered):
             self.differences[arg] = why
-            self.notes.append(Note(arg, "dermkohya", f"{why} (the source gave kohya {self.original(arg)!r}, the run renders {rendered!r})"))
+            now = "leaves it out" if rendered is None else f"renders {rendered!r}"
+            self.notes.append(Note(arg, "dermkohya", f"{why} (the source gave kohya {self.original(arg)!r}, the run {now})"))
 
     def needs(self, key: str, text: str) -> None:
         self.notes.append(Note(key, "needs you", text))
 
 
 def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, list) and len(a) == 1 and not isinstance(b, list):
-        a = a[0]
     return a == b or (a in (None, False) and b in (None, False))
 
 
@@ -233,6 +233,22 @@ def _dataset_config(b: _Builder) -> None:
                         "or a value that differs between subsets): dropped")
 
 
+def _installed(package: str) -> bool | str:
+    """True when kohya's Python can import `package`, else why not (a quick find_spec: nothing is imported)."""
+    import subprocess
+
+    from dermkohya import kohya
+    from dermkohya.errors import DermkohyaError
+
+    try:
+        python = kohya.find_python()
+    except DermkohyaError:
+        return "kohya's environment was not found to check it"
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({package!r}) is None)"
+    found = subprocess.run([str(python), "-c", code], capture_output=True).returncode == 0
+    return True if found else f"is not installed in kohya's environment ({python})"
+
+
 def _pure(path: str) -> PurePath:
     """A dataset config's path as its author wrote it (a Windows path stays one on Linux)."""
     return PureWindowsPath(path) if "\\" in path else PurePath(path)
@@ -241,6 +257,11 @@ def _pure(path: str) -> PurePath:
 def _network(b: _Builder) -> None:
     module, _ = b.take("network_module")
     b.put("network", "module", module or "networks.lora", "" if module else "needs you: the source names no network_module")
+    if module and not module.startswith(("networks.", "dermkohya.")):
+        state = _installed(module.split(".")[0])
+        if state is not True:
+            b.needs("network_module", f"{module!r} is not part of sd-scripts and {state}: install "
+                    f"`{PACKAGES.get(module.split('.')[0], module.split('.')[0])}` into kohya's environment before training")
     dim, _ = b.take("network_dim")
     b.put("network", "dim", dim if dim is not None else 4, "" if dim is not None else "networks.lora's default (the source sets none)",
           renders={"network_dim": dim if dim is not None else 4}, why="kohya's None means the network's own default, 4")
