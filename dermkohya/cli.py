@@ -37,8 +37,38 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dermkohya")
-def main() -> None:
+@click.option("--project", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="The project folder (holds dermkohya.toml); default: found upward from the run file, then the working folder.")
+def main(project: Path | None) -> None:
     """Dermatology photographs to a kohya-trained Stable Diffusion LoRA, reproducibly."""
+
+
+def _in_project(path: Path) -> tuple[Path, Path]:
+    """The project root for a command given `path`, and `path` for render/train/collect: as typed when
+    the working folder is the root (messages then show it as typed), else absolute — from the working
+    folder, or from `--project` where only that holds it."""
+    import os
+
+    from dermkohya import project
+
+    root = project.resolve_root(click.get_current_context().find_root().params.get("project"), path)
+    if Path.cwd().resolve() == root.resolve():
+        return root, path
+    absolute = Path(os.path.abspath(path))
+    return root, root / path if not absolute.exists() and (root / path).exists() else absolute
+
+
+@main.command("init")
+@click.argument("directory", type=click.Path(path_type=Path))
+def init_cmd(directory: Path) -> None:
+    """Make DIRECTORY a dermkohya project: runs/, datasets/, plans/, sweeps/, dermkohya.toml, Makefile, .gitignore."""
+    from dermkohya import project
+
+    written = project.init(directory)
+    for path in written:
+        console.print(f"  {path}", highlight=False, soft_wrap=True)
+    state = f"[green]created[/] {len(written)} files" if written else "nothing to add: the project has every file"
+    console.print(f"{state} in {directory}; next: `cd {directory} && make train` (the demo), then your own run file", highlight=False)
 
 
 def _print_warnings(warnings: list[str]) -> None:
@@ -51,11 +81,18 @@ def _print_warnings(warnings: list[str]) -> None:
 @main.command("render")
 @click.argument("run_file", type=click.Path(path_type=Path))
 @click.option("--no-kohya-check", is_flag=True, help="Do not check rendered keys against sd-scripts' parser.")
-def render_cmd(run_file, no_kohya_check: bool) -> None:
+@click.option("--require-kohya", is_flag=True,
+              help="Fail where kohya cannot run: ask sd-scripts' parser and import [network] module in kohya's Python.")
+def render_cmd(run_file, no_kohya_check: bool, require_kohya: bool) -> None:
     """Write runs/<run>/: config.toml, dataset.toml, sample_prompts.txt, train_command.sh, manifest.json."""
-    from dermkohya import render
+    from dermkohya import kohya, render
 
-    rendered = render.render(run_file, check_keys=not no_kohya_check)
+    root, run_file = _in_project(run_file)
+    rendered = render.render(run_file, project_root=root, check_keys=not no_kohya_check)
+    if require_kohya:  # errors, not the warnings a render without kohya gives; the option list is cached
+        render.check_keys_against_kohya(rendered.spec.script, rendered.config_keys, rendered.run_file,
+                                        kohya.argument_names(rendered.spec.script, root))
+        kohya.verify_network_module(rendered.spec.network.module, root)
     for warning in rendered.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(f"[bold]{rendered.name}[/]: rendered {len(rendered.files)} files into {rendered.out_dir}")
@@ -108,6 +145,7 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
 
     from dermkohya import kohya, train
 
+    root, run_file = _in_project(run_file)
     _print_warnings(click.get_current_context().with_resource(train.run_lock(run_file, break_lock=break_lock)).warnings)
 
     columns = [TextColumn("[bold]kohya[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -127,7 +165,7 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
                     status["phase"] = line
                     bar.console.print(f"[dim]{line[:160]}[/]", highlight=False)
 
-        result = train.train(run_file, resume=resume, new=new, strict=strict, online=online, on_line=on_line)
+        result = train.train(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online, on_line=on_line)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if result.returncode != 0:
@@ -154,7 +192,7 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
             from dermkohya import collect
         except ImportError:
             return
-        artifact = collect.collect(run_file, new_version=new)  # a fresh run (--new) is a new result: a new version, never a replacement
+        artifact = collect.collect(run_file, project_root=root, new_version=new)  # a fresh run (--new) is a new result: a new version, never a replacement
         console.print(f"[green]collected[/] {artifact}")
 
 
@@ -378,7 +416,8 @@ def collect_cmd(run: str, which: str, new_version: bool, break_lock: bool) -> No
 
     _print_warnings(click.get_current_context().with_resource(collect.run_lock(run, break_lock=break_lock)).warnings)
 
-    artifact = collect.collect(run, which=which, new_version=new_version)
+    root, _ = _in_project(Path(run))
+    artifact = collect.collect(run, project_root=root, which=which, new_version=new_version)
     console.print(f"[green]collected[/] {artifact}", highlight=False, soft_wrap=True)
     for path in sorted(artifact.parent.iterdir()):
         if not path.name.startswith("."):

@@ -24,20 +24,19 @@ from typing import Any
 
 from dermkohya.files import write_atomic
 from dermkohya.errors import DermkohyaError
-from dermkohya.paths import DEFAULT_KOHYA_PYTHON, PROJECT_ROOT, VENDORED_SD_SCRIPTS, cache_root
+from dermkohya import project
+from dermkohya.paths import cache_root
 
 PINNED_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
-DEFAULT_PYTHON_HINT = DEFAULT_KOHYA_PYTHON
-DEFAULT_SD_SCRIPTS_HINT = VENDORED_SD_SCRIPTS
 # What kohya's scripts import at start-up; a missing one is named before a GPU hour is spent.
 REQUIRED_MODULES = ("torch", "torchvision", "accelerate", "diffusers", "transformers", "safetensors",
                     "voluptuous", "toml", "imagesize", "cv2", "einops")
 
 
-def find_sd_scripts() -> Path:
-    """SD_SCRIPTS_DIR if set, else the vendored submodule."""
+def find_sd_scripts(project_root: Path | None = None) -> Path:
+    """SD_SCRIPTS_DIR if set, else where the project's dermkohya.toml puts it (vendor/sd-scripts)."""
     env = os.environ.get("SD_SCRIPTS_DIR")
-    folder = Path(env) if env else VENDORED_SD_SCRIPTS
+    folder = Path(env) if env else project.kohya_paths(project_root)[0]
     if not (folder / "train_network.py").is_file():
         where = f"SD_SCRIPTS_DIR={env}" if env else str(folder)
         raise DermkohyaError(
@@ -47,10 +46,10 @@ def find_sd_scripts() -> Path:
     return folder.resolve()
 
 
-def find_python() -> Path:
-    """KOHYA_PYTHON if set, else the environment `make setup` builds."""
+def find_python(project_root: Path | None = None) -> Path:
+    """KOHYA_PYTHON if set, else where the project's dermkohya.toml puts it (.venv-kohya, built by `make setup`)."""
     env = os.environ.get("KOHYA_PYTHON")
-    python = Path(env) if env else DEFAULT_KOHYA_PYTHON
+    python = Path(env) if env else project.kohya_paths(project_root)[1]
     if not python.exists():
         where = f"KOHYA_PYTHON={env}" if env else str(python)
         raise DermkohyaError(
@@ -122,30 +121,44 @@ def verify_python(python: Path) -> None:
         )
 
 
-def _arguments_key(script: str) -> str:
-    folder = find_sd_scripts()
+def verify_network_module(module: str, project_root: Path | None = None) -> None:
+    """kohya's Python imports `[network] module` as train_network.py will: from sd-scripts' folder, with
+    kohya_env's PYTHONPATH (a dermkohya module from the copy render writes outside the source checkout)."""
+    folder, python = find_sd_scripts(project_root), find_python(project_root)
+    code = f"import importlib, sys\nsys.path.insert(0, '.')\nimportlib.import_module({module!r})"
+    out = subprocess.run([str(python), "-c", code], cwd=folder, capture_output=True, text=True,
+                         env=kohya_env(project_root=project_root))
+    if out.returncode != 0:
+        raise DermkohyaError(
+            f"kohya's Python {python} cannot import [network] module {module!r}: {out.stderr.strip()[-300:]} "
+            "(render the run first for a dermkohya module; for another, install it into kohya's environment)"
+        )
+
+
+def _arguments_key(script: str, project_root: Path | None = None) -> str:
+    folder = find_sd_scripts(project_root)
     sources = [folder / script, folder / "library" / "train_util.py", folder / "train_network.py"]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources if p.is_file())).hexdigest()[:24]
     return f"{Path(script).stem}-{digest}"
 
 
-def cached_argument_names(script: str) -> set[str] | None:
+def cached_argument_names(script: str, project_root: Path | None = None) -> set[str] | None:
     """The option list when an earlier call already asked kohya's parser (no subprocess), else None."""
-    path = _cache_file("kohya-args", _arguments_key(script))
+    path = _cache_file("kohya-args", _arguments_key(script, project_root))
     try:
         return set(json.loads(path.read_text()))
     except (OSError, ValueError):
         return None
 
 
-def argument_names(script: str) -> set[str]:
+def argument_names(script: str, project_root: Path | None = None) -> set[str]:
     """Every option `script`'s own argparse parser knows (cached by the script and train_util contents).
 
     The first call imports the script in kohya's environment (torch, diffusers: ~15 s cold); later calls
     read the cache.
     """
-    folder = find_sd_scripts()
-    python = find_python()
+    folder = find_sd_scripts(project_root)
+    python = find_python(project_root)
 
     def compute() -> list[str]:
         code = (
@@ -160,22 +173,26 @@ def argument_names(script: str) -> set[str]:
             raise DermkohyaError(f"could not read {script}'s options with {python}: {out.stderr.strip()[-400:]}")
         return json.loads(lines[-1].removeprefix("DERMKOHYA-ARGS "))
 
-    return set(_cached("kohya-args", _arguments_key(script), compute))  # type: ignore[arg-type]
+    return set(_cached("kohya-args", _arguments_key(script, project_root), compute))  # type: ignore[arg-type]
 
 
-def kohya_env(*, online: bool = False) -> dict[str, str]:
+def kohya_env(*, online: bool = False, project_root: Path | None = None) -> dict[str, str]:
     """kohya's environment: offline unless the user opts in, unbuffered so progress arrives as it happens.
 
-    In a source checkout the project root goes first on PYTHONPATH, so kohya's `--network_module` can
-    import dermkohya's own modules by name (`dermkohya.networks.lora_fast`). Never an installed
-    site-packages folder: that would put dermkohya's environment in front of kohya's.
+    The project's kohya import folder goes first on PYTHONPATH, so kohya's `--network_module` can import
+    dermkohya's own modules by name (`dermkohya.networks.lora_fast`): the project root in the dermkohya
+    source checkout, else the copy of the package's kohya-side files that render writes
+    (`project.kohya_import_dir`). Never an installed site-packages folder: that would put dermkohya's
+    environment in front of kohya's.
     """
     env = dict(os.environ)
     if not online:
         env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONUNBUFFERED"] = "1"
-    if (PROJECT_ROOT / "pyproject.toml").is_file():
-        env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    root = project_root if project_root is not None else project.resolve_root()
+    folder = project.kohya_import_dir(root)
+    if (folder / "dermkohya" / "__init__.py").is_file():
+        env["PYTHONPATH"] = os.pathsep.join([str(folder), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 

@@ -1,13 +1,14 @@
-"""Where dermkohya's own files live (templates, the vendored sd-scripts, kohya's environment)."""
+"""Where dermkohya's own files live: its templates (package data) and its machine-local cache.
+
+A project's files (run files, kohya's checkout and environment) are found from the project, at call
+time: see `dermkohya.project`. Nothing here depends on where the package is installed but the templates.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"  # package data: ships in the wheel
-VENDORED_SD_SCRIPTS = PROJECT_ROOT / "vendor" / "sd-scripts"
-DEFAULT_KOHYA_PYTHON = PROJECT_ROOT / ".venv-kohya" / "bin" / "python"
 
 
 def cache_root() -> Path:

@@ -1,7 +1,7 @@
 """Run file → the files kohya and a person read: config.toml, dataset.toml, sample_prompts.txt,
 train_command.sh, manifest.json.
 
-The templates in templates/ are the readable truth of what kohya receives. Values are serialised by a
+The templates in dermkohya/templates/ are the readable truth of what kohya receives. Values are serialised by a
 TOML writer (never quoted by hand), so a caption or path with quotes, spaces or unicode cannot break or
 inject anything. Rendering is deterministic and needs neither the base model nor a GPU. Paths in the
 rendered files are relative to the project root, which is where kohya runs.
@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 import tomli_w
 
-from dermkohya import __version__, basemodel, dataset, kohya
+from dermkohya import __version__, basemodel, dataset, kohya, project
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.files import write_atomic
 from dermkohya.templating import file_environment, text_template
@@ -223,16 +223,21 @@ def render(
             "set it in the run file's own section instead"
         )
     if check_keys:
-        warnings += check_keys_against_kohya(spec.script, config_keys, run_file)
+        warnings += check_keys_against_kohya(spec.script, config_keys, run_file, project_root=root)
 
     script_args = ["--config_file", f"{out_rel}/config.toml", "--dataset_config", f"{out_rel}/dataset.toml"]
     launch_args = _launch_args(spec)
     depth = len(Path(out_rel).parts)
+    default_sd_scripts, default_python = project.kohya_paths(root)
+    if spec.network.module.startswith("dermkohya."):
+        project.ensure_kohya_import_dir(root)  # what train_command.sh puts on kohya's PYTHONPATH
+    import_dir = project_path(project.kohya_import_dir(root), root)
     texts["train_command.sh"] = env.get_template("train_command.sh.j2").render(
         context,
         up="/".join([".."] * depth) if depth else ".",
-        default_python=project_path(kohya.DEFAULT_PYTHON_HINT, root),
-        default_sd_scripts=project_path(kohya.DEFAULT_SD_SCRIPTS_HINT, root),
+        default_python=project_path(default_python, root),
+        default_sd_scripts=project_path(default_sd_scripts, root),
+        kohya_import_dir="$PWD" if import_dir == "." else f"$PWD/{import_dir}",
         launch_args=shlex.join(launch_args),
         script=spec.script,
         script_args=shlex.join(script_args),
@@ -277,14 +282,14 @@ def _flatten_keys(config: dict[str, Any]) -> set[str]:
 
 
 def check_keys_against_kohya(script: str, keys: set[str] | frozenset[str], run_file: Path,
-                             known: set[str] | None = None) -> list[str]:
+                             known: set[str] | None = None, *, project_root: Path | None = None) -> list[str]:
     """kohya's --config_file accepts unknown keys silently; we refuse them, using kohya's own parser.
 
     Returns warnings (the check could not run); raises ProblemsError naming each unknown key.
     """
     if known is None:
         try:
-            known = kohya.argument_names(script)
+            known = kohya.argument_names(script, project_root)
         except DermkohyaError as exc:
             return [f"rendered keys not checked against sd-scripts: {str(exc).splitlines()[0]}"]
     unknown = sorted(keys - known)
@@ -316,7 +321,7 @@ def _manifest(
 ) -> dict[str, Any]:
     """Everything the run used, so nothing about it is hidden state. Deterministic: no clocks, no hashes of big files."""
     try:
-        sd_scripts = kohya.find_sd_scripts()
+        sd_scripts = kohya.find_sd_scripts(root)
         sd_path: str | None = project_path(sd_scripts, root)
         commit = kohya.sd_scripts_commit(sd_scripts)
     except DermkohyaError:

@@ -1,5 +1,6 @@
-"""jinja2, configured once: the files in templates/ (what kohya and people read) and the one-line
-caption/prompt templates users write. Always StrictUndefined: a misspelt variable is an error, never ''."""
+"""jinja2, configured once: the files in dermkohya/templates/ (package data: what kohya and people
+read) and the one-line caption/prompt templates users write. Always StrictUndefined: a misspelt
+variable is an error, never ''."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dermkohya.paths import TEMPLATES_DIR
 
 
 def file_environment(*, trim_blocks: bool = False, **filters: Callable[..., Any]) -> jinja2.Environment:
-    """For templates/*.j2; `trim_blocks` for markdown, off where every byte is kohya's (TOML, shell)."""
+    """For dermkohya/templates/*.j2; `trim_blocks` for markdown, off where every byte is kohya's (TOML, shell)."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
         undefined=jinja2.StrictUndefined,

@@ -125,8 +125,8 @@ def prepare_launch(
             f"{output_dir} holds an unfinished run: pass --resume to continue it or --new to keep it aside and start afresh"
         )
 
-    sd_scripts = kohya.find_sd_scripts()
-    python = kohya.find_python()
+    sd_scripts = kohya.find_sd_scripts(root)
+    python = kohya.find_python(root)
     base = rendered.manifest["base_model"]
     if base["smoke"]:
         model_dir, _ = basemodel.ensure_smoke_model(spec.model.family, cache_root=root / render.SMOKE_MODELS_DIR)
@@ -173,12 +173,13 @@ def prepare_launch(
         return []
 
     def check_keys() -> list[str]:
-        return render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file)
+        return render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, project_root=root)
 
     prepared = PreparedLaunch(rendered, argv, manifest, warnings)
-    known = kohya.cached_argument_names(spec.script)
+    known = kohya.cached_argument_names(spec.script, root)
     if known is not None:
-        warnings += render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, known)
+        warnings += render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, known,
+                                                    project_root=root)
     else:
         prepared.overlapped["rendered keys against kohya's parser"] = check_keys
     if basemodel.cached_sha256(rendered.base_path) is not None:
@@ -254,7 +255,7 @@ def _train_locked(
     _write_json(manifest_path, manifest)
     before_launch = time.monotonic() - started
 
-    result = kohya.launch(prepared.argv, cwd=root, log_path=log_path, env=kohya.kohya_env(online=online), on_line=on_line,
+    result = kohya.launch(prepared.argv, cwd=root, log_path=log_path, env=kohya.kohya_env(online=online, project_root=root), on_line=on_line,
                           guard=prepared.run_overlapped if prepared.overlapped else None)
 
     # The overlapped checks cost kohya time only where they outlasted its start-up (its first step).

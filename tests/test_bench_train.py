@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from dermkohya import kohya, render, spec
-from dermkohya.paths import PROJECT_ROOT
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the dermkohya checkout, itself a project
 
 BENCH = PROJECT_ROOT / "bench"
 
@@ -140,7 +141,9 @@ def test_multi_node_renders_rank_address_and_port(tmp_path: Path, data_dir: Path
 
 def test_train_command_makes_dermkohya_network_modules_importable(tmp_path: Path, data_dir: Path) -> None:
     ours = _render(tmp_path, data_dir, '[network]\nmodule = "dermkohya.networks.lora_fast"\n')
-    assert 'export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"' in ours.files["train_command.sh"].read_text()
+    # tmp_path is a project without the package in it: kohya imports the copy render wrote there
+    assert 'export PYTHONPATH="$PWD/.dermkohya/kohya-path${PYTHONPATH:+:$PYTHONPATH}"' in ours.files["train_command.sh"].read_text()
+    assert (tmp_path / ".dermkohya/kohya-path/dermkohya/networks/lora_fast.py").is_file()
     kohyas = _render(tmp_path, data_dir, "")
     assert "PYTHONPATH" not in kohyas.files["train_command.sh"].read_text()
 

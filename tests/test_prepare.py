@@ -20,8 +20,9 @@ from PIL import Image, ImageCms
 from dermkohya import dataset, demo, prepare
 from dermkohya.cli import main
 from dermkohya.errors import DermkohyaError, ProblemsError
-from dermkohya.paths import PROJECT_ROOT
 from dermkohya.skin import FST_TYPES
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the dermkohya checkout, itself a project
 
 SKEWED = {"I": 21, "II": 21, "III": 7, "IV": 7, "V": 1, "VI": 1}  # 72 % FST I–II, 3.4 % FST V–VI
 NO_SPLIT = "[split]\nheldout = 0\n"

@@ -13,7 +13,8 @@ from PIL import Image
 
 from dermkohya import render
 from dermkohya.errors import DermkohyaError, ProblemsError
-from dermkohya.paths import PROJECT_ROOT
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the dermkohya checkout, itself a project
 
 GOLDEN = Path(__file__).parent / "golden"
 RENDERED = ("config.toml", "dataset.toml", "sample_prompts.txt", "train_command.sh")
