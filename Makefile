@@ -14,7 +14,7 @@ SD_SCRIPTS_DIR ?= vendor/sd-scripts
 export SD_SCRIPTS_DIR
 RUN ?=
 
-.PHONY: setup sd-scripts kohya-env env train test test-all bench bench-gpu clean-venvs
+.PHONY: setup sd-scripts kohya-env env train test test-all bench bench-gpu clean-venvs wheel
 
 env: $(VENV)/.installed
 
@@ -72,6 +72,10 @@ bench: env
 # Then, on the GPU machine with both: bash bench/gpu_run.sh (writes bench/results/train-throughput-h100.*).
 bench-gpu: env
 	PYTHON=$(VENV)/bin/python SD_SCRIPTS_DIR=$(SD_SCRIPTS_DIR) bash bench/gpu_prepare.sh
+
+# The installable package (templates and dermkohya.networks inside), built offline with .venv's setuptools.
+wheel: env
+	$(VENV)/bin/python -m pip wheel --no-build-isolation --no-deps -q -w dist .
 
 clean-venvs:
 	rm -rf $(VENV) $(KOHYA_VENV)

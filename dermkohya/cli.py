@@ -146,7 +146,8 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
     from dermkohya import kohya, train
 
     root, run_file = _in_project(run_file)
-    _print_warnings(click.get_current_context().with_resource(train.run_lock(run_file, break_lock=break_lock)).warnings)
+    _print_warnings(click.get_current_context().with_resource(
+        train.run_lock(run_file, project_root=root, break_lock=break_lock)).warnings)
 
     columns = [TextColumn("[bold]kohya[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
@@ -414,9 +415,10 @@ def collect_cmd(run: str, which: str, new_version: bool, break_lock: bool) -> No
     """Verify kohya's LoRA for RUN (name or run file) and file it in artifacts/<run>/ with card and manifest."""
     from dermkohya import collect
 
-    _print_warnings(click.get_current_context().with_resource(collect.run_lock(run, break_lock=break_lock)).warnings)
-
     root, _ = _in_project(Path(run))
+    _print_warnings(click.get_current_context().with_resource(
+        collect.run_lock(run, project_root=root, break_lock=break_lock)).warnings)
+
     artifact = collect.collect(run, project_root=root, which=which, new_version=new_version)
     console.print(f"[green]collected[/] {artifact}", highlight=False, soft_wrap=True)
     for path in sorted(artifact.parent.iterdir()):
