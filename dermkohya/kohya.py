@@ -271,6 +271,7 @@ def launch(
     on_line: Callable[[str], None] | None = None,
     tail_lines: int = 40,
     guard: Callable[[], None] | None = None,
+    hold_fds: tuple[int, ...] = (),
 ) -> LaunchResult:
     """Run kohya in its own process group, teeing every byte to log_path and every line to on_line.
 
@@ -279,6 +280,8 @@ def launch(
     SIGTERM and SIGHUP to dermkohya stop kohya's whole group in order (SIGINT, which accelerate passes
     on, first only for Ctrl-C; then SIGTERM, then SIGKILL), and `stop_signal` names the signal, so no
     orphaned worker keeps the GPU. Signal handlers are installed only when called from the main thread.
+    The watchdog also keeps `hold_fds` open (a run's lock): what they hold outlives dermkohya until
+    kohya's group has gone.
 
     `guard` runs in a thread while kohya starts (checks that take seconds, overlapped with kohya's own
     imports and model loading); if it raises, kohya's group is stopped at once (SIGTERM, then SIGKILL)
@@ -299,7 +302,8 @@ def launch(
             keeper = [sys.executable, "-I", str(WATCHDOG), str(alive_read), "--", *argv]
             try:
                 process = subprocess.Popen(keeper, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(alive_read,))
+                                           stdin=subprocess.DEVNULL, start_new_session=True,
+                                           pass_fds=(alive_read, *hold_fds))
             finally:
                 os.close(alive_read)
             assert process.stdout is not None

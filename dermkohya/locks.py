@@ -72,6 +72,7 @@ class Held:
     path: Path
     record: LockRecord
     warnings: list[str] = field(default_factory=list)
+    fd: int = -1  # the flock's file: a child given it (kohya's watchdog) keeps the lock while it lives
 
 
 def run_lock(root: Path, name: str) -> Path:
@@ -161,7 +162,7 @@ def holding(lock: Path, what: str, purpose: str, *, break_lock: bool = False,
         held, depth = mine[str(lock)]
         mine[str(lock)] = (held, depth + 1)
         try:
-            yield Held(held.path, held.record)  # its warnings were the outer holder's to report
+            yield Held(held.path, held.record, fd=held.fd)  # its warnings were the outer holder's to report
         finally:
             held_now, depth = mine[str(lock)]
             mine[str(lock)] = (held_now, depth - 1)
@@ -187,6 +188,8 @@ def _acquire(lock: Path, what: str, purpose: str, break_lock: bool, command: lis
             who = describe(found) if found else "another dermkohya (its record is being written)"
             fix = (f"wait for it to finish or stop it (`kill {found.pid}` on {found.host})" if found
                    else "try again in a moment")
+            if found is not None and alive(found) is False:
+                fix = "it has ended and its kohya is being stopped (the watchdog keeps the lock until it is gone): try again in a few seconds"
             raise LockedError(f"{what} is in use: {who}; {fix} (lock {record_path(lock)})", found) from None
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
@@ -197,7 +200,7 @@ def _acquire(lock: Path, what: str, purpose: str, break_lock: bool, command: lis
                             boot_id=_boot_id(), pid_start=_start_ticks(os.getpid()),
                             since=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command)
         _write_record(lock, record, exclusive=not kernel, what=what)
-        return fd, Held(lock, record, warnings)
+        return fd, Held(lock, record, warnings, fd)
     except BaseException:
         os.close(fd)
         raise

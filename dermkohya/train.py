@@ -225,7 +225,7 @@ def train(
     root = (project_root or Path.cwd()).resolve()
     with run_lock(run_file, project_root=root, break_lock=break_lock) as held:
         result = _train_locked(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online,
-                               on_line=on_line)
+                               on_line=on_line, lock_fd=held.fd)
     result.warnings[:0] = held.warnings
     return result
 
@@ -239,8 +239,9 @@ def _train_locked(
     strict: bool = False,
     online: bool = False,
     on_line: Callable[[str], None] | None = None,
+    lock_fd: int = -1,
 ) -> TrainResult:
-    """`train` once the run's lock is held."""
+    """`train` once the run's lock is held; kohya's watchdog holds it too, until kohya's group has gone."""
     started = time.monotonic()
     root = (project_root or Path.cwd()).resolve()
     prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict)
@@ -256,7 +257,8 @@ def _train_locked(
     before_launch = time.monotonic() - started
 
     result = kohya.launch(prepared.argv, cwd=root, log_path=log_path, env=kohya.kohya_env(online=online, project_root=root), on_line=on_line,
-                          guard=prepared.run_overlapped if prepared.overlapped else None)
+                          guard=prepared.run_overlapped if prepared.overlapped else None,
+                          hold_fds=(lock_fd,) if lock_fd >= 0 else ())
 
     # The overlapped checks cost kohya time only where they outlasted its start-up (its first step).
     held_back = 0.0

@@ -105,10 +105,11 @@ time.sleep(120)
 _DRIVER = """
 import json, os, sys
 from pathlib import Path
-from dermkohya import kohya
+from dermkohya import kohya, locks
 folder = Path(sys.argv[1])
-result = kohya.launch([sys.executable, "-c", sys.argv[2], str(folder / "grandchild.pid"), sys.argv[3]], cwd=folder,
-                      log_path=folder / "log.txt", env=dict(os.environ))
+with locks.holding(folder / "run-x.lock", "run 'x'", "train") as held:
+    result = kohya.launch([sys.executable, "-c", sys.argv[2], str(folder / "grandchild.pid"), sys.argv[3]], cwd=folder,
+                          log_path=folder / "log.txt", env=dict(os.environ), hold_fds=(held.fd,))
 print(json.dumps({"stop_signal": result.stop_signal, "interrupted": result.interrupted}), flush=True)
 """
 
@@ -129,7 +130,15 @@ def test_the_watchdog_stops_a_grandchild_that_ignores_sigterm_when_dermkohya_is_
     group = os.getpgid(grandchild)
     process.kill()
     process.wait()
+    # The watchdog keeps the run's lock until kohya's group has gone: no new train starts beside a dying one.
+    lock = tmp_path / "run-x.lock"
+    with pytest.raises(locks.LockedError, match=f"(?s)pid {process.pid} .*has ended and its kohya is being stopped"):
+        with locks.holding(lock, "run 'x'", "train"):
+            pass
     assert _gone_within(grandchild, 10) is not None and _gone_within_group(group, 2)
+    time.sleep(0.2)
+    with locks.holding(lock, "run 'x'", "train") as held:
+        assert "took over a stale lock" in held.warnings[0]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT])
