@@ -511,6 +511,45 @@ def generate_cmd(plan_file: Path, out: Path | None, processes: int, limit: int |
                   f"rejected and regenerated: {rejected}); index: {result.out / 'index.csv'}"), highlight=False)
 
 
+@main.command("utility")
+@click.option("--train", "train_dir", required=True, type=click.Path(path_type=Path), help="Real training split: datasets/<ds>/prepared/train (with metadata.csv) or the CSV.")
+@click.option("--heldout", required=True, type=click.Path(path_type=Path), help="Real held-out split: datasets/<ds>/prepared/heldout or the CSV.")
+@click.option("--synthetic", required=True, type=click.Path(path_type=Path), help="A generated set: synthetic/<plan> (with index.csv).")
+@click.option("--name", help="Report name: reports/utility-<name>.json (default: the synthetic folder's name).")
+@click.option("--model", default="resnet18", show_default=True, help="timm architecture: resnet18 or efficientnet_b0.")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False), help="Local pretrained weights of --model (default: from scratch).")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(1), help="Training seeds per arm.")
+@click.option("--seed", default=0, show_default=True, help="First seed (and the synthetic draw's seed).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--image-size", default=224, show_default=True, type=click.IntRange(16), help="Side of the square the images are resized to.")
+@click.option("--synthetic-share", help="Share of each skin type's training images that are synthetic, e.g. I=0.2,II=0.2,III=0.3,IV=0.5,V=0.7,VI=0.8 (the default).")
+@click.option("--bootstrap", default=200, show_default=True, type=click.IntRange(1), help="Bootstrap resamples for the intervals.")
+@click.option("--min-images", default=10, show_default=True, type=click.IntRange(1), help="Fewest held-out images for a cell's figures.")
+@click.option("--min-positives", default=5, show_default=True, type=click.IntRange(1), help="Fewest held-out images of a class per skin type for its equal-opportunity gap.")
+@click.option("--device", help="cuda, cuda:1, cpu (default: cuda when available).")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0), help="Image-loading processes.")
+@click.option("--out", "out_dir", default=Path("reports"), show_default=True, type=click.Path(path_type=Path))
+def utility_cmd(train_dir: Path, heldout: Path, synthetic: Path, name: str | None, model: str, weights: Path | None, seeds: int, seed: int,
+                epochs: int, batch_size: int, lr: float, image_size: int, synthetic_share: str | None, bootstrap: int, min_images: int,
+                min_positives: int, device: str | None, workers: int, out_dir: Path) -> None:  # fmt: skip
+    """Train a classifier on real vs real + synthetic images; AUROC, balanced accuracy and fairness per skin type."""
+    from dermkohya import utility
+    from dermkohya.utility.data import parse_shares
+
+    training = utility.TrainOptions(model=model, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, workers=workers)
+    options = utility.Options(training=training, seeds=seeds, seed=seed, shares=parse_shares(synthetic_share), bootstrap=bootstrap,
+                              min_images=min_images, min_positives=min_positives, device=device)
+    report = utility.run(train_dir, heldout, synthetic, name=name, out_dir=out_dir, options=options,
+                         progress=lambda line: console.print(escape(line), highlight=False))
+    for note in report["notes"]:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    a, b, d = report["arms"]["real"]["overall"]["auroc"], report["arms"]["real_synthetic"]["overall"]["auroc"], report["difference"]["overall"]["auroc"]
+    shown = " ".join(f"{label} {fig['value']:.3f}" if fig["value"] is not None else f"{label} –" for label, fig in (("real", a), ("real+synthetic", b), ("Δ", d)))
+    console.print("[green]utility[/] " + escape(f"{report['name']}: overall AUROC {shown} → {out_dir / ('utility-' + report['name'] + '.md')}"), highlight=False)
+
+
 @main.command("evaluate")
 @click.option("--real", required=True, type=click.Path(path_type=Path), help="Held-out images: a folder with metadata.csv (datasets/<ds>/prepared/heldout) or the CSV.")
 @click.option("--synthetic", required=True, type=click.Path(path_type=Path), help="A generated set: synthetic/<plan> (with index.csv).")
