@@ -616,7 +616,7 @@ def model_card(
     samples: dict[str, Any],
     checklist: list[dict[str, Any]],
 ) -> str:
-    """Hugging Face model-card markdown (YAML front matter + sections), from templates/model_card.md.j2."""
+    """Hugging Face model-card markdown (YAML front matter + sections), from dermkohya/templates/model_card.md.j2."""
     family = manifest.get("family") or info.family or "sd15"
     base = manifest.get("base_model") or {}
     dataset = manifest.get("dataset") or {}
