@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dermkohya.adopt.source import Source, parse_flags, scalar
+from dermkohya.adopt.source import STRING_OPTIONS, NoteKind, Source, parse_flags, scalar
 from dermkohya.errors import DermkohyaError
 
 # Keys that mark a file as a kohya_ss GUI config rather than an sd-scripts --config_file.
@@ -63,12 +63,13 @@ FAMILY_SWITCHES = ("flux1_checkbox", "sd3_checkbox", "lumina_checkbox", "anima_c
 # LoRA_type → (network_module, the GUI keys that become network_args, algo for lycoris).
 _LYCORIS_COMMON = ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd", "module_dropout",
                    "use_scalar", "rank_dropout_scale", "train_norm")
+_KOHYA_BLOCKS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims", "block_alphas",
+                 "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout")
 NETWORKS: dict[str, tuple[str, tuple[str, ...], str | None]] = {
-    "Standard": ("networks.lora", ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
-                                   "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout"), None),
-    "Kohya LoCon": ("networks.lora", ("conv_dim", "conv_alpha", "down_lr_weight", "mid_lr_weight", "up_lr_weight",
-                                      "block_lr_zero_threshold", "block_dims", "block_alphas", "conv_block_dims",
-                                      "conv_block_alphas", "rank_dropout", "module_dropout"), None),
+    "Standard": ("networks.lora", _KOHYA_BLOCKS, None),
+    "Kohya LoCon": ("networks.lora", ("conv_dim", "conv_alpha", *_KOHYA_BLOCKS), None),
+    "LoRA-FA": ("networks.lora_fa", _KOHYA_BLOCKS, None),
+    "Kohya DyLoRA": ("networks.dylora", ("conv_dim", "conv_alpha", *_KOHYA_BLOCKS, "unit"), None),
     "LoCon": ("lycoris.kohya", _LYCORIS_COMMON, "locon"),
     "LyCORIS/LoCon": ("lycoris.kohya", _LYCORIS_COMMON, "locon"),
     "LyCORIS/LoHa": ("lycoris.kohya", _LYCORIS_COMMON, "loha"),
@@ -107,11 +108,11 @@ def read(data: dict[str, Any], where: str) -> Source:
             raise DermkohyaError(f"{where}: `{switch}` is on: dermkohya trains SD 1.5 and SDXL only; this config is for another model family")
     args, done = source.args, set()
 
-    def mark(keys: tuple[str, ...] | list[str] | set[str], kind: str, text: str) -> None:
+    def mark(keys: list[str], kind: NoteKind, text: str) -> None:
         for key in keys:
             if key in data and key not in done:
                 done.add(key)
-                source.note(key, kind, text)  # type: ignore[arg-type]
+                source.note(key, kind, text)
 
     # network: module and network_args from LoRA_type
     lora_type = str(data.get("LoRA_type") or "Standard")
@@ -246,7 +247,7 @@ def read(data: dict[str, Any], where: str) -> Source:
         if _empty(value):
             source.note(key, "dropped", "empty, false or 0: the GUI leaves it out and kohya's default applies")
             continue
-        args[key] = _typed(key, value, where)
+        args[key] = _typed(key, value)
         source.note(key, "converted", "same option in sd-scripts" + (f" (the GUI's string {value!r} read as a number)"
                                                                      if isinstance(value, str) and not isinstance(args[key], str) else ""))
 
@@ -266,22 +267,15 @@ def _truthy(value: Any) -> bool:
     return value is True or (isinstance(value, str) and value.lower() in {"true", "1", "yes"}) or (isinstance(value, (int, float)) and value == 1)
 
 
-def _typed(key: str, value: Any, where: str) -> Any:
+def _typed(key: str, value: Any) -> Any:
+    """A GUI value as kohya's parser would type it: the GUI saves many numbers as strings."""
     if isinstance(value, bool):
         return value
-    if key == "persistent_data_loader_workers":
+    if key == "persistent_data_loader_workers":  # the GUI passes int(checkbox)
         return bool(value)
-    if isinstance(value, (int, float)):
-        return int(value) if key in INTEGERS else value
-    if isinstance(value, str) and key in INTEGERS | {"caption_dropout_rate", "network_alpha", "network_dim", "network_dropout",
-                                                      "unet_lr", "learning_rate", "min_snr_gamma", "noise_offset", "prior_loss_weight",
-                                                      "scale_weight_norms", "max_grad_norm", "huber_c", "huber_scale",
-                                                      "ip_noise_gamma", "max_timestep", "min_timestep", "v_pred_like_loss",
-                                                      "vae_batch_size", "lr_scheduler_power", "save_last_n_steps",
-                                                      "save_last_n_steps_state", "save_last_n_epochs", "save_last_n_epochs_state",
-                                                      "sample_every_n_epochs", "sample_every_n_steps", "ip_noise_gamma_random_strength"}:
-        return _number(key, value, where)
-    return value
+    if isinstance(value, str) and value.strip() and key not in STRING_OPTIONS and not key.startswith("metadata_"):
+        value = scalar(value.strip())
+    return int(value) if key in INTEGERS and isinstance(value, (int, float)) else value
 
 
 def _launch_value(value: Any) -> Any:

@@ -8,6 +8,7 @@ with its reason, so `adopt` lists it and the round-trip test can hold it to exac
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PureWindowsPath
@@ -47,6 +48,7 @@ DATASET_KEYS = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_r
                 "keep_tokens", "flip_aug")
 
 
+@functools.cache
 def rendered_keys() -> frozenset[str]:
     """Every key config.toml.j2 renders: a source may not pass these through [kohya] (render refuses a clash)."""
     text = (TEMPLATES_DIR / "config.toml.j2").read_text(encoding="utf-8")
@@ -141,12 +143,15 @@ def build(source: Source, *, name: str, base: str | None, train_data_dir: str | 
     return Adopted(text=write(b, name), notes=b.notes, differences=b.differences, todo=b.todo)
 
 
-def _path(b: _Builder, section: str, key: str, option: str | None, source_key: str, flag: str, what: str) -> None:
+def _path(b: _Builder, section: str, key: str, option: str | None, source_key: str, flag: str, what: str,
+          fallback: str | None = None) -> None:
     value, _ = b.take(source_key)
+    origin = source_key if value else "the dataset config's image_dir folders"
+    value = value or fallback
     if option:
         b.put(section, key, option, f"from {flag}" + (f" (the source had {value!r})" if value and value != option else ""))
     elif value:
-        b.put(section, key, str(value), f"from {source_key}: check it is right on this machine")
+        b.put(section, key, str(value), f"from {origin}: check it is right on this machine")
     else:
         b.put(section, key, f"{TODO}: {what}", f"needs you: the source names none; set it or pass {flag}")
         b.todo.append(f"[{section}] {key}")
@@ -171,16 +176,15 @@ def _dataset(b: _Builder, option: str | None, root: Path) -> None:
         b.needs("[dataset] train_data_dir", "dermkohya reads each subset's repeats and class token from its folder name "
                 "(`<repeats>_<token>`): " + "; ".join(f"{s.get('image_dir')}: num_repeats={s.get('num_repeats', 1)}, "
                                                        f"class_tokens={s.get('class_tokens')!r}" for s in subsets))
-    if from_config and "train_data_dir" not in b.source.args:
-        b.source.args["train_data_dir"] = from_config
-    _path(b, "dataset", "train_data_dir", option, "train_data_dir", "--train-data-dir", "the parent of your N_concept image folders")
+    _path(b, "dataset", "train_data_dir", option, "train_data_dir", "--train-data-dir", "the parent of your N_concept image folders",
+          fallback=from_config)
     b.take("reg_data_dir")
     if b.source.args.get("reg_data_dir"):
         b.needs("reg_data_dir", "dermkohya trains without regularisation images: dropped")
 
     ext, origin = b.take("caption_extension", dataset=True)
     if ext != ".txt":
-        folder = root / (option or str(b.source.args.get("train_data_dir") or ""))
+        folder = root / (option or str(b.source.args.get("train_data_dir") or from_config or ""))
         matches = len(list(folder.rglob(f"*{ext}"))) if ext and folder.is_dir() else 0
         b.needs("caption_extension", f"the source read captions from {ext!r} files ({matches} found); dermkohya always reads .txt "
                 "(kohya's default .caption silently trains on folder names when nothing matches): name your caption files *.txt")
@@ -310,7 +314,7 @@ def _train(b: _Builder) -> None:
                       ("gradient_accumulation_steps", "gradient_accumulation_steps"),
                       ("max_data_loader_n_workers", "data_loader_workers")):
         value, origin = b.take(key)
-        put("train", name, value or None if key == "optimizer_args" else value, origin)
+        put("train", name, (value or None) if key == "optimizer_args" else value, origin)
     for key in ("gradient_checkpointing", "cache_latents", "persistent_data_loader_workers", "save_state"):
         value, _ = b.take(key)
         put("train", key, bool(value))
