@@ -124,8 +124,9 @@ def adopt_cmd(source: Path | None, name: str, command: str | None, base: str | N
     for note in adopted.notes:
         if note.kind == "needs you":
             err_console.print(f"[yellow]needs you:[/] {escape(note.key)}: {escape(note.text)}", highlight=False, soft_wrap=True)
-    for key, why in sorted(adopted.differences.items()):
-        console.print(f"  [dim]differs from the source:[/] {escape(key)}: {escape(why)}", highlight=False, soft_wrap=True)
+    if adopted.differences:
+        console.print(f"rendered differently from the source (why: in the file): {escape(', '.join(sorted(adopted.differences)))}",
+                      highlight=False, soft_wrap=True)
     console.print(f"next: dermkohya render {path}", highlight=False)
 
 
