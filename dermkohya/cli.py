@@ -113,11 +113,11 @@ def render_cmd(run_file, no_kohya_check: bool, require_kohya: bool) -> None:
 def adopt_cmd(source: Path | None, name: str, command: str | None, base: str | None, train_data_dir: str | None,
               dataset_config: Path | None, family: str | None) -> None:
     """A kohya_ss GUI config, an sd-scripts config or a command line → runs/NAME.toml, with a note for every key."""
-    from dermkohya import adopt
+    from dermkohya import adopt, project
 
-    root = Path(click.get_current_context().find_root().params.get("project") or Path.cwd())
-    path, adopted = adopt.adopt(source, name, project_root=root, command=command, base=base,
-                                train_data_dir=train_data_dir, dataset_config=dataset_config, family=family)
+    root = project.resolve_root(click.get_current_context().find_root().params.get("project"))
+    path, adopted = adopt.adopt(source, name, project_root=root, command=command, base=base, train_data_dir=train_data_dir,
+                                dataset_config=dataset_config, family=family, cwd=Path.cwd())
     counts = {kind: sum(n.kind == kind for n in adopted.notes) for kind in ("converted", "dropped", "dermkohya", "needs you")}
     console.print(f"[bold]{name}[/]: wrote {path} ({counts['converted']} converted, {counts['dropped']} dropped, "
                   f"{counts['dermkohya']} dermkohya choices; each noted in the file)", highlight=False)

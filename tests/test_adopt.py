@@ -222,6 +222,14 @@ def test_never_overwrites_a_run_file(tmp_path: Path) -> None:
     assert (root / "runs" / "mine.toml").read_text() == "# mine\n"
 
 
+def test_paths_typed_in_a_subfolder_are_written_relative_to_the_project_root(tmp_path: Path) -> None:
+    root = _project(tmp_path)
+    (root / "runs").mkdir()
+    path, _ = _adopt(root, PRESETS / "loha-sd15.json", base="../models/base.safetensors", train_data_dir="../data", cwd=root / "runs")
+    raw = tomllib.loads(path.read_text())
+    assert raw["model"]["base"] == "models/base.safetensors" and raw["dataset"]["train_data_dir"] == "data"
+
+
 def test_a_command_without_a_training_script_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DermkohyaError, match="train_network.py"):
         _adopt(_project(tmp_path), None, command="accelerate launch fine_tune.py --learning_rate 1e-5")

@@ -66,9 +66,21 @@ def read_source(path: Path | None, command: str | None = None, **options: Any) -
     return SOURCES.get(path.suffix.lower(), _command)(path, text, options)
 
 
+def _in_root(path: str | None, cwd: Path, root: Path) -> str | None:
+    """A path typed relative to `cwd` as a run file holds it: relative to the project root when inside it."""
+    if path is None or path.startswith("random:"):
+        return path
+    absolute = (cwd / Path(path).expanduser()).resolve()
+    return absolute.relative_to(root.resolve()).as_posix() if absolute.is_relative_to(root.resolve()) else absolute.as_posix()
+
+
 def adopt(source_path: Path | None, name: str, *, project_root: Path, command: str | None = None, base: str | None = None,
-          train_data_dir: str | None = None, dataset_config: Path | None = None, family: str | None = None) -> tuple[Path, Adopted]:
-    """Write runs/<name>.toml from a kohya configuration; returns its path and the account of every key."""
+          train_data_dir: str | None = None, dataset_config: Path | None = None, family: str | None = None,
+          cwd: Path | None = None) -> tuple[Path, Adopted]:
+    """Write runs/<name>.toml from a kohya configuration; returns its path and the account of every key.
+
+    `base` and `train_data_dir` are relative to `cwd` (the project root by default), as typed on a command line.
+    """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise DermkohyaError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it names runs/<name>.toml and the LoRA)")
     target = project_root / "runs" / f"{name}.toml"
@@ -77,7 +89,9 @@ def adopt(source_path: Path | None, name: str, *, project_root: Path, command: s
     source = read_source(source_path, command, family=family, dataset_config=dataset_config)
     if family and family != source.family and source.kind != "sd-scripts config":
         raise DermkohyaError(f"{source.path}: --family {family} contradicts the source, which trains {source.family}: drop --family")
-    adopted = build(source, name=name, base=base, train_data_dir=train_data_dir, root=project_root)
+    typed_in = cwd or project_root
+    adopted = build(source, name=name, base=_in_root(base, typed_in, project_root),
+                    train_data_dir=_in_root(train_data_dir, typed_in, project_root), root=project_root)
     tomllib.loads(adopted.text)  # a bug if this fails: the writer quotes through TOML's own writer
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, adopted.text)
