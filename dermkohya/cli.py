@@ -505,6 +505,8 @@ def generate_cmd(plan_file: Path, out: Path | None, processes: int, limit: int |
     from dermkohya import generate
 
     result = generate.generate(plan_file, out=out, processes=processes, limit=limit, show_progress=progress)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     rejected = ", ".join(f"{k} ×{v}" for k, v in sorted(result.rejected.items())) or "none"
     rate = f", {result.images_per_s:.2f} images/s" if result.images_per_s else ""
     state = "[green]done[/]" if result.complete else "[yellow]partial[/] (rerun to continue)"

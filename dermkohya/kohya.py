@@ -389,6 +389,10 @@ def _kill_stragglers(group: int) -> None:
         pass
 
 
+_HUB_HINT = ("kohya tried to download {what} from the Hugging Face hub, which dermkohya keeps offline (HF_HUB_OFFLINE=1): "
+             "give local paths in {file}, or pass --online")
+
+
 HINTS: tuple[tuple[str, str], ...] = (
     ("CUDA out of memory", "out of GPU memory: lower [train] batch_size, set gradient_checkpointing = true, or use cache_latents"),
     ("No data found", "kohya found no images: [dataset] must point at the parent of the `N_concept` folders"),
@@ -396,7 +400,14 @@ HINTS: tuple[tuple[str, str], ...] = (
     ("xformers", "xformers is not installed in kohya's environment: set [train] attention = \"sdpa\""),
     ("cannot identify image file", "an image does not decode: run `dermkohya check --decode` on the dataset"),
     ("image file is truncated", "an image is truncated: run `dermkohya check --decode` on the dataset"),
-    ("We couldn't connect to 'https://huggingface.co'", "kohya tried to download from the hub: give a local base model / tokenizer cache"),
+    # kohya loads the CLIP tokenizer from the hub unless --tokenizer_cache_dir holds it; offline
+    # (HF_HUB_OFFLINE=1) transformers then opens a vocab file it never got
+    ("open(vocab_file", "kohya looked for the CLIP tokenizer on the Hugging Face hub, which dermkohya keeps offline "
+     "(HF_HUB_OFFLINE=1): runs/<run>/config.toml's tokenizer_cache_dir must hold openai_clip-vit-large-patch14/ "
+     "(SDXL also laion_CLIP-ViT-bigG-14-laion2B-39B-b160k/); `dermkohya train` builds models/tokenizers/ offline "
+     "for every base, so re-run it rather than kohya by hand, or pass --online"),
+    ("We couldn't connect to 'https://huggingface.co'", _HUB_HINT.format(what="a file", file="[model] base and the rendered config.toml")),
+    ("cannot find the requested files in the local cache", _HUB_HINT.format(what="a file", file="[model] base and the rendered config.toml")),
     ("You are trying to load the model files of the `variant=fp16`",
      "kohya loads a diffusers SDXL folder as variant fp16 under fp16, and this folder has no *.fp16.safetensors files: "
      "use the single-file .safetensors checkpoint, or mixed_precision = \"bf16\""),

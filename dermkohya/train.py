@@ -136,6 +136,8 @@ def prepare_launch(
         raise DermkohyaError(
             f"[model] base {spec.model.base!r} not found at {rendered.base_path}: put the checkpoint there or fix the path in {run_file}"
         )
+    # The rendered tokenizer_cache_dir, for every base: built offline once, so kohya never asks the hub.
+    basemodel.build_tokenizer_cache(basemodel.tokenizer_cache_dir(root))
 
     # Independent checks, run side by side: the dataset scan reads image headers, the interpreter and
     # commit checks wait on subprocesses.

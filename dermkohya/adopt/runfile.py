@@ -366,6 +366,9 @@ def _sample(b: _Builder, root: Path) -> None:
     for key, name in (("sample_every_n_epochs", "every_n_epochs"), ("sample_every_n_steps", "every_n_steps"), ("sample_sampler", "sampler")):
         value, _ = b.take(key)
         b.put("sample", name, value if texts and key in b.source.args else None)
+        if not texts and key != "sample_sampler" and b.source.args.get(key):
+            b.needs(key, f"{value}: the source samples images but gave dermkohya no prompts: set [sample] prompts (or diagnoses) "
+                    f"and [sample] {name} = {value}")
 
 
 def _validation(b: _Builder) -> None:
