@@ -146,7 +146,7 @@ def describe(record: LockRecord) -> str:
 _local = threading.local()
 
 
-def _held_here() -> dict[str, tuple[Held, int]]:
+def _held_here() -> dict[str, Held]:
     if not hasattr(_local, "held"):
         _local.held = {}
     return _local.held
@@ -158,17 +158,14 @@ def holding(lock: Path, what: str, purpose: str, *, break_lock: bool = False,
     """Hold `lock` for the block, or raise LockedError at once (never waits) naming the holder and the fix."""
     lock = Path(os.path.abspath(lock))
     mine = _held_here()
-    if str(lock) in mine:
-        held, depth = mine[str(lock)]
-        mine[str(lock)] = (held, depth + 1)
-        try:
-            yield Held(held.path, held.record, fd=held.fd)  # its warnings were the outer holder's to report
-        finally:
-            held_now, depth = mine[str(lock)]
-            mine[str(lock)] = (held_now, depth - 1)
+    if str(lock) in mine:  # held further out in this thread, which releases it
+        outer = mine[str(lock)]
+        yield Held(outer.path, outer.record, fd=outer.fd)  # its warnings were the outer holder's to report
         return
-    fd, held = _acquire(lock, what, purpose, break_lock, command if command is not None else list(sys.argv))
-    mine[str(lock)] = (held, 1)
+    if command is None:  # `dermkohya train runs/x.toml`, not the script's full path
+        command = [os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]]
+    fd, held = _acquire(lock, what, purpose, break_lock, command)
+    mine[str(lock)] = held
     try:
         yield held
     finally:

@@ -44,17 +44,25 @@ def main(argv: list[str]) -> int:
     os.set_blocking(fd, False)
     while True:
         status = child.poll()
+        # Checked after kohya's launcher ended too: with dermkohya gone it may die of a broken pipe first,
+        # leaving train_network.py below it running.
+        if _orphaned(fd, parent, wait=0.5 if status is None else 0):
+            _stop_group(child)
         if status is not None:
             return _leave(status)
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        orphaned = os.getppid() != parent
-        if ready and not orphaned:
-            try:
-                orphaned = os.read(fd, 1) == b""
-            except BlockingIOError:
-                orphaned = False
-        if orphaned:
-            _stop_group(child)
+
+
+def _orphaned(fd: int, parent: int, wait: float) -> bool:
+    """dermkohya is gone: the pipe's write end closed (end of file) or this process has a new parent."""
+    if os.getppid() != parent:
+        return True
+    ready, _, _ = select.select([fd], [], [], wait)
+    if not ready:
+        return False
+    try:
+        return os.read(fd, 1) == b""
+    except BlockingIOError:
+        return False
 
 
 def _stop_group(child: subprocess.Popen[bytes]) -> None:
