@@ -80,9 +80,10 @@ def run_lock(root: Path, name: str) -> Path:
     return Path(root) / STATE_DIR / "locks" / f"run-{name}.lock"
 
 
-def hold_run(root: Path, name: str, purpose: str, *, break_lock: bool = False) -> AbstractContextManager[Held]:
+def hold_run(root: Path, name: str, purpose: str, *, break_lock: bool = False,
+             command: list[str] | None = None) -> AbstractContextManager[Held]:
     """Hold run `name`'s lock (train, --resume, collect)."""
-    return holding(run_lock(root, name), f"run {name!r}", purpose, break_lock=break_lock)
+    return holding(run_lock(root, name), f"run {name!r}", purpose, break_lock=break_lock, command=command)
 
 
 def folder_lock(folder: Path) -> Path:
