@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare what bench/train_throughput.py needs on a GPU machine that cannot download anything:
-#   .device/sd-scripts/   the files kohya's training scripts run (top-level scripts, library/, networks/),
+#   .device/sd-scripts/   the files kohya's training scripts run (top-level scripts, library/, networks/,
+#                         and tools/convert_diffusers20_original_sd.py for bench/gpu_first_run.sh),
 #                         copied from the pinned checkout, with its commit in .device/sd-scripts.commit
 #   .device/tokenizers/   the CLIP tokenizer cache kohya's --tokenizer_cache_dir reads (built offline)
 #   .whl/                 wheels the device image lacks, for its Python 3.12 (kohya's pinned versions)
@@ -27,6 +28,7 @@ commit="$(git -C "$SD" rev-parse HEAD)"
 [ "$commit" = "$PIN" ] || echo "warning: $SD is at $commit, not the pinned $PIN" >&2
 rm -rf .device/sd-scripts && mkdir -p .device/sd-scripts
 git -C "$SD" ls-files -z -- ':(glob)*.py' ':(glob)library/**' ':(glob)networks/**' LICENSE.md \
+  tools/convert_diffusers20_original_sd.py \
   | (cd "$SD" && tar --null -T - --ignore-failed-read -cf - 2>/dev/null) \
   | tar -C .device/sd-scripts -xf -
 echo "$commit" >.device/sd-scripts.commit

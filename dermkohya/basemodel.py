@@ -20,6 +20,7 @@ import shutil
 import struct
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +286,6 @@ def _torch_float16() -> Any:
 
 def _build_pipeline_folder(out: Path, kind: str, seed: int, configs: dict[str, dict[str, Any]]) -> None:
     """Build one component at a time (random init, cast to fp16, save, free) to keep memory near one U-Net."""
-    import diffusers
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -297,32 +297,63 @@ def _build_pipeline_folder(out: Path, kind: str, seed: int, configs: dict[str, d
     _seed_component(seed, 1)
     _save_diffusers_model(AutoencoderKL(**configs["vae"]), out / "vae")
 
-    encoders = {"text_encoder": "CLIPTextModel"}
-    if kind == "sdxl":
-        encoders["text_encoder_2"] = "CLIPTextModelWithProjection"
-    for index, (name, class_name) in enumerate(encoders.items(), start=2):
+    for index, (name, class_name) in enumerate(_text_encoders(kind).items(), start=2):
         _seed_component(seed, index)
         config = transformers.CLIPTextConfig(**configs[name])
         model = getattr(transformers, class_name)(config)
         _save_diffusers_model(model, out / name)
 
-    scheduler_class = "EulerDiscreteScheduler" if kind == "sdxl" else "PNDMScheduler"
+    _write_scheduler_and_tokenizers(out, kind, configs)
+    index = _model_index(kind)
+    index["_dermkohya_smoke_model"] = f"RANDOM WEIGHTS, NOT A TRAINED MODEL (random:{kind}, seed {seed}); see {SMOKE_MARKER}"
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    info = {
+        "smoke_model": True,
+        "random_weights": True,
+        "kind": kind,
+        "seed": seed,
+        "dtype": "float16",
+        "builder_version": SMOKE_BUILD_VERSION,
+    }
+    (out / SMOKE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if kind == "sdxl":
+        _link_fp16_variant(out)
+
+
+def _text_encoders(kind: str) -> dict[str, str]:
+    encoders = {"text_encoder": "CLIPTextModel"}
+    if kind == "sdxl":
+        encoders["text_encoder_2"] = "CLIPTextModelWithProjection"
+    return encoders
+
+
+def _scheduler_class(kind: str) -> str:
+    return "EulerDiscreteScheduler" if kind == "sdxl" else "PNDMScheduler"
+
+
+def _write_scheduler_and_tokenizers(out: Path, kind: str, configs: dict[str, dict[str, Any]]) -> None:
+    """The parts a smoke model and a weightless config folder share: scheduler config and tokenizer(s)."""
+    import diffusers
+
     # Written as the model repos have it (PNDMScheduler ignores clip_sample there, and so it does here).
-    scheduler = {"_class_name": scheduler_class, "_diffusers_version": diffusers.__version__, **configs["scheduler"]}
+    scheduler = {"_class_name": _scheduler_class(kind), "_diffusers_version": diffusers.__version__, **configs["scheduler"]}
     (out / "scheduler").mkdir()
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n", encoding="utf-8")
-
     tokenizers = {"tokenizer": _TOKENIZERS[CLIP_L_TOKENIZER_ID]}
     if kind == "sdxl":
         tokenizers["tokenizer_2"] = _TOKENIZERS[CLIP_BIGG_TOKENIZER_ID]
     for name, pad_token in tokenizers.items():
         _save_clip_tokenizer(out / name, pad_token=pad_token)
 
+
+def _model_index(kind: str) -> dict[str, Any]:
+    """model_index.json as the public SD 1.5 / SDXL repos have it (no safety checker)."""
+    import diffusers
+
     index: dict[str, Any] = {
         "_class_name": "StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,
-        "_dermkohya_smoke_model": f"RANDOM WEIGHTS, NOT A TRAINED MODEL (random:{kind}, seed {seed}); see {SMOKE_MARKER}",
-        "scheduler": ["diffusers", scheduler_class],
+        "scheduler": ["diffusers", _scheduler_class(kind)],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -336,18 +367,7 @@ def _build_pipeline_folder(out: Path, kind: str, seed: int, configs: dict[str, d
         }
     else:
         index |= {"feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    info = {
-        "smoke_model": True,
-        "random_weights": True,
-        "kind": kind,
-        "seed": seed,
-        "dtype": "float16",
-        "builder_version": SMOKE_BUILD_VERSION,
-    }
-    (out / SMOKE_INFO).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if kind == "sdxl":
-        _link_fp16_variant(out)
+    return index
 
 
 def _link_fp16_variant(folder: Path) -> None:
@@ -593,7 +613,7 @@ def identify_base(path: Path) -> dict[str, Any]:
                     f"{path}: {what} (no U-Net/text-encoder keys of SD 1.5 or SDXL); "
                     "[model] base must be a full base checkpoint"
                 )
-        elif suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        elif suffix in _CKPT_SUFFIXES:
             fmt, family = "ckpt", _family_from_keys(_ckpt_keys(path))
             warning = CKPT_WARNING.format(path=path)
         else:
@@ -603,3 +623,120 @@ def identify_base(path: Path) -> dict[str, Any]:
             )
     smoke = path.is_dir() and (path / SMOKE_MARKER).is_file()
     return {"path": str(path), "format": fmt, "family": family, "size_bytes": size, "smoke": smoke, "warning": warning}
+
+
+# --- one resolver for every stage -------------------------------------------------------------------------
+
+MODELS_DIR = "models"  # the project's git-ignored folder: smoke models, tokenizer cache, pipeline configs
+SMOKE_SEED = 0
+SUPPORTED_FAMILIES = ("sd15", "sdxl")
+FAMILY_LABELS = {"sd15": "SD 1.5", "sdxl": "SDXL", "sd2": "SD 2.x"}
+# Bumped whenever the config folder's contents change, so an older one is not reused.
+PIPELINE_CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ResolvedBase:
+    """A `[model] base` as every stage sees it: where it is, what it is, and what to say about it.
+
+    `random:*` resolves to the project's smoke model folder without building it (rendering needs the
+    path only); a file or folder is identified from its header or configs, never by loading weights.
+    """
+
+    spec: str
+    path: Path
+    format: str  # safetensors | ckpt | diffusers
+    family: str | None  # sd15 | sdxl | sd2 | None (a .ckpt whose keys could not be read)
+    smoke: bool
+    warning: str | None = None
+    found: bool = True
+
+    @property
+    def single_file(self) -> bool:
+        return self.format in ("safetensors", "ckpt")
+
+
+def models_dir(project_root: Path) -> Path:
+    """The project's `models/`: what dermkohya builds there is never committed (.gitignore)."""
+    return Path(project_root) / MODELS_DIR
+
+
+def tokenizer_cache_dir(project_root: Path) -> Path:
+    """kohya's `--tokenizer_cache_dir` for every base: the CLIP tokenizer is the same for all SD 1.5
+    models (SDXL adds bigG with the same BPE), so one offline copy serves every run of the project."""
+    return models_dir(project_root) / "tokenizers"
+
+
+def project_smoke_model(kind: str, project_root: Path) -> Path:
+    """Where `random:<kind>` lives for train and generate alike: the project's `models/smoke/`."""
+    return smoke_model_paths(kind, seed=SMOKE_SEED, cache_root=models_dir(project_root))[0]
+
+
+def resolve_base(spec: str, project_root: Path, *, must_exist: bool = True) -> ResolvedBase:
+    """The one reading of `[model] base` for train, generate, evaluate and merge: a single-file
+    `.safetensors` (SD 1.5 / SDXL), a `.ckpt` (warned: a pickle), a diffusers folder, or `random:*`.
+    A relative path is relative to the project root. With must_exist=False a missing file is
+    returned unidentified (found=False), so rendering works before the checkpoint is downloaded."""
+    if spec.startswith("random:"):
+        kind = spec.removeprefix("random:")
+        return ResolvedBase(spec, project_smoke_model(kind, project_root), "diffusers", kind, smoke=True)
+    path = Path(spec).expanduser()
+    path = path if path.is_absolute() else Path(project_root) / path
+    if not path.exists() and not must_exist:
+        fmt = "ckpt" if path.suffix.lower() in _CKPT_SUFFIXES else "safetensors" if path.suffix else "diffusers"
+        warning = CKPT_WARNING.format(path=path) if fmt == "ckpt" else None
+        return ResolvedBase(spec, path, fmt, None, smoke=False, warning=warning, found=False)
+    info = identify_base(path)
+    return ResolvedBase(spec, path, info["format"], info["family"], info["smoke"], info["warning"])
+
+
+def check_family(base: ResolvedBase, family: str, where: Path | str, key: str = "[model] family") -> None:
+    """Refuse a base whose tensors say another family than the run or plan does, before anything
+    launches: kohya would fail minutes later with a shape error that does not name the cause."""
+    if base.family is None:
+        return  # a .ckpt whose keys could not be read: kohya will say more
+    found = FAMILY_LABELS.get(base.family, base.family)
+    if base.family not in SUPPORTED_FAMILIES:
+        raise DermkohyaError(
+            f"{where}: [model] base {base.spec} is an {found} checkpoint (read from its tensor names); dermkohya "
+            "trains and generates SD 1.5 and SDXL only: point [model] base at an SD 1.5 or SDXL checkpoint"
+        )
+    if base.family != family:
+        raise DermkohyaError(
+            f"{where}: {key} = \"{family}\", but [model] base {base.spec} is an {found} checkpoint (read from its "
+            f"tensor names): set {key} = \"{base.family}\" in {where}, or point base at an "
+            f"{FAMILY_LABELS.get(family, family)} checkpoint"
+        )
+
+
+_CKPT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def ensure_pipeline_config(family: str, models: Path) -> Path:
+    """A diffusers folder without weights (model_index.json, each component's config, scheduler,
+    tokenizer(s)) for loading a single-file checkpoint offline: diffusers' `from_single_file(path,
+    config=<this folder>, local_files_only=True)` then needs nothing from the hub. Built once into
+    `models/configs/` from the architectures' configs above."""
+    if family not in SUPPORTED_FAMILIES:
+        raise DermkohyaError(f"family {family!r}: dermkohya has pipeline configs for SD 1.5 and SDXL only")
+    dest = Path(models) / "configs" / f"{family}-v{PIPELINE_CONFIG_VERSION}"
+    if (dest / "model_index.json").is_file():
+        return dest
+    return _atomic_build(dest, lambda tmp: _write_pipeline_config(tmp, family))
+
+
+def _write_pipeline_config(out: Path, family: str) -> None:
+    import diffusers
+    import transformers
+
+    configs = SDXL_CONFIGS if family == "sdxl" else SD15_CONFIGS
+    out.mkdir(parents=True)
+    for name, class_name in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
+        (out / name).mkdir()
+        config = {"_class_name": class_name, "_diffusers_version": diffusers.__version__, **configs[name]}
+        (out / name / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for name in _text_encoders(family):
+        transformers.CLIPTextConfig(**configs[name]).save_pretrained(str(out / name))
+    _write_scheduler_and_tokenizers(out, family, configs)
+    index = _model_index(family)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -35,7 +35,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dermkohya import __version__, locks, metrics, skin
+from dermkohya import __version__, basemodel, locks, metrics, skin
+from dermkohya.basemodel import ResolvedBase
 from dermkohya.templating import text_template
 from dermkohya.schema import load_toml_model
 from dermkohya.errors import DermkohyaError, ProblemsError
@@ -61,7 +62,10 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    base: str = Field(description="a local diffusers folder, or random:sd15 for the offline smoke model")
+    base: str = Field(
+        description="a local SD 1.5/SDXL .safetensors (or .ckpt) checkpoint, e.g. the file a run trained on, "
+        "a diffusers folder, or random:sd15 / random:sdxl for the offline smoke model"
+    )
 
 
 class LoraEntry(_Section):
@@ -259,10 +263,17 @@ class Job:
     plan: Plan
     name: str
     out: Path
-    model_dir: Path
+    base: ResolvedBase
+    config_dir: Path | None  # the weightless pipeline config a single-file base is loaded with
     base_sha256: str
     loras: tuple[LoraInfo, ...]
     items: tuple[Item, ...]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def model_dir(self) -> Path:
+        """The base on disk: a diffusers folder or a single checkpoint file."""
+        return self.base.path
 
     @property
     def staging(self) -> Path:
@@ -305,22 +316,33 @@ def kohya_modules(path: Path) -> dict[str, int]:
     return dict(counts)
 
 
-def resolve_base(base: str) -> Path:
-    """A diffusers folder for the plan's base: random:sd15 builds (once) the offline smoke model."""
-    if base.startswith("random:"):
-        from dermkohya import basemodel
+def project_root() -> Path:
+    """Where a plan's relative paths, `synthetic/` and `models/` are: the folder generate runs in."""
+    return Path.cwd()
 
-        return basemodel.ensure_smoke_model(base.removeprefix("random:"))[0]
-    path = Path(base)
-    if not (path / "model_index.json").is_file():
-        hint = (
-            "a single-file checkpoint must first be saved as a diffusers folder "
-            "(diffusers' from_single_file + save_pretrained)"
-            if path.is_file()
-            else "set [model] base to a local diffusers folder, or random:sd15"
+
+def load_base(spec: str, root: Path | None = None) -> tuple[ResolvedBase, Path | None]:
+    """The plan's base through the one resolver train uses, made loadable offline: `random:*` builds
+    (once) the project's smoke model in models/smoke/, the same one train uses; a single file gets the
+    weightless pipeline config (models/configs/) diffusers loads it with, so nothing comes from the hub."""
+    root = root or project_root()
+    base = basemodel.resolve_base(spec, root)
+    if base.smoke:
+        basemodel.ensure_smoke_model(str(base.family), seed=basemodel.SMOKE_SEED, cache_root=basemodel.models_dir(root))
+    if not base.single_file:
+        return base, None
+    if base.family not in basemodel.SUPPORTED_FAMILIES:
+        found = basemodel.FAMILY_LABELS.get(str(base.family), "of unknown family (its keys could not be read)")
+        raise DermkohyaError(
+            f"{base.path}: an {found} checkpoint; generation loads SD 1.5 and SDXL checkpoints: "
+            "set [model] base to one of those, or to its diffusers folder"
         )
-        raise DermkohyaError(f"{path}: not a diffusers model folder (no model_index.json); {hint}")
-    return path
+    return base, basemodel.ensure_pipeline_config(base.family, basemodel.models_dir(root))
+
+
+def resolve_base(spec: str, root: Path | None = None) -> Path:
+    """The plan's base on disk (a diffusers folder or a checkpoint file), built first for `random:*`."""
+    return load_base(spec, root)[0].path
 
 
 def fingerprint(plan: Plan, base_sha256: str, loras: tuple[LoraInfo, ...]) -> dict[str, Any]:
@@ -360,15 +382,25 @@ def prepare_job(plan_path: Path, out: Path | None = None, *, write: bool = True)
             )
     if plan.filter.classifier and not Path(plan.filter.classifier).is_file():
         problems.append(f"[filter] classifier: {plan.filter.classifier} not found; point it at a TorchScript file")
+    if not problems and plan.lora:  # a LoRA of the other family fails deep inside diffusers: say so before any model loads
+        from dermkohya import lora as lora_files
+
+        family = basemodel.resolve_base(plan.model.base, project_root()).family
+        for i, entry in enumerate(plan.lora, 1):
+            found = lora_files.describe(Path(entry.path)).family
+            if family in basemodel.SUPPORTED_FAMILIES and found is not None and found != family:
+                problems.append(f"[[lora]] #{i} path: {entry.path} is an {found} LoRA but [model] base {plan.model.base} is "
+                                f"{family}: use a LoRA trained on an {family} base, or an {found} base")
     if problems:
         raise ProblemsError(str(plan_path), problems)
-    model_dir = resolve_base(plan.model.base)
+    base, config_dir = load_base(plan.model.base)
     loras = tuple(
         LoraInfo(entry.path, basemodel.sha256_path(Path(entry.path)), entry.weight, kohya_modules(Path(entry.path)))
         for entry in plan.lora
     )
     out = Path(out) if out is not None else Path("synthetic") / name
-    job = Job(plan, name, out, model_dir, basemodel.sha256_path(model_dir), loras, tuple(allocate(plan)))
+    warnings = (base.warning,) if base.warning else ()
+    job = Job(plan, name, out, base, config_dir, basemodel.sha256_path(base.path), loras, tuple(allocate(plan)), warnings)
     _check_or_write_plan_json(job, plan_path, write)
     return job
 
@@ -396,6 +428,7 @@ def _check_or_write_plan_json(job: Job, plan_path: Path, write: bool) -> None:
         "plan_file": str(plan_path),
         "plan": job.plan.model_dump(),
         "model_dir": str(job.model_dir),
+        "config_dir": str(job.config_dir) if job.config_dir else None,
         "loras": [dataclasses.asdict(lora) for lora in job.loras],
         "count": len(job.items),
         "quotas": [{"diagnosis": d, "fst": f, "count": q} for (d, f), q in quotas(job.plan).items()],
@@ -536,22 +569,43 @@ class Classifier:
         return float(probs[self.labels.index(label)])
 
 
+def load_pipeline(job: Job, dtype: Any) -> Any:
+    """The base as a diffusers pipeline, offline: a diffusers folder as it is, a single-file checkpoint
+    with the weightless config folder of its family (config, scheduler and tokenizer from disk)."""
+    import diffusers
+
+    config = job.config_dir
+    if config is None:
+        index = json.loads((job.model_dir / "model_index.json").read_text(encoding="utf-8"))
+        extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        return diffusers.DiffusionPipeline.from_pretrained(str(job.model_dir), torch_dtype=dtype, local_files_only=True, **extra)
+    index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
+    pipeline_class = getattr(diffusers, index["_class_name"])
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    try:
+        return pipeline_class.from_single_file(
+            str(job.model_dir), config=str(config), local_files_only=True, torch_dtype=dtype, **extra
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise DermkohyaError(
+            f"{job.model_dir}: diffusers cannot load this {job.base.family} checkpoint with the config in {config} "
+            f"({str(exc).splitlines()[0]}); check that [model] base is a full SD 1.5/SDXL checkpoint"
+        ) from None
+
+
 class Engine:
     """The diffusers pipeline as the plan asks for it: base + fused LoRAs, scheduler, precision; on CUDA
     also channels-last, fused QKV projections (SDPA attention either way) and optionally torch.compile."""
 
     def __init__(self, job: Job, device: str = "cpu") -> None:
         import torch
-        from diffusers import DiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
         self.job, self.device = job, device
         plan = job.plan
         self.dtype = _dtype(plan.engine.precision, device)
-        index = json.loads((job.model_dir / "model_index.json").read_text(encoding="utf-8"))
-        extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        pipe = DiffusionPipeline.from_pretrained(str(job.model_dir), torch_dtype=self.dtype, local_files_only=True, **extra)
+        pipe = load_pipeline(job, self.dtype)
         pipe.scheduler = make_scheduler(plan.sampler.scheduler, pipe.scheduler.config, plan.sampler.karras)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
@@ -867,6 +921,7 @@ class Result:
     load_s: float
     images_per_s: float | None
     steady_images_per_s: float | None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -1010,8 +1065,10 @@ def generate(
     processes), with the same files as one process. `limit` stops after about that many new images.
     A second generate into the same output folder meanwhile is refused at once (locks.py)."""
     folder = Path(out) if out is not None else Path("synthetic") / load_plan(plan_path)[1]
-    with locks.holding(locks.folder_lock(folder), f"generate output {folder}", "generate"):
-        return _generate_locked(plan_path, out=folder, processes=processes, limit=limit, show_progress=show_progress)
+    with locks.holding(locks.folder_lock(folder), f"generate output {folder}", "generate") as held:
+        result = _generate_locked(plan_path, out=folder, processes=processes, limit=limit, show_progress=show_progress)
+    result.warnings[:0] = held.warnings  # a dead generate's lock, taken over
+    return result
 
 
 def _generate_locked(plan_path: Path, *, out: Path, processes: int, limit: int | None, show_progress: bool) -> Result:
@@ -1073,6 +1130,7 @@ def _summarise(job: Job, processes: int, wall_s: float) -> Result:
         load_s=max((t["load_s"] for t in timings), default=0.0),
         images_per_s=made / gen_s if made and gen_s > 0 else None,
         steady_images_per_s=steady_made / steady_s if steady_made > 0 and steady_s > 0 else None,
+        warnings=list(job.warnings),
     )
     summary = dataclasses.asdict(result) | {"out": str(job.out), "complete": result.complete}
     summary["cells"] = [{"diagnosis": d, "fst": f, "planned": q} for (d, f), q in quotas(job.plan).items()]

@@ -145,7 +145,11 @@ def merge(
         raise DermkohyaError(f"precision must be one of {', '.join(PRECISIONS)}")
     out = _check_output(out)
     infos, family = _checked_loras(loras)
-    identity = basemodel.identify_base(Path(base))
+    resolved = basemodel.resolve_base(str(base), Path.cwd())  # the resolver train and generate use
+    if resolved.smoke:
+        basemodel.ensure_smoke_model(str(resolved.family), seed=basemodel.SMOKE_SEED, cache_root=basemodel.models_dir(Path.cwd()))
+    base = resolved.path
+    identity = {"format": resolved.format, "family": resolved.family, "smoke": resolved.smoke}
     if identity["family"] not in MERGE_SCRIPTS:
         raise DermkohyaError(f"{base}: base model family {identity['family'] or 'unknown'}; kohya's merge supports SD 1.5 and SDXL")
     if family and identity["family"] != family:
@@ -168,6 +172,7 @@ def merge(
         "base": {"file": Path(base).name, "format": identity["format"], "sha256": basemodel.sha256_path(Path(base)),
                  "smoke": identity["smoke"]},  # fmt: skip
         "loras": [_lora_record(Path(p), i, w) for (p, w), i in zip(loras, infos)],
+        "warnings": [resolved.warning] if resolved.warning else [],
         "precision": precision,
         "save_precision": save_precision or precision,
     }

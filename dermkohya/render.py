@@ -28,8 +28,8 @@ from dermkohya.templating import file_environment, text_template
 from dermkohya.skin import FST_TYPES
 from dermkohya.spec import SMOKE_BASES, RunSpec, load_run
 
-SMOKE_MODELS_DIR = "models"
-SMOKE_SEED = 0
+SMOKE_MODELS_DIR = basemodel.MODELS_DIR
+SMOKE_SEED = basemodel.SMOKE_SEED
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,9 @@ def project_path(path: Path, root: Path) -> str:
 
 
 def smoke_model_paths(family: str, project_root: Path) -> tuple[Path, Path]:
-    """Where `random:<family>` lives: a git-ignored models/ folder of the project (built by train)."""
-    return basemodel.smoke_model_paths(family, seed=SMOKE_SEED, cache_root=project_root / SMOKE_MODELS_DIR)
+    """Where `random:<family>` lives and the tokenizer cache every run gets: the project's git-ignored
+    models/ (built by train, and by generate for a plan's `random:*` base)."""
+    return basemodel.project_smoke_model(family, project_root), basemodel.tokenizer_cache_dir(project_root)
 
 
 def _subsets(spec: RunSpec, root: Path) -> tuple[Path, list[Subset], dict[str, Any]]:
@@ -167,13 +168,18 @@ def render(
         )
     counts = info.get("counts_after") or dataset.metadata_counts(data_dir)
 
-    if spec.model.base in SMOKE_BASES:
-        base_path, tokenizer_dir = smoke_model_paths(spec.model.family, root)
+    # One resolver for every stage; a base that is already there is checked against [model] family
+    # here (a header read), so a mismatch stops before any expensive check or launch.
+    base = basemodel.resolve_base(spec.model.base, root, must_exist=False)
+    if base.found:
+        basemodel.check_family(base, spec.model.family, run_file)
+    base_path = base.path
+    # Always rendered: offline, kohya asks the hub for the CLIP tokenizer of every base but this cache.
+    tokenizer_dir = basemodel.tokenizer_cache_dir(root)
+    if base.smoke:
         warnings.append(f"base `{spec.model.base}` is a RANDOM-WEIGHT smoke model: the LoRA proves the pipeline, not the data")
-    else:
-        base_path, tokenizer_dir = root / spec.model.base, None
-        if base_path.suffix == ".ckpt":
-            warnings.append(f"{spec.model.base}: kohya unpickles .ckpt files with weights_only=False; prefer .safetensors")
+    elif base.warning:
+        warnings.append(base.warning)
 
     resolution = spec.resolution
     output_dir = root / "output" / name
@@ -187,7 +193,7 @@ def render(
         "run_file": project_path(run_file, root),
         "version": __version__,
         "base_path": project_path(base_path, root),
-        "tokenizer_cache_dir": project_path(tokenizer_dir, root) if tokenizer_dir else None,
+        "tokenizer_cache_dir": project_path(tokenizer_dir, root),
         "vae": project_path(root / spec.model.vae, root) if spec.model.vae else None,
         "resolution": resolution,
         "resolution_arg": f"{resolution},{resolution}",

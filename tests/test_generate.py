@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _kohya_run import RUN, kohya_run  # noqa: F401  (the session fixture: one kohya training per session)
+from _smoke import link_smoke_model
 from click.testing import CliRunner
 from PIL import Image
 
@@ -358,13 +359,15 @@ batch_size = 6
 
 @pytest.mark.kohya
 @pytest.mark.slow
-def test_done_when_60_images_killed_halfway_and_rerun(tmp_path: Path, kohya_lora: Path) -> None:
+def test_done_when_60_images_killed_halfway_and_rerun(tmp_path: Path, kohya_lora: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    link_smoke_model(tmp_path)  # random:sd15 is the project's models/smoke/, for train and generate alike
+    monkeypatch.chdir(tmp_path)
     plan = tmp_path / "done-when.toml"
     plan.write_text(DEMO_PLAN.format(lora=kohya_lora), encoding="utf-8")
     out = tmp_path / "synthetic" / "done-when"
     command = [sys.executable, "-c", "from dermkohya.cli import main; main()", "generate", str(plan), "--out", str(out), "--no-progress"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 1200
     while len(list((out / ".staging").glob("*-*.png"))) + len(pngs(out)) < 30:
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
@@ -373,7 +376,7 @@ def test_done_when_60_images_killed_halfway_and_rerun(tmp_path: Path, kohya_lora
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(pngs(out)) < 60
-    finished = subprocess.run(command, env=env, capture_output=True, text=True)
+    finished = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     files = pngs(out)
     assert len(files) == 60
