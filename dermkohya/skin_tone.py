@@ -268,6 +268,7 @@ def report(real: Sequence[Tone], synthetic: Sequence[Tone], *, resamples: int = 
         "drift_degrees": DRIFT_DEGREES,
         "min_agreement": MIN_AGREEMENT,
         "bootstrap_resamples": resamples,
+        "types": [f for f in (*FST_TYPES, *FST_GROUPS) if f in syn or f in ref],
         "synthetic": {"per_fst": syn, "unmeasured": sum(t.ita is None for t in synthetic)},
         "real": {"per_fst": ref, "unmeasured": sum(t.ita is None for t in real)},
         "drift": list(flagged),
@@ -299,17 +300,20 @@ def plot(path: Path, real: Sequence[Tone], synthetic: Sequence[Tone]) -> Path:
     fsts = [f for f in (*FST_TYPES, *FST_GROUPS) if any(t.fst == f for t in (*real, *synthetic))]
     fig, ax = plt.subplots(figsize=(1.3 * max(len(fsts), 3) + 2, 4))
     edges = [90.0, *ITA_BOUNDS, -90.0]
-    shades = lab_to_srgb(np.array([[60 + 3 * (5 - i), 10, 18] for i in range(6)])) / 255.0
     for i, fst in enumerate(FST_TYPES):
-        ax.axhspan(edges[i + 1], edges[i], color=shades[i], alpha=0.18, lw=0)
+        ax.axhspan(edges[i + 1], edges[i], color="#000000", alpha=0.04 * (i % 2), lw=0)
         ax.text(len(fsts) - 0.45, (max(edges[i + 1], -80) + min(edges[i], 80)) / 2, f"{fst} {ITA_NAMES[fst]}", fontsize=7, va="center")
-    for offset, tones, colour, label in ((-0.18, synthetic, "#5b7fa6", "synthetic"), (0.18, real, "#c0392b", "real held-out")):
+    for bound in ITA_BOUNDS:
+        ax.axhline(bound, color="#999999", lw=0.6, ls=":")
+    jitter = np.random.default_rng(0)
+    for offset, tones, colour, label in ((-0.18, synthetic, "#2f6db0", "synthetic"), (0.18, real, "#c0392b", "real held-out")):
         data = [[t.ita for t in tones if t.fst == f and t.ita is not None] for f in fsts]
         positions = [i + offset for i, d in enumerate(data) if d]
         if positions:
-            parts = ax.boxplot([d for d in data if d], positions=positions, widths=0.3, patch_artist=True, manage_ticks=False)
-            for box in parts["boxes"]:
-                box.set(facecolor=colour, alpha=0.6)
+            ax.boxplot([d for d in data if d], positions=positions, widths=0.3, manage_ticks=False, showfliers=False,
+                       boxprops={"color": colour}, whiskerprops={"color": colour}, capprops={"color": colour}, medianprops={"color": colour, "lw": 2})
+            for i, d in enumerate(data):
+                ax.scatter(i + offset + jitter.uniform(-0.08, 0.08, len(d)), d, s=8, color=colour, alpha=0.6, lw=0)
             ax.plot([], [], "s", color=colour, label=label)
     ax.set_xticks(range(len(fsts)), [f"FST {f}" for f in fsts])
     ax.set_xlim(-0.6, len(fsts) + 0.6)
