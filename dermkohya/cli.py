@@ -198,18 +198,6 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
         console.print(f"[green]collected[/] {artifact}")
 
 
-@main.command("status")
-@click.argument("runs", nargs=-1)
-def status_cmd(runs: tuple[str, ...]) -> None:
-    """Where each run stands (rendered, running, finished, failed, stopped, collected), read from its files."""
-    from dermkohya import runstate
-
-    root, _ = _in_project(Path("."))
-    for status in (runstate.status(root, name) for name in (runs or runstate.run_names(root))):
-        console.print(f"{escape(status.name)}  [bold]{status.state or 'not rendered'}[/]  {escape(status.detail)}",
-                      highlight=False, soft_wrap=True)
-
-
 @main.command("prepare")
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--force", is_flag=True, help="Rebuild even when inputs and outputs are unchanged (same bytes result).")

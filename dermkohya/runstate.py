@@ -17,7 +17,6 @@ any command (train, collect, a future status page or job queue) derives the same
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -99,47 +98,3 @@ def run_state(root: Path, name: str) -> RunState | None:
         return RunState.RENDERED
     return None
 
-
-@dataclass(frozen=True)
-class RunStatus:
-    """A run's state and the one fact a person asks next (who holds it, why it stopped, where its LoRA is)."""
-
-    name: str
-    state: RunState | None  # None: a run file not rendered yet
-    detail: str
-
-
-def status(root: Path, name: str) -> RunStatus:
-    root = Path(root)
-    state = run_state(root, name)
-    launch = _read(root / "output" / name / "manifest.json") or {}
-    detail = ""
-    if state == RunState.RUNNING and (holder := locks.holder(locks.run_lock(root, name))) is not None:
-        detail = locks.describe(holder)
-    elif state == RunState.STOPPED:
-        stopped = launch.get("stopped") or {}
-        detail = f"by {stopped.get('signal') or 'a failed check'}" + (f": {stopped['message']}" if stopped.get("message") else "")
-    elif state == RunState.FAILED:
-        detail = (f"exit code {launch['exit_code']}, log output/{name}/train.log" if "exit_code" in launch
-                  else f"dermkohya ended without recording how (killed?); log output/{name}/train.log")
-    elif state == RunState.FINISHED:
-        detail = f"output/{name}/{name}.safetensors: `dermkohya collect {name}`"
-    elif state == RunState.COLLECTED:
-        detail = f"artifacts/{name}/"
-    elif state == RunState.RENDERED:
-        detail = f"runs/{name}/"
-    return RunStatus(name, state, detail)
-
-
-def run_names(root: Path) -> list[str]:
-    """The project's runs: each run file's name (its `name` key, else its stem)."""
-    from dermkohya.errors import DermkohyaError
-    from dermkohya.spec import load_run
-
-    names = []
-    for path in sorted((Path(root) / "runs").glob("*.toml")):
-        try:
-            names.append(load_run(path)[1])
-        except DermkohyaError:
-            names.append(path.stem)
-    return names

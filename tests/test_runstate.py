@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 from dermkohya import locks
 from dermkohya.runstate import RunState, Stop, ended, run_state
@@ -61,21 +58,3 @@ def test_how_a_launch_ended() -> None:
     assert Stop(cause="check", message="different checkpoint").model_dump(exclude_none=True) == {
         "cause": "check", "message": "different checkpoint"}
 
-
-def test_status_names_the_holder_the_stop_and_the_runs_never_rendered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from click.testing import CliRunner
-
-    from dermkohya.cli import main
-
-    (tmp_path / "runs").mkdir()
-    for name in ("a", "b", "c"):
-        (tmp_path / "runs" / f"{name}.toml").write_text('[model]\nbase = "random:sd15"\n[dataset]\ntrain_data_dir = "data"\n')
-    _write(tmp_path / "output" / "b" / "manifest.json", {"state": "stopped", "exit_code": 143,
-                                                         "stopped": {"cause": "signal", "signal": "SIGTERM"}})
-    monkeypatch.chdir(tmp_path)
-    with locks.hold_run(tmp_path, "a", "train", command=["dermkohya", "train", "runs/a.toml"]):
-        done = CliRunner().invoke(main, ["status"])
-    assert done.exit_code == 0, done.output
-    lines = done.output.splitlines()
-    assert lines[0].startswith(f"a  running  train by pid {os.getpid()}") and "`dermkohya train runs/a.toml`" in lines[0]
-    assert lines[1:] == ["b  stopped  by SIGTERM", "c  not rendered  "]
