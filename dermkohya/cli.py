@@ -144,7 +144,7 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from dermkohya import kohya, train
+    from dermkohya import collect, kohya, train  # collect needs only core dependencies: imported before kohya runs
 
     root, run_file = _in_project(run_file)
     _print_warnings(click.get_current_context().with_resource(
@@ -190,10 +190,6 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
     console.print(f"[green]trained[/] {result.lora} in {result.kohya_seconds:.0f} s "
                   f"(dermkohya's own time: {result.overhead_seconds:.2f} s{beside})")
     if not no_collect:
-        try:
-            from dermkohya import collect
-        except ImportError:
-            return
         artifact = collect.collect(run_file, project_root=root, new_version=new)  # a fresh run (--new) is a new result: a new version, never a replacement
         console.print(f"[green]collected[/] {artifact}")
 
@@ -553,6 +549,16 @@ def utility_cmd(train_dir: Path, heldout: Path, synthetic: Path, name: str | Non
     console.print("[green]utility[/] " + escape(f"{report['name']}: overall AUROC {shown} → {out_dir / ('utility-' + report['name'] + '.md')}"), highlight=False)
 
 
+class _MetricSkipOption(click.Option):
+    """`--skip`'s help names the registered metrics (dermkohya/metrics/), read only when help is shown."""
+
+    def get_help_record(self, ctx: click.Context):
+        from dermkohya.metrics import registry
+
+        self.help = registry.skip_help()
+        return super().get_help_record(ctx)
+
+
 @main.command("evaluate")
 @click.option("--real", required=True, type=click.Path(path_type=Path), help="Held-out images: a folder with metadata.csv (datasets/<ds>/prepared/heldout) or the CSV.")
 @click.option("--synthetic", required=True, type=click.Path(path_type=Path), help="A generated set: synthetic/<plan> (with index.csv).")
@@ -561,7 +567,7 @@ def utility_cmd(train_dir: Path, heldout: Path, synthetic: Path, name: str | Non
 @click.option("--inception", type=click.Path(path_type=Path), help="pt_inception-2015-12-05-6726825d.pth (default: in --weights).")
 @click.option("--lpips", "lpips_dir", type=click.Path(path_type=Path), help="Folder with alexnet-owt-7be5be79.pth (default: <weights>/lpips).")
 @click.option("--clip", "clip_dir", type=click.Path(path_type=Path), help="A transformers CLIP folder (default: <weights>/clip).")
-@click.option("--skip", default="", help="Metrics to leave out, comma-separated: fid, lpips, clip, memorisation.")
+@click.option("--skip", cls=_MetricSkipOption, default="", help="Metrics to leave out, comma-separated.")
 @click.option("--threshold", default=0.95, show_default=True, type=float, help="CLIP cosine similarity at which a synthetic image counts as memorised.")
 @click.option("--out", "out_dir", default=Path("reports"), show_default=True, type=click.Path(path_type=Path), help="Where reports/<plan>.json and .md go.")
 def evaluate_cmd(real: Path, synthetic: Path, train: Path | None, weights: Path | None, inception: Path | None, lpips_dir: Path | None,
@@ -575,9 +581,8 @@ def evaluate_cmd(real: Path, synthetic: Path, train: Path | None, weights: Path 
     files = evaluate.Weights.under(weights or evaluate.default_weights_dir(), inception, lpips_dir, clip_dir)
     options = evaluate.Options(enabled=tuple(m for m in evaluate.METRICS if m not in skipped), threshold=threshold)
     report = evaluate.evaluate(real, synthetic, weights=files, train=train, out_dir=out_dir, options=options)
-    overall = report["rows"][0]
-    figures = ", ".join(f"{k} {overall[k]:.4g}" for k in ("fid", "kid", "lpips_to_real", "clip_score") if overall.get(k) is not None)
-    memo = report["memorisation"]
-    flagged = f"; {memo['flagged']} flagged as memorised" if memo else ""
-    console.print("[green]evaluated[/] " + escape(f"{report['plan']}: {overall['n_synthetic']} synthetic vs {overall['n_real']} real"
-                  f"{' (' + figures + ')' if figures else ''}{flagged} → {out_dir / (report['plan'] + '.md')}"), highlight=False)
+    overall = report.rows[0]
+    figures = ", ".join(f"{k} {v:.4g}" for k, v in report.headline().items())
+    flagged = f"; {report.memorisation['flagged']} flagged as memorised" if report.memorisation else ""
+    console.print("[green]evaluated[/] " + escape(f"{report.plan}: {overall['n_synthetic']} synthetic vs {overall['n_real']} real"
+                  f"{' (' + figures + ')' if figures else ''}{flagged} → {out_dir / (report.plan + '.md')}"), highlight=False)

@@ -1,5 +1,6 @@
 """evaluate: a generated set (tiny pipeline) against a generated held-out split, with random-weight
-Inception, LPIPS and CLIP files: the report's rows, plots, memorisation, and the missing-file errors."""
+Inception, LPIPS and CLIP files: the report's rows, plots, memorisation, and the missing-file errors.
+The report record, its markdown and a metric added through the registry are tested without torch."""
 
 from __future__ import annotations
 
@@ -7,19 +8,33 @@ import csv
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from dermkohya import metrics
 from dermkohya.errors import DermkohyaError, ProblemsError
-from dermkohya.evaluate import Options, Weights, evaluate, read_real
+from dermkohya.evaluate import EvaluationReport, Options, Weights, evaluate, read_real
+from dermkohya.metrics import networks as metrics
+from dermkohya.metrics import quality, registry
+from dermkohya.metrics.base import Column, Evaluation, Group, Metric
+from dermkohya.records import RecordError
+from test_metrics import random_images, save_random_inception, save_random_lpips, save_tiny_clip
 
-pytest.importorskip("diffusers")
-from test_generate import tiny, write_plan  # noqa: E402,F401  (the tiny pipeline fixture)
-from test_metrics import random_images, save_random_inception, save_random_lpips, save_tiny_clip  # noqa: E402
+try:
+    from test_generate import tiny, write_plan  # noqa: F401  (the tiny pipeline fixture)
+except pytest.skip.Exception:  # no torch/diffusers: only the tests that need no network run
+    tiny = write_plan = None
+needs_pipeline = pytest.mark.skipif(tiny is None, reason="needs torch, diffusers and peft (pip install -e '.[ml]')")
+
+
+# The keys reports/<plan>.json had before it became a record (collect and users' scripts read them).
+OLD_KEYS = {
+    "plan", "synthetic", "real", "train", "created", "dermkohya_version", "base_model", "loras", "metrics", "weights",
+    "options", "device", "rows", "memorisation", "plots", "notes",
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -65,11 +80,12 @@ def sets(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> dic
     return {"synthetic": synthetic, "heldout": heldout, "copied": first, "root": root}
 
 
+@needs_pipeline
 def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: dict[str, Path], weights: Path) -> None:
     report = evaluate(
         sets["heldout"], sets["synthetic"], weights=Weights.under(weights), out_dir=tmp_path / "reports", options=Options(min_fid=6, kid_subsets=20, lpips_size=64)
     )
-    rows = {(r["group"], r["label"]): r for r in report["rows"]}
+    rows = {(r["group"], r["label"]): r for r in report.rows}
     assert [k for k in rows if k[0] == "skin type"] == [("skin type", "FST I"), ("skin type", "FST IV"), ("skin type", "FST VI")]
     assert ("diagnosis", "melanoma") in rows and ("cell", "basal cell carcinoma · FST VI") in rows
     overall = rows[("overall", "all")]
@@ -82,7 +98,7 @@ def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: 
     assert 0 <= overall["clip_score"] <= 100 and 0 <= overall["clip_score_real"] <= 100
     assert overall["clip_diversity"] > 0 and overall["rejection_rate"] == 0
 
-    memo = report["memorisation"]
+    memo = report.memorisation
     assert memo["train_images"] == 7 and memo["flagged"] >= 1
     copied = [p for p in memo["pairs_flagged"] if p["train"].endswith("copied.png")]
     assert copied and Path(copied[0]["synthetic"]) == sets["copied"] and copied[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
@@ -92,14 +108,17 @@ def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: 
 
     out = tmp_path / "reports"
     saved = json.loads((out / "t.json").read_text())
-    assert saved["rows"] == json.loads(json.dumps(report["rows"])) and saved["weights"]["inception"]["sha256"]
+    assert saved["rows"] == json.loads(json.dumps(report.rows)) and saved["weights"]["inception"]["sha256"]
+    assert set(saved) == {"format", *OLD_KEYS} and saved["format"] == "dermkohya.evaluation/1"
+    assert EvaluationReport.read(out / "t.json") == report
     md = (out / "t.md").read_text()
     assert "## Per skin type" in md and "| FST IV | 4 | 4 |" in md and "## Memorisation" in md and "⚑" in md
     assert "|\n\n|" not in md  # markdown tables without blank lines inside
     for plot in ("fst_metrics", "grid", "memorisation"):
-        assert (out / report["plots"][plot]).is_file() and f"]({report['plots'][plot]})" in md
+        assert (out / report.plots[plot]).is_file() and f"]({report.plots[plot]})" in md
 
 
+@needs_pipeline
 def test_missing_weights_are_all_named_before_anything_runs(tmp_path: Path, sets: dict[str, Path]) -> None:
     with pytest.raises(ProblemsError) as info:
         evaluate(sets["heldout"], sets["synthetic"], weights=Weights.under(tmp_path / "empty"), out_dir=tmp_path / "r")
@@ -111,9 +130,10 @@ def test_missing_weights_are_all_named_before_anything_runs(tmp_path: Path, sets
     assert not (tmp_path / "r").exists()
 
 
+@needs_pipeline
 def test_skipping_every_network_still_reports_counts(tmp_path: Path, sets: dict[str, Path]) -> None:
     report = evaluate(sets["heldout"], sets["synthetic"], weights=Weights.under(tmp_path), out_dir=tmp_path, options=Options(enabled=()))
-    assert report["rows"][0]["n_synthetic"] == 12 and report["rows"][0]["kid"] is None and report["memorisation"] is None
+    assert report.rows[0]["n_synthetic"] == 12 and report.rows[0]["kid"] is None and report.memorisation is None
     assert "Not checked." in (tmp_path / "t.md").read_text()
 
 
@@ -133,6 +153,7 @@ def test_bad_held_out_rows_are_reported_together(tmp_path: Path) -> None:
         read_real(folder)
 
 
+@needs_pipeline
 def test_cli_evaluate(tmp_path: Path, sets: dict[str, Path], weights: Path) -> None:
     from dermkohya.cli import main
 
@@ -144,3 +165,83 @@ def test_cli_evaluate(tmp_path: Path, sets: dict[str, Path], weights: Path) -> N
     assert missing.exit_code == 1 and metrics.INCEPTION_FILE in missing.output and "--skip fid" in missing.output
     bad = CliRunner().invoke(main, [*args, "--skip", "fidd"])
     assert bad.exit_code == 2 and "unknown metric(s) fidd" in bad.output
+
+
+# --- without torch: the record, its markdown, and a metric added through the registry ----------------------
+
+
+def write_synthetic(folder: Path, cells: list[tuple[str, str]], per_cell: int = 2) -> Path:
+    """A set laid out as `dermkohya generate` writes it: <diagnosis>/<fst>/<n>.png and index.csv."""
+    images = iter(random_images(len(cells) * per_cell, 48, seed=30))
+    folder.mkdir(parents=True)
+    with (folder / "index.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "diagnosis", "fst", "prompt", "rejected_attempts"])
+        for n, (diagnosis, fst) in enumerate(c for c in cells for _ in range(per_cell)):
+            rel = f"{diagnosis}/{fst}/{n}.png"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(next(images)).save(folder / rel)
+            writer.writerow([rel, diagnosis, fst, f"{diagnosis}, Fitzpatrick {fst}", n % 2])
+    return folder
+
+
+def test_markdown_table_columns_come_from_the_registry(tmp_path: Path) -> None:
+    row = {"group": "overall", "label": "all", "diagnosis": None, "fst": None, "n_real": 4, "n_synthetic": 3, "fid": None, "kid": 0.01234,
+           "kid_std": 0.0011, "lpips_to_real": 0.4, "lpips_diversity": None, "clip_score": 30.123, "clip_score_real": None,
+           "clip_diversity": 0.2, "clip_diversity_real": 0.25, "rejection_rate": 0.0, "memorised": 2}  # fmt: skip
+    report = EvaluationReport(
+        plan="t", synthetic="synthetic/t", real="r", train=None, created="now", dermkohya_version="0", base_model=None, loras=[],
+        metrics=["fid"], weights={}, options={"min_fid": 7}, device="cpu", rows=[row], memorisation=None, plots={"grid": "t/grid.png"}, notes=[],
+    )  # fmt: skip
+    json_path, md_path = report.write_files(tmp_path)
+    md = md_path.read_text()
+    assert ("| overall | real | synthetic | FID ↓ | KID ↓ (± sd) | LPIPS to real ↓ | LPIPS diversity ↑ | CLIP score ↑ (real) | "
+            "CLIP diversity ↑ (real) | rejected | memorised |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "| all | 4 | 3 | – | 0.0123 ± 0.0011 | 0.400 | – | 30.12 (–) | 0.200 (0.250) | 0.000 | 2 |\n") in md  # fmt: skip
+    assert "both sides have at least\n  7; KID" in md and '- "rejected" is the share' in md
+    assert EvaluationReport.read(json_path) == report and report.headline() == {"kid": 0.01234, "lpips_to_real": 0.4, "clip_score": 30.123}
+    (tmp_path / "plan.json").write_text('{"format": "dermkohya.plan/1"}')
+    with pytest.raises(RecordError, match=r"plan.json: a plan record, not a evaluation record .*re-run `dermkohya evaluate`"):
+        EvaluationReport.read(tmp_path / "plan.json")
+
+
+class Brightness(Metric):
+    """What a new metric file holds: mean luma of the row's synthetic images, the real ones as baseline."""
+
+    name, skip, help, position = "brightness", "toy", "mean luma of the images", 65
+    columns = (Column("brightness", "brightness ↑ (real)", baseline="brightness_real", plot="brightness ↑"),)
+    reading = "brightness is the mean Rec. 601 luma; `lpips_size` was {lpips_size}."
+
+    def row(self, ev: Evaluation, group: Group) -> dict[str, Any]:
+        def luma(images: list[Any], members: list[int]) -> float | None:
+            return float(np.mean([quality.luminance(np.asarray(Image.open(images[i].path))).mean() for i in members])) if members else None
+
+        return {"brightness": luma(ev.synthetic, group.synthetic), "brightness_real": luma(ev.real, group.real)}
+
+
+@pytest.fixture
+def brightness() -> Any:
+    registry.register(Brightness())
+    yield
+    registry.unregister("brightness")
+
+
+def test_a_metric_added_in_one_file_reaches_rows_markdown_plot_and_skip(tmp_path: Path, brightness: None) -> None:
+    cells = [("melanoma", "I"), ("melanoma", "VI"), ("nevus", "I")]
+    synthetic = write_synthetic(tmp_path / "synthetic" / "s", cells)
+    heldout = write_split(tmp_path / "prepared" / "heldout", [("Melanoma", "1"), ("Melanoma", "6"), ("nevus", "1")] * 2, seed=10)
+    assert "toy" in Options().enabled and "brightness" in registry.row_keys()
+    report = evaluate(heldout, synthetic, weights=Weights.under(tmp_path / "none"), out_dir=tmp_path / "r", options=Options(enabled=("toy",)), device="cpu")
+    rows = {r["label"]: r for r in report.rows}
+    assert 0 < rows["all"]["brightness"] < 1 and 0 < rows["FST VI"]["brightness_real"] < 1 and rows["all"]["kid"] is None
+    assert rows["all"]["rejection_rate"] == pytest.approx(1 - 6 / 9, abs=1e-4)  # 0, 1, 0, 1, 0, 1 rejected attempts
+    assert report.memorisation is None and report.notes == [] and report.weights == {}
+    md = (tmp_path / "r" / "s.md").read_text()
+    assert "| rejected | brightness ↑ (real) | memorised |" in md and "`lpips_size` was 256." in md
+    assert (tmp_path / "r" / report.plots["fst_metrics"]).is_file()
+    skipped = evaluate(heldout, synthetic, weights=Weights.under(tmp_path / "none"), out_dir=tmp_path / "r2", options=Options(enabled=()), device="cpu")
+    assert skipped.rows[0]["brightness"] is None
+
+    from dermkohya.cli import main
+
+    assert "toy (brightness)" in CliRunner().invoke(main, ["evaluate", "--help"]).output.replace("\n", " ").replace("  ", " ")

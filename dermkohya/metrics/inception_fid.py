@@ -1,0 +1,33 @@
+"""FID on pytorch-fid's Inception-v3 pool features: the familiar number, biased upwards for small sets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dermkohya.metrics import maths
+from dermkohya.metrics.base import Column, Evaluation, Group, Metric
+
+
+class FID(Metric):
+    name = "fid"
+    skip = "fid"
+    help = "FID on pytorch-fid's Inception-v3 features, where both sides have at least 10 images"
+    columns = (Column("fid", "FID ↓", digits=2, plot="FID ↓", headline=True),)
+    position = 10
+    networks = ("inception",)
+    reading = (
+        "FID is biased upwards below a few thousand images per side and is only given where both sides have at least\n"
+        "  {min_fid}; KID (unbiased, can be slightly negative) is the number to compare for small cells."
+    )
+
+    def prepare(self, ev: Evaluation) -> None:
+        ev.inception()
+
+    def row(self, ev: Evaluation, group: Group) -> dict[str, Any]:
+        if min(len(group.real), len(group.synthetic)) < max(2, ev.options.min_fid):
+            return {}
+        real, synthetic = ev.inception()
+        return {"fid": maths.fid(real[group.real], synthetic[group.synthetic])}
+
+
+METRIC = FID()
