@@ -78,7 +78,11 @@ def plot(path: Path, result: dict[str, Any]) -> Path:
         ax.bar(x, values, width=0.34, color=colour, label=ARMS[arm])
         ax.errorbar(x, values, yerr=[values - low, high - values], fmt="none", ecolor="black", capsize=2, lw=0.8)
     ax.axhline(0.5, color="#c0392b", lw=0.8, ls="--", label="chance")
-    ax.set_xticks(range(len(cells)), ["all" if c == "overall" else f"FST {c}" for c in cells])
+    real_rows = [result["arms"]["real"]["overall"], *result["arms"]["real"]["per_fst"].values()]
+    for i, row in enumerate(real_rows):
+        if row["auroc"]["value"] is None:
+            ax.text(i, 0.04, "no figure", ha="center", fontsize=7, rotation=90, color="#555555")
+    ax.set_xticks(range(len(cells)), [f"{'all' if c == 'overall' else 'FST ' + c}\nn={r['n']}" for c, r in zip(cells, real_rows)])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("AUROC (macro, one-vs-rest)")
     ax.set_title(f"Held-out AUROC per skin type, mean of {len(result['seeds'])} seed(s), 95 % CI", fontsize=9)
