@@ -8,6 +8,7 @@ fused layers, the eager fallback, the saved file and the options are compared.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -21,7 +22,8 @@ CHECK = Path(__file__).with_name("_networks_check.py")
 @pytest.fixture(scope="module")
 def result() -> dict:
     env = kohya.kohya_env()
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)  # what kohya_env adds in a source tree, explicitly
+    root = str(Path(__file__).resolve().parent.parent)  # what kohya_env adds in a source tree, explicitly
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
     out = subprocess.run([str(kohya.find_python()), str(CHECK)], cwd=kohya.find_sd_scripts(), env=env,
                          capture_output=True, text=True, timeout=600)
     lines = [line for line in out.stdout.splitlines() if line.startswith("NETWORKS-CHECK ")]
