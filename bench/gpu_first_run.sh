@@ -66,8 +66,9 @@ if [ -f "$BASE" ]; then
 else
   dk base random-sd15 "$WORK/smoke-sd15" --tokenizer-cache "$WORK/smoke-tokenizers"
   (cd .device/sd-scripts && PYTHONPATH="$PWD:$PYTHONPATH" python3 tools/convert_diffusers20_original_sd.py \
-      --v1 --fp16 "$WORK/smoke-sd15" "$ROOT/$BASE.partial")
-  mv "$BASE.partial" "$BASE"
+      --v1 --fp16 "$WORK/smoke-sd15" "$ROOT/${BASE%.safetensors}.partial.safetensors")
+  # the converter picks the format from the extension: a name not ending in .safetensors becomes a pickle
+  mv "${BASE%.safetensors}.partial.safetensors" "$BASE"
   rm -rf "$WORK/smoke-sd15" "$WORK/smoke-tokenizers"  # the user has the file only
 fi
 dk base info "$BASE"
