@@ -23,6 +23,7 @@ from typing import Any
 
 from dermkohya import __version__, kohya, lora
 from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.files import write_atomic
 
 MERGE_SCRIPTS = {"sd15": "networks/merge_lora.py", "sdxl": "networks/sdxl_merge_lora.py"}
 CONVERT_SCRIPT = "tools/convert_diffusers20_original_sd.py"
@@ -108,7 +109,7 @@ def _publish(src: Path, out: Path, metadata: dict[str, str], record: dict[str, A
     sidecar = out.with_name(out.name + ".sha256")
     if not sidecar.exists():
         sidecar.write_text(f"{record['sha256']}  {out.name}\n", encoding="utf-8")
-    out.with_suffix(".json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2, sort_keys=True) + "\n")  # a reader never sees half a record
     lora.publish(final, out)
 
 
