@@ -202,9 +202,10 @@ def cpu_dispatch() -> dict[str, object]:
             "dispatch_diff": float((via - direct).abs().max())}
 
 
-def cuda_graphs(dtype: str) -> dict[str, object]:
+def cuda_graphs(dtype: str, set_to_none: bool = True) -> dict[str, object]:
     """On a GPU: the same LoRA trained for several steps through graph replay (cuda_graph=on) and through
-    the eager path (cuda_graph=off), from the same weights and inputs, under autocast as kohya trains."""
+    the eager path (cuda_graph=off), from the same weights and inputs, under autocast as kohya trains
+    (kohya zeroes gradients with set_to_none=True; False is checked too: .grad must not alias a graph buffer)."""
     autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     ref, _, _ = build(kohya_lora, {}, None)
     torch.manual_seed(3)
@@ -218,8 +219,8 @@ def cuda_graphs(dtype: str) -> dict[str, object]:
         network.apply_to(te, unet, True, True)
         network.load_state_dict(copy.deepcopy(state))
         network.cuda().requires_grad_(True)
-        optimizer = torch.optim.SGD(network.parameters(), lr=0.5)
-        outs, losses = [], []
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
+        outs, losses, grads = [], [], []
         for step_no in range(6):
             torch.manual_seed(10 + step_no)
             tokens = torch.randn(2, 5, 16, device="cuda")
@@ -227,19 +228,24 @@ def cuda_graphs(dtype: str) -> dict[str, object]:
             with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
                 out = unet(latents, te(tokens))
             loss = out.float().pow(2).mean()
-            optimizer.zero_grad(set_to_none=False)
             loss.backward()
+            grads.append({n: p.grad.detach().float().cpu().clone() for n, p in network.named_parameters()})
             optimizer.step()
-            outs.append(out.detach().float())
+            optimizer.zero_grad(set_to_none=set_to_none)  # kohya's order: step, then zero
+            outs.append(out.detach().float().cpu())
             losses.append(float(loss))
         graphs = network.dk_unet_graphs
-        runs[mode] = {"outs": outs, "losses": losses, "state": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
+        runs[mode] = {"outs": outs, "losses": losses, "grads": grads,
+                      "state": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
                       "replays": graphs.replays if graphs else 0, "off_reason": graphs.off_reason if graphs else "not installed"}
     on, off = runs["on"], runs["off"]
     return {
         "replays": on["replays"], "off_reason": on["off_reason"], "eager_replays": off["replays"],
+        "out_diffs": [float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])],
+        "grad_diffs": [max_diff(a, b) for a, b in zip(on["grads"], off["grads"])],
         "out_diff": max(float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])),
         "out_scale": max(float(a.abs().max()) for a in off["outs"]),
+        "grad_scale": max(float(v.abs().max()) for g in off["grads"] for v in g.values()),
         "loss_on": on["losses"], "loss_off": off["losses"],
         "weight_diff": max_diff(on["state"], off["state"]),
         "weight_scale": max(float(v.abs().max()) for v in off["state"].values()),
@@ -260,4 +266,5 @@ if __name__ == "__main__":
     }
     if torch.cuda.is_available():
         result["cuda_graphs"] = {dtype: cuda_graphs(dtype) for dtype in ("fp32", "fp16", "bf16")}
+        result["cuda_graphs"]["fp32_grads_zeroed_in_place"] = cuda_graphs("fp32", set_to_none=False)
     sys.stdout.write("NETWORKS-CHECK " + json.dumps(result) + "\n")

@@ -119,6 +119,12 @@ class UNetGraphs:
             return None
         if not args or not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
             return None
+        if self.loras[0].lora_up.weight.grad is not None:
+            # A graph's backward hands autograd its static gradient buffers, and the first accumulation
+            # adopts one as `.grad`; zeroing that in place (set_to_none=False) and accumulating the next
+            # replay onto it counts the gradient twice. kohya sets gradients to None before each forward.
+            self._turn_off("gradients still set at the forward (zero_grad(set_to_none=False) or accumulation)")
+            return None
         key = (
             self.unet.training,
             torch.is_autocast_enabled("cuda"),
