@@ -1,11 +1,14 @@
-"""Base models: identify and hash the user's, and build the offline smoke model.
+"""Base models: resolve, identify and hash the user's, and build the offline smoke model.
 
 kohya needs a base model and a CLIP tokenizer, and both normally come from the Hugging Face hub. Nothing
 here downloads: a real base is a local file or folder that we identify (format, family) and hash once
 (cached by path, size and mtime), and the smoke model used by the demo, the tests and the benchmarks is
 a full-size SD 1.5 (or SDXL) architecture with random weights from a fixed seed. kohya's U-Net has fixed
 SD sizes, so a smaller "tiny" model cannot stand in. The tokenizer is rebuilt from the CLIP BPE merges
-that `open-clip-torch` ships, in the folder layout kohya's `--tokenizer_cache_dir` reads.
+that `open-clip-torch` ships, in the folder layout kohya's `--tokenizer_cache_dir` reads, and every run
+gets it. `resolve_base` is the one reading of `[model] base` for train, generate and merge; a single-file
+checkpoint is generated from with a weightless config folder written from the architectures' configs
+below (`ensure_pipeline_config`), so it loads offline too.
 
 torch, diffusers and transformers are imported only by the builders: identifying and hashing need none.
 """

@@ -1,7 +1,7 @@
 """TOML file → validated pydantic model, reporting every problem at once (run files and plans).
 
 Unknown keys name the nearest valid key; every message names the `[section] key`, its line where it
-has one, and what to change. The models themselves live with their stage (spec.py, generate.py).
+has one, and what to change. The models themselves live with their stage (spec.py, generate/plan.py).
 """
 
 from __future__ import annotations

@@ -254,6 +254,26 @@ def test_a_changed_plan_is_refused(tmp_path: Path, tiny: dict[str, Path]) -> Non
         generate(plan, out=out, show_progress=False)
 
 
+def test_plan_json_is_a_typed_record_and_an_old_one_is_named(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    from dermkohya.generate import PlanRecord
+    from dermkohya.records import RecordError
+
+    plan = write_plan(tmp_path, tiny, count=3)
+    out = tmp_path / "out"
+    generate(plan, out=out, show_progress=False)
+    record = PlanRecord.read(out / "plan.json")
+    assert record.format == "dermkohya.plan/2" and record.count == 3 and record.base == str(tiny["model"])
+    assert (record.base_format, record.config_dir) == ("diffusers", None)
+    assert record.plan == load_plan(plan)[0] and record.loras[0].weight == 0.8
+    assert sum(q.count for q in record.quotas) == 3
+
+    old = json.loads((out / "plan.json").read_text())
+    del old["format"]  # what dermkohya wrote before plan.json was a versioned record
+    (out / "plan.json").write_text(json.dumps(old))
+    with pytest.raises(RecordError, match=r"plan.json: written by an older dermkohya \(plan.json before dermkohya.plan/2\).*--out"):
+        generate(plan, out=out, show_progress=False)
+
+
 def test_duplicates_are_regenerated_recorded_and_the_same_on_two_processes(tmp_path: Path, tiny: dict[str, Path]) -> None:
     """A strict duplicate threshold forces rejections; one and two processes settle them identically."""
     plan = write_plan(tmp_path, tiny, count=12, filter="duplicate_bits = 30\nmax_attempts = 30")
