@@ -71,7 +71,7 @@ print("ENDED", result.state.value, result.returncode, flush=True)
 """
 
 
-def _base_checkpoint() -> bytes:
+def base_checkpoint() -> bytes:
     """A .safetensors file whose header names SD 1.5 text-encoder keys (what identifies the family)."""
     header = json.dumps({"cond_stage_model.transformer.w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     return struct.pack("<Q", len(header)) + header + b"\0\0\0\0"
@@ -82,7 +82,7 @@ def make_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runs: tuple[st
     root = tmp_path / "project"
     (root / "runs").mkdir(parents=True)
     (root / "models").mkdir()
-    (root / "models" / "base.safetensors").write_bytes(_base_checkpoint())
+    (root / "models" / "base.safetensors").write_bytes(base_checkpoint())
     folder = root / "data" / "1_derm"
     folder.mkdir(parents=True)
     Image.new("RGB", (64, 64), (190, 120, 110)).save(folder / "a.png")

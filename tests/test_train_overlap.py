@@ -22,10 +22,11 @@ from dermkohya import basemodel, kohya, render, train
 from dermkohya.errors import DermkohyaError, ProblemsError
 
 from _processes import running
+from _stand_in import base_checkpoint
 
 pytest.importorskip("accelerate", reason="the stand-in is launched through accelerate, as kohya is")
 
-BASE = b"a base model's bytes"
+BASE = base_checkpoint()  # an SD 1.5 checkpoint as far as the base resolver reads it
 RUN = """
 [model]
 base = "models/base.safetensors"
@@ -108,7 +109,7 @@ def _after_kohya_started(monkeypatch: pytest.MonkeyPatch, module: object, name: 
 
     def later(*args: object, **kwargs: object) -> object:
         deadline = time.monotonic() + 60
-        while not pid_file.exists() and time.monotonic() < deadline:
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         return real(*args, **kwargs)
 
