@@ -155,3 +155,40 @@ def test_generate_into_a_folder_being_generated_refuses(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_without_flock_the_record_alone_is_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Some cluster filesystems refuse flock (ENOLCK): the record is then created exclusively (a hard link),
+    and a stale one is replaced only with --break-lock, since no kernel lock rules out a racing takeover."""
+    import errno
+    import fcntl
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock = tmp_path / "run-tiny.lock"
+    refusals: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            with locks.holding(lock, "run 'tiny'", "train"):
+                pass
+        except LockedError as exc:
+            refusals.append(exc)
+
+    with locks.holding(lock, "run 'tiny'", "train") as held:
+        assert locks.holder(lock) == held.record
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    assert len(refusals) == 1 and f"train by pid {os.getpid()}" in str(refusals[0])
+    assert locks.holder(lock) is None
+
+    dead = _dead_pid()
+    _left_behind(lock, pid=dead, host=socket.gethostname())
+    with pytest.raises(LockedError, match=f"stale lock: train by pid {dead} .*no file locks.*--break-lock"):
+        with locks.holding(lock, "run 'tiny'", "train"):
+            pass
+    with locks.holding(lock, "run 'tiny'", "train", break_lock=True) as held:
+        assert "took over a stale lock" in held.warnings[0] and locks.holder(lock) == held.record
