@@ -131,45 +131,42 @@ def adopt_cmd(source: Path | None, name: str, command: str | None, base: str | N
 
 
 @main.command("train")
-@click.argument("run_file", type=click.Path(path_type=Path))
+@click.argument("run_files", metavar="RUN_FILE...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--gpus", default=None, metavar="IDS",
+              help="GPU ids, e.g. 0,1: with several run files one run per GPU at a time; replaces [launch] gpu_ids.")
 @click.option("--resume", is_flag=True, help="Continue from kohya's last saved state in output/<run>/.")
 @click.option("--new", is_flag=True, help="Keep a previous run's outputs as output/<run>.N and start afresh.")
 @click.option("--strict", is_flag=True, help="Dataset warnings and a different sd-scripts commit are errors.")
 @click.option("--online", is_flag=True, help="Let kohya reach the Hugging Face hub (default: HF_HUB_OFFLINE=1).")
 @click.option("--no-collect", is_flag=True, help="Leave the LoRA in output/<run>/ without collecting it.")
 @click.option("--break-lock", is_flag=True, help="Take the run's lock from a dermkohya on another host that no longer runs.")
-def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_collect: bool, break_lock: bool) -> None:
-    """check → render → accelerate launch kohya → collect, with one live progress bar."""
+def train_cmd(run_files: tuple[Path, ...], gpus: str | None, resume: bool, new: bool, strict: bool, online: bool,
+              no_collect: bool, break_lock: bool) -> None:
+    """check → render → accelerate launch kohya → collect, with one live progress bar.
+
+    Several run files are a queue: trained one after another (or one per GPU of --gpus at a time), past
+    any failure, ending with a table; the exit code is non-zero when any run did not finish."""
     import sys
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from dermkohya import collect, train  # collect needs only core dependencies: imported before kohya runs
 
-    from dermkohya import collect, kohya, train  # collect needs only core dependencies: imported before kohya runs
-
-    root, run_file = _in_project(run_file)
+    if len(run_files) > 1:
+        if resume or break_lock:
+            raise click.UsageError("--resume and --break-lock take one run file")
+        _train_queue(run_files, gpus, new=new, strict=strict, online=online, collect=not no_collect)
+        return
+    root, run_file = _in_project(run_files[0])
     _print_warnings(click.get_current_context().with_resource(
         train.run_lock(run_file, project_root=root, break_lock=break_lock)).warnings)
 
-    columns = [TextColumn("[bold]kohya[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-               TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("steps", total=None, rate="–", loss="–")
-        status = {"phase": ""}
-
-        def on_line(line: str) -> None:
-            progress = kohya.parse_progress(line)
-            if progress:
-                bar.update(task, total=progress.total, completed=progress.step,
-                           rate=f"{progress.it_per_s:.2f} it/s" if progress.it_per_s else "–",
-                           loss=f"{progress.loss:.4f}" if progress.loss is not None else "–")
-            elif any(key in line for key in ("caching latents", "epoch ", "saving", "generating sample", "Loading")):
-                if line != status["phase"]:
-                    status["phase"] = line
-                    bar.console.print(f"[dim]{line[:160]}[/]", highlight=False)
-
-        result = train.train(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online, on_line=on_line)
+    with _kohya_progress() as bar:
+        result = train.train(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online,
+                             on_line=bar.on_line, gpu_ids=gpus)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if result.note is not None:
+        console.print(escape(result.note), highlight=False, soft_wrap=True)
+        return
     if result.returncode != 0:
         if result.interrupted:
             err_console.print(f"[bold red]stopped[/] by {result.stopped.signal if result.stopped else 'a signal'}: "
@@ -179,11 +176,19 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
             for line in result.tail[-15:]:
                 err_console.print(f"  {line}", highlight=False, markup=False)
         if result.hint:
-            err_console.print(f"[bold]hint:[/] {result.hint}", highlight=False)
+            err_console.print(f"[bold]hint:[/] {escape(result.hint)}", highlight=False, soft_wrap=True)
         if result.saved_states:
             err_console.print(f"saved state: {result.saved_states[-1]} — continue with `dermkohya train {run_file} --resume`", highlight=False)
         else:
-            err_console.print("no kohya state was saved (states are saved at epoch ends when [train] save_state = true)")
+            err_console.print(escape("no kohya state was saved (states are saved at epoch ends when [train] save_state = true)"))
+        if result.final_before_failure is not None and not no_collect:
+            try:
+                artifact = collect.collect(run_file, project_root=root, new_version=new, after_failure=True)
+            except DermkohyaError as exc:
+                err_console.print(f"[yellow]not collected:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            else:
+                err_console.print(f"[yellow]collected[/] {artifact}: kohya failed only after writing its final LoRA, which "
+                                  f"verified complete; the exit code ({result.returncode}) is kohya's", highlight=False, soft_wrap=True)
         sys.exit(result.returncode)
     beside = (f"; checked {' and '.join(result.overlapped_checks)} while kohya started"
               if result.overlapped_checks else "")
@@ -192,6 +197,198 @@ def train_cmd(run_file, resume: bool, new: bool, strict: bool, online: bool, no_
     if not no_collect:
         artifact = collect.collect(run_file, project_root=root, new_version=new)  # a fresh run (--new) is a new result: a new version, never a replacement
         console.print(f"[green]collected[/] {artifact}")
+
+
+class _KohyaBar:
+    """A live bar of kohya's steps, rate and loss, fed by `on_line`; `restart` starts it afresh for the next run."""
+
+    def __init__(self, bar) -> None:
+        self.bar, self.task, self.phase = bar, bar.add_task("steps", total=None, rate="–", loss="–"), ""
+
+    def restart(self) -> None:
+        self.bar.reset(self.task, total=None, rate="–", loss="–")
+
+    def on_line(self, line: str) -> None:
+        from dermkohya import kohya
+
+        progress = kohya.parse_progress(line)
+        if progress:
+            self.bar.update(self.task, total=progress.total, completed=progress.step,
+                            rate=f"{progress.it_per_s:.2f} it/s" if progress.it_per_s else "–",
+                            loss=f"{progress.loss:.4f}" if progress.loss is not None else "–")
+        elif any(key in line for key in ("caching latents", "epoch ", "saving", "generating sample", "Loading")):
+            if line != self.phase:
+                self.phase = line
+                self.bar.console.print(f"[dim]{escape(line[:160])}[/]", highlight=False)
+
+
+def _kohya_progress():
+    """The progress display of `train`: yields a `_KohyaBar`."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    @contextmanager
+    def bar_context():
+        columns = [TextColumn("[bold]kohya[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
+        with Progress(*columns, console=console, transient=False) as bar:
+            yield _KohyaBar(bar)
+
+    return bar_context()
+
+
+# --- a queue of runs, the runs of a project, sweeps (queue.py, sweep.py) -----------------------------
+
+def _train_queue(run_files: tuple[Path, ...], gpus: str | None, *, new: bool, strict: bool, online: bool,
+                 collect: bool) -> None:
+    """`dermkohya train A.toml B.toml …`: the queue (queue.py), then its table; exit 1 when any run did not finish."""
+    import sys
+
+    root, _ = _in_project(run_files[0])
+    paths = [_in_project(path)[1] for path in run_files]
+    rows = _run_queue(paths, root, gpus=gpus.split(",") if gpus else None, new=new, strict=strict, online=online,
+                      collect=collect)
+    _print_queue_table(rows, root)
+    if not all(row.ok for row in rows):
+        sys.exit(1)
+
+
+def _run_queue(paths: list[Path], root: Path, *, gpus: list[str] | None, **options):
+    """The queue with one progress bar (one run at a time) or a line per started run (one run per GPU)."""
+    from dermkohya import queue
+
+    def announce(name: str, path: Path, gpu: str | None) -> None:
+        where = f" on GPU {gpu}" if gpu is not None else ""
+        console.print(f"[bold]{escape(name)}[/]: training {escape(str(path))}{where}", highlight=False)
+
+    if gpus and len(gpus) > 1:
+        console.print(f"one run per GPU ({', '.join(gpus)}); each run's output: {queue.QUEUE_DIR}/logs-*/<run>.log",
+                      highlight=False)
+        return queue.run_queue(paths, project_root=root, gpus=gpus, on_start=announce, **options)
+    with _kohya_progress() as bar:
+        def on_start(name: str, path: Path, gpu: str | None) -> None:
+            bar.restart()
+            announce(name, path, gpu)
+
+        return queue.run_queue(paths, project_root=root, gpus=gpus, on_start=on_start, on_line=bar.on_line, **options)
+
+
+def _shown(path: Path | None, root: Path) -> str:
+    """A path relative to the project where it lies inside it."""
+    if path is None:
+        return "–"
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _print_queue_table(rows, root: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title="queue", title_justify="left")
+    for column in ("run", "result", "time", "final loss", "artifact"):
+        table.add_column(column, justify="right" if column in ("time", "final loss") else "left", overflow="fold",
+                         no_wrap=column in ("run", "result"))
+    for row in rows:
+        colour = "green" if row.ok else "red" if row.result != "not run" else "yellow"
+        minutes, seconds = divmod(round(row.seconds), 60)
+        table.add_row(escape(row.run), f"[{colour}]{row.result}[/]", f"{minutes}:{seconds:02d}",
+                      "–" if row.loss is None else f"{row.loss:.4f}", escape(_shown(row.artifact, root)))
+    console.print(table)
+    for row in rows:
+        if row.message:
+            err_console.print(f"[red]{escape(row.run)}:[/] {escape(row.message)}", highlight=False, soft_wrap=True)
+
+
+@main.command("sweep")
+@click.argument("sweep_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--gpus", default=None, metavar="IDS", help="Train one variant per GPU at a time, e.g. 0,1.")
+@click.option("--new", is_flag=True, help="Train every variant afresh (default: keep variants already collected).")
+@click.option("--slurm", is_flag=True, help="Write runs/<sweep>.sbatch.sh (a job array) instead of training here.")
+@click.option("--submit", is_flag=True, help="With --slurm: sbatch the script.")
+@click.option("--render-only", is_flag=True, help="Write the variants' run files and stop.")
+def sweep_cmd(sweep_file: Path, gpus: str | None, new: bool, slurm: bool, submit: bool, render_only: bool) -> None:
+    """A sweep file → runs/<sweep>-<variant>.toml → the queue (or SLURM) → reports/sweep-<name>.md/.json/.png."""
+    import sys
+
+    from dermkohya import sweep
+
+    if submit and not slurm:
+        raise click.UsageError("--submit goes with --slurm")
+    root, sweep_file = _in_project(sweep_file)
+    loaded = sweep.load_sweep(sweep_file, root)
+    run_files = sweep.render_variants(loaded, root)
+    console.print(f"[bold]{escape(loaded.name)}[/]: {len(run_files)} variants of {escape(loaded.spec.base)}", highlight=False)
+    for path, (variant, overrides) in zip(run_files, loaded.variants.items()):
+        changes = ", ".join(f"{k} = {v!r}" for k, v in overrides.items())
+        console.print(f"  {escape(str(path))}  [dim]{escape(changes)}[/]", highlight=False, soft_wrap=True)
+    if slurm:
+        script = sweep.write_sbatch(loaded, root, run_files)
+        if submit:
+            job = sweep.submit(script, loaded, root, run_files)
+            console.print(f"[green]submitted[/] job {escape(job)} ({len(run_files)} tasks); `dermkohya runs` shows their states",
+                          highlight=False)
+        else:
+            console.print(f"wrote {escape(str(script))}; submit it with `sbatch {escape(_shown(script, root))}` "
+                          "(or --submit); commit the run files first", highlight=False)
+        return
+    if render_only:
+        return
+    with _kohya_progress() as bar:
+        def on_start(name: str, path: Path, gpu: str | None) -> None:
+            bar.restart()
+            console.print(f"[bold]{escape(name)}[/]: training {escape(str(path))}" + (f" on GPU {gpu}" if gpu else ""),
+                          highlight=False)
+
+        parallel = gpus and "," in gpus
+        rows, records = sweep.run_sweep(loaded, root, run_files, gpus=gpus.split(",") if gpus else None, new=new,
+                                        on_line=None if parallel else bar.on_line, on_start=on_start,
+                                        on_note=lambda line: console.print(escape(line), highlight=False))
+    if rows:
+        _print_queue_table(rows, root)
+    json_path, md_path = sweep.write_report(loaded, records, root)
+    console.print(f"[green]report[/] {escape(_shown(md_path, root))} (+ {escape(json_path.name)}, plot)", highlight=False)
+    if not all(r.state == "collected" and r.note is None for r in records):
+        sys.exit(1)
+
+
+@main.command("runs")
+@click.option("--json", "as_json", is_flag=True, help="Print every run as JSON.")
+def runs_cmd(as_json: bool) -> None:
+    """Every run of the project: state, steps, last loss, artifact, evaluation headline."""
+    import json
+
+    from rich.table import Table
+
+    from dermkohya import project, queue
+
+    root = project.resolve_root(click.get_current_context().find_root().params.get("project"))
+    infos = queue.project_runs(root)
+    if as_json:
+        click.echo(json.dumps([queue.run_info_dict(info) for info in infos], indent=2, ensure_ascii=False))
+        return
+    if not infos:
+        console.print(f"no runs in {root}/runs yet: copy runs/demo.toml, or `dermkohya adopt` a kohya config", highlight=False)
+        return
+    colours = {"running": "cyan", "queued": "blue", "finished": "green", "collected": "green", "failed": "red",
+               "stopped": "yellow"}
+    table = Table(title=f"runs of {root}", title_justify="left")
+    for column in ("run", "state", "steps", "last loss", "artifact", "evaluation"):
+        table.add_column(column, justify="right" if column in ("steps", "last loss") else "left", overflow="fold",
+                         no_wrap=column in ("run", "state"))
+    for info in infos:
+        state = info.state
+        if info.pid is not None:
+            state += f" (pid {info.pid}{'' if info.host is None else ' on ' + info.host})"
+        elif info.queued_by:
+            state += f" ({info.queued_by})"
+        headline = ", ".join(f"{k} {v:.4g}" for k, v in (info.evaluation or {}).items())
+        table.add_row(escape(info.name), f"[{colours.get(info.state, 'dim')}]{escape(state)}[/]", info.steps or "–",
+                      "–" if info.loss is None else f"{info.loss:.4f}", escape(_shown(info.artifact, root)),
+                      escape(headline or info.evaluation_report or "–"))
+    console.print(table)
 
 
 @main.command("prepare")
@@ -510,6 +707,16 @@ def generate_cmd(plan_file: Path, out: Path | None, processes: int, limit: int |
                   f"rejected and regenerated: {rejected}); index: {result.out / 'index.csv'}"), highlight=False)
 
 
+class _MetricSkipOption(click.Option):
+    """`--skip`'s help names the registered metrics (dermkohya/metrics/), read only when help is shown."""
+
+    def get_help_record(self, ctx: click.Context):
+        from dermkohya.metrics import registry
+
+        self.help = registry.skip_help()
+        return super().get_help_record(ctx)
+
+
 @main.command("utility")
 @click.option("--train", "train_dir", required=True, type=click.Path(path_type=Path), help="Real training split: datasets/<ds>/prepared/train (with metadata.csv) or the CSV.")
 @click.option("--heldout", required=True, type=click.Path(path_type=Path), help="Real held-out split: datasets/<ds>/prepared/heldout or the CSV.")
@@ -547,16 +754,6 @@ def utility_cmd(train_dir: Path, heldout: Path, synthetic: Path, name: str | Non
     a, b, d = report["arms"]["real"]["overall"]["auroc"], report["arms"]["real_synthetic"]["overall"]["auroc"], report["difference"]["overall"]["auroc"]
     shown = " ".join(f"{label} {fig['value']:.3f}" if fig["value"] is not None else f"{label} –" for label, fig in (("real", a), ("real+synthetic", b), ("Δ", d)))
     console.print("[green]utility[/] " + escape(f"{report['name']}: overall AUROC {shown} → {out_dir / ('utility-' + report['name'] + '.md')}"), highlight=False)
-
-
-class _MetricSkipOption(click.Option):
-    """`--skip`'s help names the registered metrics (dermkohya/metrics/), read only when help is shown."""
-
-    def get_help_record(self, ctx: click.Context):
-        from dermkohya.metrics import registry
-
-        self.help = registry.skip_help()
-        return super().get_help_record(ctx)
 
 
 @main.command("evaluate")

@@ -10,6 +10,7 @@ No torch: numpy reads the tensors.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -230,13 +231,14 @@ def collect(
     which: str = "final",
     new_version: bool = False,
     break_lock: bool = False,
+    after_failure: bool = False,
 ) -> Path:
     """Verify kohya's LoRA files for `run` and file the chosen one in artifacts/<run>/; returns its path.
 
     Holds the run's lock: refused at once while another dermkohya trains or collects the run (`dermkohya
     train` collects under the lock it trained under)."""
     with run_lock(run, project_root=project_root, break_lock=break_lock):
-        return _collect_locked(run, project_root=project_root, which=which, new_version=new_version)
+        return _collect_locked(run, project_root=project_root, which=which, new_version=new_version, after_failure=after_failure)
 
 
 def _collect_locked(
@@ -245,14 +247,16 @@ def _collect_locked(
     project_root: Path | None = None,
     which: str = "final",
     new_version: bool = False,
+    after_failure: bool = False,
 ) -> Path:
+    """`after_failure`: `train` files a final LoRA kohya wrote before it failed (verified like any other)."""
     root = (project_root or Path.cwd()).resolve()
     name = run_name(run)
     manifest, manifest_path = _load_manifest(root, name)
     output_dir = root / "output" / name
     candidates = find_candidates(output_dir, name)
     chosen = _choose(candidates, which, output_dir, name)
-    if chosen.kind == "final" and manifest.get("exit_code") not in (None, 0):
+    if chosen.kind == "final" and manifest.get("exit_code") not in (None, 0) and not after_failure:
         raise DermkohyaError(
             f"{manifest_path}: training exited with code {manifest['exit_code']}, so {chosen.path.name} may not be "
             f"the finished run; read output/{name}/train.log, or collect a saved epoch with --which epoch:N"
@@ -282,6 +286,18 @@ def _collect_locked(
     assert info is not None
 
     artifact_dir = root / "artifacts" / name
+    try:
+        return _file(root, name, artifact_dir, manifest, chosen, info, checks, new_version)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+            raise
+        raise DermkohyaError(f"{artifact_dir}: {exc.strerror} while collecting {chosen.path.name}; the LoRA was not "
+                             f"filed (its partial copy is removed): make room there and run `dermkohya collect {name}` again") from None
+
+
+def _file(root: Path, name: str, artifact_dir: Path, manifest: dict[str, Any], chosen: Candidate, info: lora.LoraInfo,
+          checks: list[dict[str, Any]], new_version: bool) -> Path:
+    """Write the artifact and its sidecars: a new version, or the existing one when the bytes are the same."""
     artifact_dir.mkdir(parents=True, exist_ok=True)
     metadata = {**info.metadata, **dermkohya_metadata(manifest, chosen)}
     tmp = private_temp(artifact_dir, name, ".safetensors.tmp")

@@ -24,7 +24,14 @@ def load_toml_model(path: Path, model: type[Model], *, what: str, example: str) 
     """Read and validate `path`; `what` names the file kind ("run file"), `example` the one to copy."""
     if not path.is_file():
         raise DermkohyaError(f"{path}: {what} not found (copy {example} and edit it)")
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:  # a byte-order mark (Windows editors) is not part of the TOML
+        text = data.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DermkohyaError(
+            f"{path}: not UTF-8 (byte 0x{data[exc.start]:02x} at line {line}): save it as UTF-8"
+        ) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -58,7 +65,9 @@ def describe(err: Any, text: str, root: type[BaseModel], what: str) -> str:
     key = loc[-1] if loc else ""
     section = " ".join(p if not p.isdigit() else f"#{int(p) + 1}" for p in loc[:-1])
     where = f"[{section}] {key}" if section else key or "(top level)"
-    line = next((i for i, row in enumerate(text.splitlines(), 1) if re.match(rf"\s*{re.escape(key)}\s*=", row)), None)
+    # `key = …`, or a dotted `section.key = …` (a sweep's `network.dim = [8, 16]`)
+    line = next((i for i, row in enumerate(text.splitlines(), 1)
+                 if re.match(rf"\s*(?:[\w-]+\.)*{re.escape(key)}\s*=", row)), None)
     at = f" (line {line})" if line and key and not key.isdigit() else ""
     msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":

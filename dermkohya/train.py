@@ -7,6 +7,8 @@ Each step reads what the previous one wrote, so any of them can be re-run alone.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import signal
 import time
@@ -41,6 +43,9 @@ class TrainResult:
     checks_seconds: float | None = None  # when the overlapped checks finished, in seconds after the launch
     state: runstate.RunState = runstate.RunState.FAILED  # how the launch ended (also in the manifest)
     stopped: runstate.Stop | None = None  # why kohya was stopped, when it was
+    # kohya's final LoRA when kohya failed only after writing it (a crash while freeing the GPU): collect verifies it
+    final_before_failure: Path | None = None
+    note: str | None = None  # why nothing was launched (a --resume with nothing left to train)
 
 
 def saved_states(output_dir: Path, name: str) -> list[Path]:
@@ -78,6 +83,7 @@ class PreparedLaunch:
     warnings: list[str]
     overlapped: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
     set_aside: Path | None = None  # where --new moved the previous outputs
+    nothing_to_do: str | None = None  # --resume of a state at the run's last epoch or step: why nothing launches
 
     def run_overlapped(self) -> None:
         """Run the overlapped checks side by side; the first failure is raised as soon as it happens."""
@@ -100,20 +106,32 @@ def prepare_launch(
     new: bool = False,
     strict: bool = False,
     overlap: bool = True,
+    gpu_ids: str | None = None,
 ) -> PreparedLaunch:
-    """Everything before kohya starts. With overlap=False the slow checks run here too, before returning."""
+    """Everything before kohya starts. With overlap=False the slow checks run here too, before returning.
+
+    `gpu_ids` (the queue's `--gpus`) replaces the run file's [launch] gpu_ids for this launch only; the
+    launch manifest records both, so the run file stays the truth of what the run asked for.
+    """
     root = (project_root or Path.cwd()).resolve()
     rendered = render.render(run_file, project_root=root, check_keys=False)
     spec, name = rendered.spec, rendered.name
     warnings = list(rendered.warnings)
+    launch_args = list(rendered.launch_args)
+    if gpu_ids is not None:
+        launch_args = _with_gpu_ids(launch_args, gpu_ids, spec.launch.processes * spec.launch.machines, run_file)
 
     output_dir = rendered.output_dir
     final = output_dir / f"{name}.safetensors"
     script_args = list(rendered.script_args)
+    nothing_to_do = None
     if resume:
         states = saved_states(output_dir, name)
         if not states:
-            raise DermkohyaError(f"--resume: no saved kohya state in {output_dir} (states are saved when [train] save_state = true)")
+            raise DermkohyaError(f"--resume: no saved kohya state in {output_dir} (states are saved when [train] save_state = true): "
+                                 f"start afresh with `dermkohya train {run_file} --new`")
+        warnings += check_resume(rendered, states[-1])
+        nothing_to_do = _resume_done(rendered, states[-1])
         script_args += ["--resume", render.project_path(states[-1], root)]
     elif final.exists() and not new:
         raise DermkohyaError(
@@ -124,6 +142,9 @@ def prepare_launch(
         raise DermkohyaError(
             f"{output_dir} holds an unfinished run: pass --resume to continue it or --new to keep it aside and start afresh"
         )
+
+    _check_writable(output_dir)
+    dataset_files = _stat_files(rendered.dataset_dir)  # what the checks below see; compared again just before the launch
 
     sd_scripts = kohya.find_sd_scripts(root)
     python = kohya.find_python(root)
@@ -157,12 +178,14 @@ def prepare_launch(
     if commit_warning:
         warnings.append(commit_warning)
 
-    argv = [str(python), *rendered.launch_args, str(sd_scripts / spec.script), *script_args]
+    argv = [str(python), *launch_args, str(sd_scripts / spec.script), *script_args]
     manifest = dict(rendered.manifest)
     manifest["base_model"] = base | {"sha256": None, "verified": False}
     manifest["sd_scripts"] = {"path": str(sd_scripts), "commit": kohya.sd_scripts_commit(sd_scripts), "pinned_commit": kohya.PINNED_COMMIT}
     manifest["command"] = argv
     manifest["resumed_from"] = script_args[-1] if resume else None
+    manifest["gpu_override"] = (None if gpu_ids is None else
+                                {"gpu_ids": gpu_ids, "run_file_gpu_ids": spec.launch.gpu_ids, "by": "--gpus"})
 
     def check_base() -> list[str]:
         sha256 = basemodel.sha256_path(rendered.base_path)
@@ -177,7 +200,7 @@ def prepare_launch(
     def check_keys() -> list[str]:
         return render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, project_root=root)
 
-    prepared = PreparedLaunch(rendered, argv, manifest, warnings)
+    prepared = PreparedLaunch(rendered, argv, manifest, warnings, nothing_to_do=nothing_to_do)
     known = kohya.cached_argument_names(spec.script, root)
     if known is not None:
         warnings += render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, known,
@@ -192,10 +215,158 @@ def prepare_launch(
         prepared.run_overlapped()
         prepared.overlapped.clear()
 
+    if (changed := _changed_files(dataset_files, _stat_files(rendered.dataset_dir))):
+        raise DermkohyaError(f"{rendered.dataset_dir}: {len(changed)} file(s) changed or vanished while train checked them "
+                             f"(first: {changed[0]}): wait for whatever writes there to finish, then train again")
     if new and not resume and output_dir.exists():
         prepared.set_aside = _set_aside(output_dir)
         warnings.append(f"previous outputs kept in {prepared.set_aside}")
     return prepared
+
+
+def _with_gpu_ids(launch_args: list[str], gpu_ids: str, processes: int, run_file: Path) -> list[str]:
+    """accelerate's arguments with `--gpu_ids` set to the queue's GPU(s) instead of the run file's."""
+    if not re.fullmatch(r"\d+(,\d+)*", gpu_ids):
+        raise DermkohyaError(f"--gpus {gpu_ids!r}: give GPU ids as digits separated by commas, e.g. --gpus 0,1")
+    if processes > len(gpu_ids.split(",")):
+        raise DermkohyaError(
+            f"{run_file}: [launch] asks for {processes} processes but --gpus gives this run GPU {gpu_ids}: "
+            "train it alone without --gpus (its [launch] gpu_ids apply), or set [launch] processes = 1"
+        )
+    args = list(launch_args)
+    if "--gpu_ids" in args:
+        at = args.index("--gpu_ids")
+        del args[at:at + 2]
+    at = args.index("--mixed_precision") if "--mixed_precision" in args else len(args)
+    return [*args[:at], "--gpu_ids", gpu_ids, *args[at:]]
+
+
+# What may change between a run and its --resume: how long it trains, what and how often it saves, its samples.
+RESUMABLE_KEYS = ("description", "train.epochs", "train.max_steps", "train.save_every_n_epochs", "train.save_state",
+                  "train.save_precision", "sample.")
+_STATE_FILES = (("model", (".safetensors", ".bin")), ("optimizer", (".bin",)))
+
+
+def check_resume(rendered: render.RenderedRun, state: Path) -> list[str]:
+    """Refuse a --resume that would continue a different run: a changed run file (other than RESUMABLE_KEYS),
+    dataset or base model, or a state kohya cut short; warn when another sd-scripts commit saved it."""
+    where = f"output/{rendered.name}/manifest.json"
+    previous = _read_manifest(rendered.output_dir / "manifest.json")
+    _check_state_files(state)
+    if previous is None:
+        return [f"--resume: no {where} to compare the run file, dataset and base model with; resuming {state.name} as it is"]
+    problems = []
+    before, now = _flat(previous.get("spec") or {}), _flat(rendered.spec.model_dump(mode="json"))
+    for key in sorted(set(before) | set(now)):
+        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_KEYS):
+            section, _, leaf = key.rpartition(".")
+            problems.append(f"[{section}] {leaf}: {before.get(key)!r} → {now.get(key)!r}" if section else f"{key}: {before.get(key)!r} → {now.get(key)!r}")
+    old_data = (previous.get("dataset") or {}).get("content_hash")
+    if old_data and old_data != rendered.manifest["dataset"]["content_hash"]:
+        problems.append(f"the dataset {rendered.dataset_dir} changed (content hash {old_data[:12]}… → "
+                        f"{rendered.manifest['dataset']['content_hash'][:12]}…)")
+    old_base = (previous.get("base_model") or {}).get("sha256")
+    if old_base and not problems:
+        sha256 = basemodel.sha256_path(rendered.base_path)
+        if sha256 != old_base:
+            problems.append(f"the base model {rendered.base_path} changed (sha256 {old_base[:12]}… → {sha256[:12]}…)")
+    if problems:
+        raise ProblemsError(
+            f"--resume of {rendered.run_file} from {state}",
+            [*problems, f"a resume continues the same run: undo the change, or train afresh with --new (only "
+                        f"{', '.join(k.rstrip('.') for k in RESUMABLE_KEYS)} may change on a resume)"],
+        )
+    warnings = []
+    old_commit = (previous.get("sd_scripts") or {}).get("commit")
+    current = kohya.sd_scripts_commit(kohya.find_sd_scripts(rendered.project_root))
+    if old_commit != current:
+        warnings.append(f"--resume: {state.name} was saved by sd-scripts {old_commit or 'of no git commit'}, now "
+                        f"{current or 'of no git commit'}: kohya may load it differently; resume with the same commit "
+                        "if it fails")
+    return warnings
+
+
+def _check_state_files(state: Path) -> None:
+    """kohya writes train_state.json first, then accelerate the weights: a crash or a full disk while saving
+    leaves a folder that looks like a state but cannot be loaded."""
+    import zipfile
+
+    from dermkohya import lora
+
+    fix = f"kohya was stopped while saving it: remove {state} to resume from the state before it, or start afresh with --new"
+    for part, suffixes in _STATE_FILES:
+        files = [p for p in state.iterdir() if p.name.startswith(part) and p.suffix in suffixes]
+        if not files:
+            raise DermkohyaError(f"--resume: {state} has no {part} file ({part}{'/'.join(suffixes)}): {fix}")
+        for path in files:
+            try:
+                if path.suffix == ".safetensors":
+                    lora.read_header(path)
+                else:
+                    with zipfile.ZipFile(path) as archive:
+                        archive.namelist()
+            except (zipfile.BadZipFile, DermkohyaError, OSError, ValueError) as exc:
+                raise DermkohyaError(f"--resume: {path} is truncated or unreadable ({str(exc).splitlines()[0][:120]}): {fix}") from None
+
+
+def _resume_done(rendered: render.RenderedRun, state: Path) -> str | None:
+    """Why a resume of `state` has nothing left to train, or None."""
+    saved = json.loads((state / "train_state.json").read_text(encoding="utf-8"))
+    train_spec = rendered.spec.train
+    epoch, step = int(saved.get("current_epoch", 0)), int(saved.get("current_step", 0))
+    if train_spec.epochs is not None and epoch >= train_spec.epochs:
+        reached = f"epoch {epoch} of {train_spec.epochs} ([train] epochs)"
+    elif train_spec.epochs is None and train_spec.max_steps is not None and step >= train_spec.max_steps:
+        reached = f"step {step} of {train_spec.max_steps} ([train] max_steps)"
+    else:
+        return None
+    return (f"{state} is at {reached}: nothing left to resume. Raise [train] epochs or max_steps in "
+            f"{rendered.run_file} to train further, or `dermkohya collect {rendered.name}` the result")
+
+
+def _check_writable(folder: Path) -> None:
+    """kohya writes the LoRA, states and samples into output/<run>/ and fails there only after loading the
+    models (the final save: after the whole run), so an unwritable folder is refused before the launch."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+    if read_only or not os.access(existing, os.W_OK):
+        why = "is on a read-only file system" if read_only else "is not writable by this user"
+        raise DermkohyaError(f"{existing} {why}: kohya writes the run's LoRA and states into {folder}; make it "
+                             "writable (or mount a writable disk there) and train again")
+
+
+def _stat_files(folder: Path) -> dict[str, tuple[int, int]]:
+    """Size and modification time of every file under `folder` (links not followed): cheap, unlike a hash."""
+    files = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                stat = os.stat(path)
+            except OSError:
+                continue
+            files[os.path.relpath(path, folder)] = (stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+def _changed_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> list[str]:
+    return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 def run_lock(run_file: Path, *, project_root: Path | None = None, break_lock: bool = False) -> AbstractContextManager[locks.Held]:
@@ -218,6 +389,7 @@ def train(
     online: bool = False,
     on_line: Callable[[str], None] | None = None,
     break_lock: bool = False,
+    gpu_ids: str | None = None,
 ) -> TrainResult:
     """Launch kohya for a run file and report what happened; never raises for a kohya failure.
 
@@ -227,7 +399,7 @@ def train(
     root = (project_root or Path.cwd()).resolve()
     with run_lock(run_file, project_root=root, break_lock=break_lock) as held:
         result = _train_locked(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online,
-                               on_line=on_line, lock_fd=held.fd)
+                               on_line=on_line, lock_fd=held.fd, gpu_ids=gpu_ids)
     result.warnings[:0] = held.warnings
     return result
 
@@ -242,20 +414,31 @@ def _train_locked(
     online: bool = False,
     on_line: Callable[[str], None] | None = None,
     lock_fd: int = -1,
+    gpu_ids: str | None = None,
 ) -> TrainResult:
     """`train` once the run's lock is held; kohya's watchdog holds it too, until kohya's group has gone."""
     started = time.monotonic()
     root = (project_root or Path.cwd()).resolve()
-    prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict)
+    prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict, gpu_ids=gpu_ids)
     rendered, manifest = prepared.rendered, prepared.manifest
     output_dir = rendered.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if prepared.nothing_to_do is not None:  # nothing launched, nothing rewritten
+        final = output_dir / f"{rendered.name}.safetensors"
+        return TrainResult(name=rendered.name, lora=final if final.exists() else None, returncode=0, interrupted=False,
+                           log_path=output_dir / "train.log", manifest_path=output_dir / "manifest.json",
+                           saved_states=saved_states(output_dir, rendered.name), warnings=prepared.warnings,
+                           state=runstate.RunState.FINISHED, note=prepared.nothing_to_do)
     manifest_path = output_dir / "manifest.json"
     log_path = output_dir / "train.log"
     manifest["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     manifest["checked_while_kohya_starts"] = sorted(prepared.overlapped)
     manifest["state"] = runstate.RunState.RUNNING.value
-    _write_json(manifest_path, manifest)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(manifest_path, manifest)
+    except OSError as exc:
+        raise DermkohyaError(f"{output_dir}: {exc.strerror} while writing manifest.json before the launch: kohya writes "
+                             "the LoRA and its states there too, so free space there and train again") from None
     before_launch = time.monotonic() - started
 
     result = kohya.launch(prepared.argv, cwd=root, log_path=log_path, env=kohya.kohya_env(online=online, project_root=root), on_line=on_line,
@@ -273,6 +456,10 @@ def _train_locked(
     if returncode == 0 and not final.exists() and not result.interrupted:
         returncode = 1
         hint = hint or f"kohya exited 0 but wrote no {final.name}: read {log_path}"
+    loss_last = _last_loss(result.tail)
+    if returncode == 0 and loss_last is not None and math.isnan(loss_last):
+        returncode = 1  # kohya trains on through a NaN loss and saves a LoRA of NaNs
+        hint = kohya.hint_for(["avr_loss=nan"])
     if result.stop_signal is not None and returncode <= 0:
         returncode = 128 + signal.Signals[result.stop_signal].value  # the shell's convention: 130, 143, 129
     if result.stopped_by is not None and returncode == 0:
@@ -289,7 +476,7 @@ def _train_locked(
             "kohya_held_back_s": round(held_back, 3),
         },
         "outputs": sorted(p.name for p in output_dir.glob("*.safetensors")),
-        "loss_last": _last_loss(result.tail),
+        "loss_last": None if loss_last is None or math.isnan(loss_last) else loss_last,
     }
     stopped = None
     if result.stopped_by is not None:
@@ -299,7 +486,11 @@ def _train_locked(
     state = runstate.ended(returncode, final.exists(), stopped)
     manifest["stopped"] = stopped.model_dump(exclude_none=True) if stopped else None
     manifest["state"] = state.value
-    _write_json(manifest_path, manifest)
+    try:
+        _write_json(manifest_path, manifest)
+    except OSError as exc:  # a full disk: what happened is still reported, only not recorded
+        prepared.warnings.append(f"{manifest_path}: not updated ({exc.strerror}), so it still reads as running; "
+                                 "free space there before the next train")
     if result.stopped_by is not None:
         note = f"found while kohya started; kohya was stopped, its log is {log_path}"
         if prepared.set_aside is not None:
@@ -322,6 +513,7 @@ def _train_locked(
         checks_seconds=result.guard_seconds,
         state=state,
         stopped=stopped,
+        final_before_failure=final if final.exists() and result.returncode != 0 and stopped is None else None,
     )
 
 
@@ -336,12 +528,9 @@ def _with_note(exc: BaseException, note: str) -> BaseException:
 
 def _last_loss(lines: list[str]) -> float | None:
     for line in reversed(lines):
-        progress = kohya.parse_progress(line)
-        if progress and progress.loss is not None:
-            return progress.loss
-        match = re.search(r"avr_loss=([\d.eE+-]+)", line)
-        if match:
-            return float(match.group(1))
+        loss = kohya.parse_loss(line)
+        if loss is not None:
+            return loss
     return None
 
 
