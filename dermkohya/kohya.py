@@ -220,12 +220,16 @@ def parse_progress(line: str) -> Progress | None:
     if rate:
         value = float(rate.group(1))
         it_per_s = value if rate.group(2) == "it/s" else (1.0 / value if value else None)
-    loss = _LOSS.search(inside)
+    return Progress(int(match.group(1)), int(match.group(2)), it_per_s, parse_loss(inside))
+
+
+def parse_loss(text: str) -> float | None:
+    """kohya's running loss (`avr_loss=0.123`) anywhere in a line, or None (`nan` is a float: NaN)."""
+    match = _LOSS.search(text)
     try:
-        loss_value = float(loss.group(1)) if loss else None
+        return float(match.group(1)) if match else None
     except ValueError:
-        loss_value = None
-    return Progress(int(match.group(1)), int(match.group(2)), it_per_s, loss_value)
+        return None
 
 
 @dataclass
@@ -323,14 +327,20 @@ def launch(
                 # and the watchdog, seeing dermkohya gone, stops kohya.
                 handlers = {sig: signal.signal(sig, _raise_stop) for sig in STOP_SIGNALS}
             first_step = None
+            log_error: OSError | None = None
             buffer = b""
             try:
                 while True:
                     chunk = os.read(process.stdout.fileno(), 65536)
                     if not chunk:
                         break
-                    log.write(chunk)
-                    log.flush()
+                    if log_error is None:
+                        try:
+                            log.write(chunk)
+                            log.flush()
+                        except OSError as exc:  # a full disk: keep following kohya, which fails on it too
+                            log_error = exc
+                            tail.append(f"dermkohya: {log_path} could not be written further: {exc.strerror}")
                     buffer += chunk
                     *lines, buffer = re.split(rb"[\r\n]", buffer)
                     for raw in lines:
@@ -396,7 +406,15 @@ _HUB_HINT = ("kohya tried to download {what} from the Hugging Face hub, which de
 
 
 HINTS: tuple[tuple[str, str], ...] = (
-    ("CUDA out of memory", "out of GPU memory: lower [train] batch_size, set gradient_checkpointing = true, or use cache_latents"),
+    ("No space left on device", "the disk is full (kohya writes its LoRA, states and samples into output/<run>/): "
+     "free space there, or lower [train] save_every_n_epochs / set save_state = false, then train again (--resume continues "
+     "from the last complete state)"),
+    ("CUDA out of memory", "out of GPU memory: lower [train] batch_size or resolution, set gradient_checkpointing = true "
+     "(the memory saver for 12–16 GB cards; runs/derm-sd15.toml shows it), keep cache_latents = true"),
+    ("OutOfMemoryError", "out of GPU memory: lower [train] batch_size or resolution, set gradient_checkpointing = true "
+     "(the memory saver for 12–16 GB cards; runs/derm-sd15.toml shows it), keep cache_latents = true"),
+    ("avr_loss=nan", "the loss became NaN, so the LoRA is useless: with mixed_precision = \"fp16\" set [train] "
+     "mixed_precision = \"bf16\" (GPUs since Ampere), or lower learning_rate; then train again with --new"),
     ("No data found", "kohya found no images: [dataset] must point at the parent of the `N_concept` folders"),
     ("fp16 mixed precision requires a GPU", "fp16 needs a GPU: set [train] mixed_precision = \"no\" (or \"bf16\") on a CPU"),
     ("xformers", "xformers is not installed in kohya's environment: set [train] attention = \"sdpa\""),
