@@ -203,6 +203,8 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     memo = ev.sections.get("memorisation")
     plots = write_plots(out_dir / synthetic.name, rows, syn_images, memo)
+    for metric in metrics:
+        plots |= metric.files(ev, out_dir / synthetic.name)
     base_model, loras = _generated_with(synthetic)
     report = EvaluationReport(
         plan=synthetic.name,
@@ -219,6 +221,7 @@ def evaluate(
         device=ev.device,
         rows=rows,
         memorisation=memo,
+        skin_tone=ev.sections.get("skin_tone"),
         plots={k: str(v.relative_to(out_dir)) for k, v in plots.items()},
         notes=notes,
     )

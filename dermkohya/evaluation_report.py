@@ -43,6 +43,7 @@ class EvaluationReport(Record):
     device: str
     rows: list[dict[str, Any]]  # group, label, diagnosis, fst, n_real, n_synthetic, then every metric key
     memorisation: dict[str, Any] | None
+    skin_tone: dict[str, Any] | None = None  # ITA° per requested skin type, synthetic and real, and drift (metrics/ita.py)
     plots: dict[str, str]  # name → path relative to the report's folder
     notes: list[str]
 

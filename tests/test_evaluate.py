@@ -96,6 +96,10 @@ def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: 
     assert rows[("skin type", "FST I")]["kid"] is not None
     assert 0 < overall["lpips_to_real"] and 0 < overall["lpips_diversity"]
     assert 0 <= overall["clip_score"] <= 100 and 0 <= overall["clip_score_real"] <= 100
+    for key in ("kid", "lpips_to_real", "clip_score"):  # per-skin-type bootstrap intervals around the figure
+        fst_i = rows[("skin type", "FST I")]
+        assert fst_i[f"{key}_ci"][0] <= fst_i[f"{key}_ci"][1] and overall[f"{key}_ci"] is None, key
+    assert set(report.skin_tone["synthetic"]["per_fst"]) == {"I", "IV", "VI"} and report.skin_tone["real"]["per_fst"]["VI"]["n"] == 4
     assert overall["clip_diversity"] > 0 and overall["rejection_rate"] == 0
 
     memo = report.memorisation
@@ -109,7 +113,7 @@ def test_report_has_rows_per_skin_type_diagnosis_and_cell(tmp_path: Path, sets: 
     out = tmp_path / "reports"
     saved = json.loads((out / "t.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(report.rows)) and saved["weights"]["inception"]["sha256"]
-    assert set(saved) == {"format", *OLD_KEYS} and saved["format"] == "dermkohya.evaluation/1"
+    assert set(saved) == {"format", "skin_tone", *OLD_KEYS} and saved["format"] == "dermkohya.evaluation/1"
     assert EvaluationReport.read(out / "t.json") == report
     md = (out / "t.md").read_text()
     assert "## Per skin type" in md and "| FST IV | 4 | 4 |" in md and "## Memorisation" in md and "⚑" in md
@@ -188,7 +192,8 @@ def write_synthetic(folder: Path, cells: list[tuple[str, str]], per_cell: int = 
 def test_markdown_table_columns_come_from_the_registry(tmp_path: Path) -> None:
     row = {"group": "overall", "label": "all", "diagnosis": None, "fst": None, "n_real": 4, "n_synthetic": 3, "fid": None, "kid": 0.01234,
            "kid_std": 0.0011, "lpips_to_real": 0.4, "lpips_diversity": None, "clip_score": 30.123, "clip_score_real": None,
-           "clip_diversity": 0.2, "clip_diversity_real": 0.25, "rejection_rate": 0.0, "memorised": 2}  # fmt: skip
+           "clip_diversity": 0.2, "clip_diversity_real": 0.25, "rejection_rate": 0.0, "memorised": 2,
+           "ita_median": 40.0, "ita_median_real": None, "ita_agreement": 0.5, "kid_ci": [0.001, 0.0234]}  # fmt: skip
     report = EvaluationReport(
         plan="t", synthetic="synthetic/t", real="r", train=None, created="now", dermkohya_version="0", base_model=None, loras=[],
         metrics=["fid"], weights={}, options={"min_fid": 7}, device="cpu", rows=[row], memorisation=None, plots={"grid": "t/grid.png"}, notes=[],
@@ -196,8 +201,9 @@ def test_markdown_table_columns_come_from_the_registry(tmp_path: Path) -> None:
     json_path, md_path = report.write_files(tmp_path)
     md = md_path.read_text()
     assert ("| overall | real | synthetic | FID ↓ | KID ↓ (± sd) | LPIPS to real ↓ | LPIPS diversity ↑ | CLIP score ↑ (real) | "
-            "CLIP diversity ↑ (real) | rejected | memorised |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-            "| all | 4 | 3 | – | 0.0123 ± 0.0011 | 0.400 | – | 30.12 (–) | 0.200 (0.250) | 0.000 | 2 |\n") in md  # fmt: skip
+            "CLIP diversity ↑ (real) | ITA° (real) | ITA ±1 class | rejected | memorised |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+            "| all | 4 | 3 | – | 0.0123 ± 0.0011 [0.0010, 0.0234] | 0.400 | – | 30.12 (–) | 0.200 (0.250) | 40.0 (–) | 0.50 | 0.000 | 2 |\n") in md  # fmt: skip
     assert "both sides have at least\n  7; KID" in md and '- "rejected" is the share' in md
     assert EvaluationReport.read(json_path) == report and report.headline() == {"kid": 0.01234, "lpips_to_real": 0.4, "clip_score": 30.123}
     (tmp_path / "plan.json").write_text('{"format": "dermkohya.plan/1"}')
@@ -244,4 +250,4 @@ def test_a_metric_added_in_one_file_reaches_rows_markdown_plot_and_skip(tmp_path
 
     from dermkohya.cli import main
 
-    assert "toy (brightness)" in CliRunner().invoke(main, ["evaluate", "--help"]).output.replace("\n", " ").replace("  ", " ")
+    assert "toy (brightness)" in " ".join(CliRunner().invoke(main, ["evaluate", "--help"]).output.split())  # wrapped anywhere

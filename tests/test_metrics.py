@@ -167,11 +167,12 @@ def test_cosine_statistics() -> None:
 
 
 def test_registry_finds_every_metric_file_in_table_order() -> None:
-    assert [m.name for m in registry.all_metrics()] == ["fid", "kid", "lpips", "clip_score", "clip_diversity", "rejection", "memorisation"]
-    assert registry.skip_names() == ("fid", "lpips", "clip", "memorisation")  # what --skip accepted before the registry
+    assert [m.name for m in registry.all_metrics()] == ["fid", "kid", "lpips", "clip_score", "clip_diversity", "skin_tone", "rejection", "memorisation"]
+    assert registry.skip_names() == ("fid", "lpips", "clip", "skin_tone", "memorisation")  # before the registry: all but skin_tone
     assert registry.row_keys() == [
-        "fid", "kid", "kid_std", "lpips_to_real", "lpips_diversity", "clip_score", "clip_score_real",
-        "clip_diversity", "clip_diversity_real", "rejection_rate", "memorised",
+        "fid", "fid_ci", "kid", "kid_std", "kid_ci", "lpips_to_real", "lpips_to_real_ci", "lpips_diversity", "clip_score",
+        "clip_score_real", "clip_score_ci", "clip_diversity", "clip_diversity_real", "ita_median", "ita_median_real",
+        "ita_agreement", "rejection_rate", "memorised",
     ]  # fmt: skip
     for metric in registry.all_metrics():
         assert metric.help and metric.columns and set(metric.networks) <= {"inception", "lpips", "clip"}, metric.name

@@ -127,3 +127,41 @@ def test_summary_and_drift_flags(tmp_path: Path) -> None:
 
 def test_fst_types_all_have_a_band() -> None:
     assert set(BANDS) == set(FST_TYPES) == set(skin_tone.ITA_NAMES)
+
+
+def test_evaluate_reports_skin_tone_and_flags_a_lighter_type_without_any_weights(tmp_path: Path) -> None:
+    """`dermkohya evaluate --skip fid,lpips,clip,memorisation`: demo drawings as the real held-out set, and as a
+    stand-in synthetic set whose type-II drawings are labelled VI (what a generator drifting light would give)."""
+    from click.testing import CliRunner
+
+    from dermkohya.cli import main
+
+    real = make_demo_dataset(tmp_path / "real", per_cell=1, size=96)
+    synthetic = make_demo_dataset(tmp_path / "synthetic" / "drift", per_cell=1, size=96, seed=1)
+    with open(synthetic / "metadata.csv", newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["fitzpatrick"] != "VI"]
+    with open(synthetic / "index.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "diagnosis", "fst", "prompt"])
+        for r in rows:
+            fst = "VI" if r["fitzpatrick"] == "II" else r["fitzpatrick"]
+            writer.writerow([r["image"], r["diagnosis"], fst, f"{r['diagnosis']}, Fitzpatrick skin type {fst}"])
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(main, ["evaluate", "--real", str(real), "--synthetic", str(synthetic), "--out", str(out),
+                                       "--skip", "fid,lpips,clip,memorisation"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "drift.json").read_text())
+    tone = report["skin_tone"]
+    assert tone["drift"] == ["VI"] and "lighter" in tone["drift_reasons"]["VI"]
+    assert list(tone["real"]["per_fst"]) == list(FST_TYPES) and all(r["n"] == 3 for r in tone["real"]["per_fst"].values())
+    assert list(tone["synthetic"]["per_fst"]) == ["I", "III", "IV", "V", "VI"] and tone["synthetic"]["per_fst"]["VI"]["agreement"] == 0.0
+    for side in ("real", "synthetic"):
+        for fst, row in tone[side]["per_fst"].items():
+            assert set(row) >= {"n", "ita_median", "ita_iqr", "agreement"}
+            assert row["ita_iqr"][0] <= row["ita_median"] <= row["ita_iqr"][1] and 0 <= row["agreement"] <= 1, (side, fst)
+    fst_rows = {r["fst"]: r for r in report["rows"] if r["group"] == "skin type"}
+    assert fst_rows["III"]["ita_median"] == pytest.approx(fst_rows["III"]["ita_median_real"], abs=3.0)
+    assert fst_rows["VI"]["ita_median"] - fst_rows["VI"]["ita_median_real"] > 100 and fst_rows["VI"]["ita_agreement"] == 0.0
+    md = (out / "drift.md").read_text()
+    assert "## Skin tone (ITA°)" in md and "Drift: **FST VI**" in md and f"]({report['plots']['skin_tone']})" in md
+    assert (out / report["plots"]["skin_tone"]).is_file() and (out / "drift" / "skin_tone.csv").is_file()

@@ -66,10 +66,11 @@ class Column:
     baseline: str | None = None
     plot: str | None = None  # panel title in the per-skin-type bar plot; None: not plotted
     headline: bool = False  # printed by `dermkohya evaluate` after a run
+    ci: str | None = None  # key of a [low, high] bootstrap interval shown after the value (per-skin-type rows)
 
     @property
     def keys(self) -> tuple[str, ...]:
-        return tuple(k for k in (self.key, self.sd, self.baseline) if k)
+        return tuple(k for k in (self.key, self.sd, self.baseline, self.ci) if k)
 
 
 def _default_enabled() -> tuple[str, ...]:
@@ -90,6 +91,8 @@ class Options:
     lpips_size: int = 256
     shown_pairs: int = 8
     seed: int = 0
+    bootstrap: int = 200  # resamples of the per-skin-type intervals (LPIPS, CLIP score, ITA; dermkohya.bootstrap)
+    bootstrap_fid: int = 50  # resamples for FID and KID (each one a Fréchet distance or KID over subsets)
 
 
 Side = Literal["real", "synthetic"]
@@ -196,6 +199,10 @@ class Metric:
     def row(self, ev: Evaluation, group: Group) -> dict[str, Any]:
         """The values of this metric's column keys for one row (missing keys stay None)."""
         raise NotImplementedError
+
+    def files(self, ev: Evaluation, folder: Path) -> dict[str, Path]:
+        """Plots or tables of its own, written into the report's folder after the rows (name → path)."""
+        return {}
 
 
 def mean(values: list[float] | np.ndarray) -> float | None:

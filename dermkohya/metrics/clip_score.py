@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dermkohya.bootstrap import mean_interval
 from dermkohya.metrics import maths
 from dermkohya.metrics.base import Column, Evaluation, Group, Metric, diagnosis_key, mean
 
@@ -13,7 +14,7 @@ class CLIPScore(Metric):
     name = "clip_score"
     skip = "clip"
     help = "CLIP score, 100·max(cos, 0) of each image and its prompt; real images against the same prompt as baseline"
-    columns = (Column("clip_score", "CLIP score ↑ (real)", digits=2, baseline="clip_score_real", plot="CLIP score ↑", headline=True),)
+    columns = (Column("clip_score", "CLIP score ↑ (real)", digits=2, baseline="clip_score_real", plot="CLIP score ↑", headline=True, ci="clip_score_ci"),)
     position = 40
     networks = ("clip",)
     reading = (
@@ -29,7 +30,11 @@ class CLIPScore(Metric):
 
     def row(self, ev: Evaluation, group: Group) -> dict[str, Any]:
         synthetic = ev.clip_images("synthetic")
-        values = {"clip_score": mean(maths.clip_scores(synthetic[group.synthetic], ev.clip_prompts()[group.synthetic]).tolist())}
+        per_image = maths.clip_scores(synthetic[group.synthetic], ev.clip_prompts()[group.synthetic])
+        values: dict[str, Any] = {"clip_score": mean(per_image.tolist())}
+        if group.kind == "skin type":
+            interval = mean_interval(per_image, resamples=ev.options.bootstrap, seed=ev.options.seed)
+            values["clip_score_ci"] = interval.as_list() if interval else None
         cell_prompt = {(diagnosis_key(s.diagnosis), s.fst): s.prompt for s in ev.synthetic}
         prompts = {i: cell_prompt.get((diagnosis_key(ev.real[i].diagnosis), ev.real[i].fst)) for i in group.real}
         scored = [i for i in group.real if prompts[i] is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dermkohya.bootstrap import bootstrap_two_sample
 from dermkohya.metrics import maths
 from dermkohya.metrics.base import Column, Evaluation, Group, Metric
 
@@ -12,7 +13,7 @@ class FID(Metric):
     name = "fid"
     skip = "fid"
     help = "FID on pytorch-fid's Inception-v3 features, where both sides have at least 10 images"
-    columns = (Column("fid", "FID ↓", digits=2, plot="FID ↓", headline=True),)
+    columns = (Column("fid", "FID ↓", digits=2, plot="FID ↓", headline=True, ci="fid_ci"),)
     position = 10
     networks = ("inception",)
     reading = (
@@ -27,7 +28,12 @@ class FID(Metric):
         if min(len(group.real), len(group.synthetic)) < max(2, ev.options.min_fid):
             return {}
         real, synthetic = ev.inception()
-        return {"fid": maths.fid(real[group.real], synthetic[group.synthetic])}
+        values: dict[str, Any] = {"fid": maths.fid(real[group.real], synthetic[group.synthetic])}
+        if group.kind == "skin type":
+            interval = bootstrap_two_sample(lambda a, b: maths.fid(real[a], synthetic[b]), group.real, group.synthetic,
+                                            resamples=ev.options.bootstrap_fid, seed=ev.options.seed)
+            values["fid_ci"] = interval.as_list() if interval else None
+        return values
 
 
 METRIC = FID()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dermkohya.bootstrap import bootstrap_two_sample
 from dermkohya.metrics import maths
 from dermkohya.metrics.base import Column, Evaluation, Group, Metric
 
@@ -13,7 +14,7 @@ class KID(Metric):
     name = "kid"
     skip = "fid"
     help = "KID (mean ± sd over random subsets) on the same Inception features: unbiased, for small cells"
-    columns = (Column("kid", "KID ↓ (± sd)", digits=4, sd="kid_std", plot="KID ↓", headline=True),)
+    columns = (Column("kid", "KID ↓ (± sd)", digits=4, sd="kid_std", plot="KID ↓", headline=True, ci="kid_ci"),)
     position = 20
     networks = ("inception",)
 
@@ -25,7 +26,13 @@ class KID(Metric):
             return {}
         real, synthetic = ev.inception()
         mean, sd = maths.kid(real[group.real], synthetic[group.synthetic], subsets=ev.options.kid_subsets, seed=ev.options.seed)
-        return {"kid": mean, "kid_std": sd}
+        values: dict[str, Any] = {"kid": mean, "kid_std": sd}
+        if group.kind == "skin type":
+            subsets = max(5, ev.options.kid_subsets // 10)  # per resample: the interval is about the images, not the subsets
+            interval = bootstrap_two_sample(lambda a, b: maths.kid(real[a], synthetic[b], subsets=subsets, seed=ev.options.seed)[0],
+                                            group.real, group.synthetic, resamples=ev.options.bootstrap_fid, seed=ev.options.seed)
+            values["kid_ci"] = interval.as_list() if interval else None
+        return values
 
 
 METRIC = KID()

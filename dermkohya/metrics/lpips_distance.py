@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from dermkohya.bootstrap import mean_interval
 from dermkohya.metrics import networks
 from dermkohya.metrics.base import Column, Evaluation, Group, Metric, mean
 
@@ -18,7 +19,7 @@ class LPIPS(Metric):
     skip = "lpips"
     help = "LPIPS of synthetic images to real ones of the same row, and between synthetic pairs (diversity)"
     columns = (
-        Column("lpips_to_real", "LPIPS to real ↓", plot="LPIPS to real ↓", headline=True),
+        Column("lpips_to_real", "LPIPS to real ↓", plot="LPIPS to real ↓", headline=True, ci="lpips_to_real_ci"),
         Column("lpips_diversity", "LPIPS diversity ↑"),
     )
     position = 30
@@ -31,7 +32,11 @@ class LPIPS(Metric):
         size, k, values = ev.options.lpips_size, ev.options.lpips_pairs, {}
         if group.real:
             pairs = [(ev.synthetic[i].path, ev.real[int(ev.rng.choice(group.real))].path) for i in _sample(ev.rng, group.synthetic, k)]
-            values["lpips_to_real"] = mean(networks.lpips_pairs(ev.lpips(), pairs, size).tolist())
+            distances = networks.lpips_pairs(ev.lpips(), pairs, size)
+            values["lpips_to_real"] = mean(distances.tolist())
+            if group.kind == "skin type":  # resampling the row's sampled pairs: one pair per synthetic image
+                interval = mean_interval(distances, resamples=ev.options.bootstrap, seed=ev.options.seed)
+                values["lpips_to_real_ci"] = interval.as_list() if interval else None
         if len(group.synthetic) >= 2:
             pairs = [(ev.synthetic[a].path, ev.synthetic[b].path) for a, b in _distinct_pairs(ev.rng, group.synthetic, k)]
             values["lpips_diversity"] = mean(networks.lpips_pairs(ev.lpips(), pairs, size).tolist())
