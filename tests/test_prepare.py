@@ -107,7 +107,7 @@ def test_skewed_fixture_ends_within_five_percent_of_equal_shares_on_disk(tmp_pat
     shares = _effective_shares(tmp_path / record["train_data_dir"])
     assert set(shares) == set(FST_TYPES)
     for fst, share in shares.items():
-        assert abs(share * 6 - 1) <= 0.05, (fst, share)
+        assert abs(share * 6 - 1) <= 0.05 + 1e-9, (fst, share)  # the edge counts as within
     assert max(record["repeats"].values()) <= 20
 
 
@@ -141,7 +141,7 @@ def test_fst_x_diagnosis_balances_every_cell_and_names_empty_ones() -> None:
     counts = {(d, f): n for d, base in (("eczema", 40), ("melanoma", 12)) for f, n in zip(FST_TYPES, (base, base, 20, 10, 4, 0))}
     plan = prepare.plan_balance(counts, "fst_x_diagnosis", max_repeats=20)
     assert set(plan.achieved) == {f"{d} × {f}" for d in ("eczema", "melanoma") for f in FST_TYPES[:5]}
-    assert all(abs(s / plan.target[c] - 1) <= 0.05 for c, s in plan.achieved.items())
+    assert all(abs(s / plan.target[c] - 1) <= 0.05 + 1e-9 for c, s in plan.achieved.items())
     assert sorted(line.split(":")[0] for line in plan.unreachable) == ["eczema × VI", "melanoma × VI"]
 
 

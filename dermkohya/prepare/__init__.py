@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import errno
 import hashlib
 import io
 import json
@@ -43,6 +44,7 @@ from dermkohya.templating import text_template
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.importers import DISPLAY_NAMES, LABEL_CHOICES, Record, SourceOptions, load_records, slug
 from dermkohya.skin import FST_GROUPS, FST_TYPES, UNKNOWN
+from dermkohya.prepare.balance import BalancePlan, plan_balance
 
 PREPARED_FORMAT = 1
 PREPARED_JSON = "prepared.json"
@@ -243,211 +245,6 @@ def render_caption(template: jinja2.Template, diagnosis: str, fst: str, source: 
     an empty `extra` leaves no dangling comma."""
     text = " ".join(template.render(diagnosis=diagnosis, fst=fst, source=source, extra=extra).split())
     return ", ".join(part.strip() for part in text.split(",") if part.strip())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Balancing: target shares → integer repeats
-
-
-@dataclass
-class BalancePlan:
-    """Repeats per (diagnosis, skin type) cell and how close the effective shares land to the target."""
-
-    repeats: dict[tuple[str, str], int]
-    target: dict[str, float]
-    achieved: dict[str, float]
-    within_tolerance: bool
-    unreachable: list[str]
-    notes: list[str]
-
-
-def _fold(fst: str, grouped: bool) -> str:
-    return FST_GROUPS[FST_TYPES.index(fst) // 2] if grouped and fst in FST_TYPES else fst
-
-
-def plan_balance(counts: dict[tuple[str, str], int], policy: str, *, shares: dict[str, float] | None = None,
-                 max_repeats: int = 20, tolerance: float = 0.05) -> BalancePlan:
-    """Integer repeats that bring each balance category's share of effective samples (images × repeats)
-    within ±tolerance (relative) of its target.
-
-    Categories are the skin types (`fst`, `shares`) or diagnosis × skin type (`fst_x_diagnosis`). Data
-    recorded in groups (DDI) is balanced over the groups; single types are folded into their group
-    then, never the other way. Unknown skin types are not balanced (1 repeat). Among the repeat sets
-    within tolerance the one with the fewest effective samples wins (shortest epochs, least repetition);
-    where one repeat per category is too coarse, its subsets take neighbouring integers.
-    A category short of its target even at the cap stays at the cap while the rest are balanced among
-    themselves; targets are renormalised over the categories that have images. Every category that
-    misses its target says why in `unreachable`.
-    """
-    cells = {cell: n for cell, n in counts.items() if n > 0}
-    repeats = {cell: 1 for cell in cells}
-    known = {cell: n for cell, n in cells.items() if cell[1] != UNKNOWN}
-    notes = []
-    unknown_images = sum(n for cell, n in cells.items() if cell[1] == UNKNOWN)
-    if unknown_images and policy != "none":
-        notes.append(f"{unknown_images} image(s) of unknown skin type train at 1 repeat outside the balance "
-                     "(balance.unknown_fst = \"drop\" leaves them out)")
-    grouped = any(fst in FST_GROUPS for _, fst in known) or bool(shares and set(shares) <= set(FST_GROUPS))
-    level = FST_GROUPS if grouped else FST_TYPES
-
-    def category(cell: tuple[str, str]) -> str:
-        fst = _fold(cell[1], grouped)
-        return f"{cell[0]} × {fst}" if policy == "fst_x_diagnosis" else fst
-
-    if policy == "none":
-        effective: Counter[str] = Counter()
-        for cell, n in known.items():
-            effective[category(cell)] += n
-        return BalancePlan(repeats, {}, _shares(dict(effective)), True, [], notes)
-    if not known:
-        return BalancePlan(repeats, {}, {}, False, ["no image has a known skin type: there is nothing to balance"], notes)
-
-    if policy == "fst_x_diagnosis":
-        diagnoses = sorted({d for d, _ in known})
-        categories = [f"{d} × {f}" for d in diagnoses for f in level]
-        target = {c: 1 / len(categories) for c in categories}
-    elif policy == "shares":
-        assert shares is not None
-        folded: Counter[str] = Counter()
-        for key, value in shares.items():
-            folded[_fold(key, grouped)] += value
-        target = {c: folded[c] / sum(folded.values()) for c in level}
-    else:
-        target = {c: 1 / len(level) for c in level}
-
-    images: Counter[str] = Counter()
-    for cell, n in known.items():
-        images[category(cell)] += n
-    present = [c for c in target if images[c] > 0]
-    unreachable = [f"{c}: no training images, so its target share ({target[c]:.1%}) cannot be reached; "
-                   "the others are balanced among themselves" for c in target if images[c] == 0]
-    norm = sum(target[c] for c in present)
-    goal = {c: target[c] / norm for c in present}
-    chosen = _capped_repeats(images, goal, max_repeats, tolerance)
-    for cell in known:
-        repeats[cell] = chosen[category(cell)]
-    shares_first = _shares({c: images[c] * chosen[c] for c in present})
-    capped = [c for c in present if chosen[c] == max_repeats and shares_first[c] < goal[c] * (1 - tolerance)]
-    rest = [c for c in present if c not in capped]
-    # Finer steps where one repeat per category is too coarse: its subsets (diagnoses) take the two
-    # neighbouring integers, so the category's effective samples land near its target.
-    scale = sum(images[c] * chosen[c] for c in rest) / sum(goal[c] for c in rest)
-    for c in rest:
-        if abs(images[c] * chosen[c] / (goal[c] * scale) - 1) > tolerance:
-            members = {cell: n for cell, n in known.items() if category(cell) == c}
-            repeats.update(_split_repeats(members, goal[c] * scale, max_repeats))
-    effective: Counter[str] = Counter()
-    for cell, n in known.items():
-        effective[category(cell)] += n * repeats[cell]
-    achieved = _shares(dict(effective))
-
-    def missed(c: str) -> bool:
-        return abs(achieved[c] / goal[c] - 1) > tolerance + 1e-12
-
-    capped = [c for c in capped if missed(c)]
-    rest = [c for c in present if c not in capped]
-    rest_effective = sum(effective[c] for c in rest)
-    for c in capped:  # the repeats that would match the uncapped categories as they are
-        needed = math.ceil(goal[c] * rest_effective / (sum(goal[k] for k in rest) * images[c]))
-        unreachable.append(f"{c}: {images[c]} image(s) × {max_repeats} repeats (balance.max_repeats) give "
-                           f"{achieved[c]:.1%} of effective samples vs a target of {goal[c]:.1%}; it needs about "
-                           f"{needed} repeats: add images of it, or raise max_repeats (more repetition of the same images)")
-    rest_achieved, rest_goal = _shares({c: achieved[c] for c in rest}), _shares({c: goal[c] for c in rest})
-    for c in rest:
-        among_rest = abs(rest_achieved[c] / rest_goal[c] - 1) <= tolerance + 1e-12
-        if missed(c) and not (capped and among_rest):  # else the cap explains it
-            steps = sorted({repeats[cell] for cell in known if category(cell) == c})
-            unreachable.append(f"{c}: {images[c]} image(s) at {'/'.join(map(str, steps))} repeat(s) give {achieved[c]:.1%} "
-                               f"of effective samples vs a target of {goal[c]:.1%}; integer repeats (at most "
-                               f"{max_repeats}) of its subsets cannot land closer")
-    if capped and all(abs(rest_achieved[c] / rest_goal[c] - 1) <= tolerance + 1e-12 for c in rest):
-        notes.append(f"{', '.join(capped)} capped at {max_repeats} repeats; {', '.join(rest)} are balanced among "
-                     f"themselves within ±{tolerance:.0%}")
-    within = not any(missed(c) for c in present) and len(present) == len(target)
-    return BalancePlan(repeats, goal, achieved, within, unreachable, notes)
-
-
-def _split_repeats(members: dict[tuple[str, str], int], desired: float, cap: int) -> dict[tuple[str, str], int]:
-    """Repeats r or r + 1 per subset so that Σ images × repeats comes closest to `desired`: the larger
-    subsets take the extra repeat first while it fits, then the one that best closes the gap."""
-    total_images = sum(members.values())
-    low = min(cap, max(1, math.floor(desired / total_images)))
-    chosen = {cell: low for cell in members}
-    if low == cap:
-        return chosen
-    total = low * total_images
-    remaining = sorted(members, key=lambda cell: (-members[cell], cell))
-    for cell in list(remaining):
-        if total + members[cell] <= desired:
-            chosen[cell] += 1
-            total += members[cell]
-            remaining.remove(cell)
-    best = min(remaining, key=lambda cell: abs(total + members[cell] - desired), default=None)
-    if best is not None and abs(total + members[best] - desired) < abs(total - desired):
-        chosen[best] += 1
-    return chosen
-
-
-def _capped_repeats(images: Counter[str], goal: dict[str, float], cap: int, tolerance: float) -> dict[str, int]:
-    """Repeats per category. A category that stays below its target even at the cap is fixed there and
-    the others are balanced among themselves (at the smallest scale, which leaves the capped ones the
-    largest share), rather than skewing the others to make up for it."""
-    fixed: dict[str, int] = {}
-    while True:
-        active = [c for c in goal if c not in fixed]
-        n = np.array([images[c] for c in active], dtype=float)
-        t = np.array([goal[c] for c in active])
-        r = _solve_repeats(n, t / t.sum(), cap, tolerance)
-        shares = r * n / (r * n).sum()
-        newly = [c for c, ri, share, ti in zip(active, r, shares, t / t.sum())
-                 if ri == cap and share < ti * (1 - tolerance)]
-        if not newly or len(newly) == len(active):
-            return {**fixed, **{c: int(ri) for c, ri in zip(active, r)}}
-        fixed.update({c: cap for c in newly})
-
-
-def _shares(effective: dict[str, float]) -> dict[str, float]:
-    total = sum(effective.values()) or 1
-    return {k: v / total for k, v in effective.items()}
-
-
-def _solve_repeats(n: np.ndarray, t: np.ndarray, cap: int, tolerance: float) -> np.ndarray:
-    """Integer repeats in [1, cap] for counts n and target shares t.
-
-    The exact real solution is r ∝ t/n; every candidate scale that makes one category exact at one
-    integer repeat is tried, the rest rounded, and the best refined by single ±1 steps."""
-    steps = np.arange(1, cap + 1, dtype=float)
-    scales = np.unique((n[:, None] * steps[None, :] / t[:, None]).ravel())
-    best: tuple[tuple[float, float, float], np.ndarray] | None = None
-    for chunk in np.array_split(scales, len(scales) * len(n) // 2_000_000 + 1):  # bounded memory
-        keys, rows = _rank(np.clip(np.rint(chunk[:, None] * (t / n)[None, :]), 1, cap), n, t, tolerance)
-        if best is None or keys[0] < best[0]:
-            best = (keys[0], rows[0])
-    assert best is not None
-    r = best[1].copy()
-    for _ in range(100):  # refine: the best single ±1 step, while it helps
-        moves = np.repeat(r[None, :], 2 * len(r), axis=0)
-        idx = np.arange(len(r))
-        moves[idx, idx] += 1
-        moves[len(r) + idx, idx] -= 1
-        moves = moves[(moves >= 1).all(1) & (moves <= cap).all(1)]
-        keys, rows = _rank(moves, n, t, tolerance)
-        if not keys or not keys[0] < _rank(r[None, :], n, t, tolerance)[0][0]:
-            break
-        r = rows[0]
-    return r.astype(int)
-
-
-def _rank(r: np.ndarray, n: np.ndarray, t: np.ndarray, tolerance: float) -> tuple[list[tuple[float, float, float]], list[np.ndarray]]:
-    """Candidates best first: within tolerance before not; then fewest effective samples if within,
-    smallest worst relative error if not."""
-    effective = r * n[None, :]
-    error = np.abs(effective / effective.sum(1, keepdims=True) / t[None, :] - 1).max(1)
-    total = effective.sum(1)
-    ok = error <= tolerance + 1e-12
-    keys = np.stack([~ok, np.where(ok, total, error), np.where(ok, error, total)], 1)
-    order = np.lexsort(keys[:, ::-1].T)
-    return [tuple(float(v) for v in keys[i]) for i in order], [r[i] for i in order]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -795,12 +592,16 @@ def prepare(recipe_path: Path, *, force: bool = False, dry_run: bool = False, wo
             return current
     scratch = root / f".{PREPARED_DIR}.tmp"
     _remove_ours(scratch)
-    scratch.mkdir()
-    (scratch / _MARKER).write_text("made by `dermkohya prepare`; it replaces this folder on the next run\n")
     try:
+        scratch.mkdir()
+        (scratch / _MARKER).write_text("made by `dermkohya prepare`; it replaces this folder on the next run\n")
         images = _write(plan, scratch, workers or _workers(), progress)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # also when a worker process hit it
+            raise DermkohyaError(f"{root}: no space left on device while prepare wrote {scratch.name}/ there (removed "
+                                 f"again): free space on that disk, or move the dataset folder to a larger one, and run "
+                                 "prepare again") from None
         raise
     old = root / f".{PREPARED_DIR}.old"
     _remove_ours(old)
