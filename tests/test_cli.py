@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _imports import heavy_imports
 from click.testing import CliRunner
 
 import dermkohya
@@ -24,11 +25,4 @@ def test_train_fails_before_kohya_runs_when_collect_cannot_be_imported(tmp_path:
 
 def test_collect_imports_with_the_core_dependencies_only() -> None:
     """Why the import above is not guarded: collect (and what it imports) needs no optional extra."""
-    import subprocess
-
-    code = (
-        "import sys; import dermkohya.collect; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'safetensors', 'diffusers', 'transformers', 'scipy'}))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert heavy_imports("import dermkohya.collect") == []

@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_metrics import random_images, save_random_inception, save_random_lpips, save_tiny_clip
 
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.evaluate import EvaluationReport, Options, Weights, evaluate, read_real
-from dermkohya.metrics import networks as metrics
-from dermkohya.metrics import quality, registry
+from dermkohya.metrics import networks, quality, registry
 from dermkohya.metrics.base import Column, Evaluation, Group, Metric
 from dermkohya.records import RecordError
-from test_metrics import random_images, save_random_inception, save_random_lpips, save_tiny_clip
 
 try:
     from test_generate import tiny, write_plan  # noqa: F401  (the tiny pipeline fixture)
@@ -41,7 +40,7 @@ OLD_KEYS = {
 def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A weights folder laid out as `dermkohya evaluate --weights` expects, every network random."""
     folder = tmp_path_factory.mktemp("weights")
-    save_random_inception(folder / metrics.INCEPTION_FILE)
+    save_random_inception(folder / networks.INCEPTION_FILE)
     save_random_lpips(folder / "lpips")
     save_tiny_clip(folder / "clip", folder / "tokenizers")
     return folder
@@ -127,8 +126,8 @@ def test_missing_weights_are_all_named_before_anything_runs(tmp_path: Path, sets
     with pytest.raises(ProblemsError) as info:
         evaluate(sets["heldout"], sets["synthetic"], weights=Weights.under(tmp_path / "empty"), out_dir=tmp_path / "r")
     text = "\n".join(info.value.problems)
-    assert f"{tmp_path}/empty/{metrics.INCEPTION_FILE}: missing" in text
-    assert f"{tmp_path}/empty/lpips/{metrics.ALEXNET_FILE}: missing" in text
+    assert f"{tmp_path}/empty/{networks.INCEPTION_FILE}: missing" in text
+    assert f"{tmp_path}/empty/lpips/{networks.ALEXNET_FILE}: missing" in text
     assert f"{tmp_path}/empty/clip/config.json: missing" in text
     assert "--skip fid,lpips,clip,memorisation" in text
     assert not (tmp_path / "r").exists()
@@ -166,7 +165,7 @@ def test_cli_evaluate(tmp_path: Path, sets: dict[str, Path], weights: Path) -> N
     assert ok.exit_code == 0, ok.output
     assert "12 synthetic vs 12 real" in ok.output and "flagged as memorised" in ok.output and (tmp_path / "t.md").is_file()
     missing = CliRunner().invoke(main, [*args, "--weights", str(tmp_path / "none"), "--skip", "lpips,clip,memorisation"])
-    assert missing.exit_code == 1 and metrics.INCEPTION_FILE in missing.output and "--skip fid" in missing.output
+    assert missing.exit_code == 1 and networks.INCEPTION_FILE in missing.output and "--skip fid" in missing.output
     bad = CliRunner().invoke(main, [*args, "--skip", "fidd"])
     assert bad.exit_code == 2 and "unknown metric(s) fidd" in bad.output
 
