@@ -174,6 +174,7 @@ def dermkohya_metadata(manifest: dict[str, Any], candidate: Candidate) -> dict[s
         "dataset.content_hash": dataset.get("content_hash"),
         "dataset.counts": dataset.get("counts"),
         "dataset.images": dataset.get("images"),
+        "dataset.effective_samples": dataset.get("effective_samples"),
         "dataset.train_data_dir": dataset.get("train_data_dir"),
         "caption_template": dataset.get("caption_template"),
         "base_model.name": Path(str(base["path"])).name if base.get("path") else None,
@@ -511,8 +512,10 @@ def lora_fine_checklist(
     counts = dataset.get("counts")
     if dataset.get("content_hash") and counts:
         total = sum(sum(v.values()) for v in counts.values() if isinstance(v, dict))
+        effective = dataset.get("effective_samples")
+        per_epoch = f" ({effective} effective samples per epoch, images × repeats)" if effective is not None else ""
         item("L", "Label & clean dataset", True,
-             f"dataset checked before training: {total} labelled images over {len(counts)} diagnoses, "
+             f"dataset checked before training: {total} labelled images{per_epoch} over {len(counts)} diagnoses, "
              f"content hash {str(dataset['content_hash'])[:16]}…, resolution {train.get('resolution', NOT_RECORDED)}")  # fmt: skip
     else:
         item("L", "Label & clean dataset", False, "dataset content hash or diagnosis × skin-type counts not recorded in the manifest")
@@ -683,8 +686,11 @@ def model_card(
             "network_module": _fmt(_get(manifest, "network.module") or info.metadata.get("ss_network_module")),
         },
         "dataset": {
-            "images": _fmt(dataset.get("images") if dataset.get("images") is not None else
-                           (sum(table["totals"][-1:]) if table else None)),  # fmt: skip
+            # images and images × repeats apart (issue #11.6): a manifest from before recorded neither
+            # "images" nor "effective_samples", and its "counts" may hold either, so it says not recorded
+            "images": _fmt(dataset.get("images")),
+            "effective_samples": _fmt(dataset.get("effective_samples")),
+            "effective_table": _skin_table(dataset.get("effective_counts")),
             "content_hash": _fmt(dataset.get("content_hash")),
             "caption_template": _fmt(dataset.get("caption_template")),
             "train_data_dir": _fmt(dataset.get("train_data_dir")),

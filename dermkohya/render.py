@@ -166,7 +166,7 @@ def render(
             f"{run_file}: [train] cache_latents_to_disk writes .npz files into {data_dir}, your source images: "
             "use a prepared dataset ([dataset] prepared = ...) or set cache_latents_to_disk = false"
         )
-    counts = info.get("counts_after") or dataset.metadata_counts(data_dir)
+    counts = info.get("counts_before") or dataset.metadata_counts(data_dir)  # images, not images × repeats
 
     # One resolver for every stage; a base that is already there is checked against [model] family
     # here (a header read), so a mismatch stops before any expensive check or launch.
@@ -311,6 +311,16 @@ def check_keys_against_kohya(script: str, keys: set[str] | frozenset[str], run_f
     return []
 
 
+def _sizes(data_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Images and effective samples per epoch (images × repeats) apart: a card must not call one the other."""
+    subsets = [s for s in dataset.find_subsets(data_dir) if not s.is_reg]
+    return {
+        "images": sum(len(s.images) for s in subsets),
+        "effective_samples": sum(len(s.images) * s.repeats for s in subsets),
+        "effective_counts": info.get("counts_after"),
+    }
+
+
 def _manifest(
     spec: RunSpec,
     name: str,
@@ -356,6 +366,7 @@ def _manifest(
             "prepared": spec.dataset.prepared,
             "content_hash": info.get("content_hash") or dataset.content_hash(data_dir),
             "counts": counts,
+            **_sizes(data_dir, info),
             "caption_template": info.get("caption_template"),
             "skin_types": list(FST_TYPES),
         },

@@ -221,6 +221,32 @@ def test_collect_files_adapter_card_manifest_and_checklist(tmp_path: Path) -> No
     assert "- [ ] **N** Numeric validation" in card and "- [x] **O** Obtain base model checksum" in card
 
 
+def test_card_keeps_images_and_effective_samples_apart(tmp_path: Path) -> None:
+    # issue #11.6: a prepared dataset of 18 images at 3 repeats said "Images: 54" and "Trained on 54 images"
+    dataset = make_manifest()["dataset"] | {
+        "images": 18, "effective_samples": 54,
+        "effective_counts": {"psoriasis": {"I": 12, "III": 12, "V": 6}, "eczema": {"I": 12, "III": 9, "V": 3}}}
+    root = make_project(tmp_path, manifest=make_manifest(dataset=dataset))
+    artifact = collect.collect("demo", project_root=root)
+    card = (artifact.parent / "model_card.md").read_text()
+    assert "- Images: 18\n" in card and "- Effective samples per epoch (images × repeats): 54" in card
+    assert "Trained on 18 images (54 effective samples per epoch with repeats)" in card
+    assert "| **Total** | **8** | **7** | **3** | **18** |" in card  # images
+    assert "| **Total** | **24** | **21** | **9** | **54** |" in card  # images × repeats
+    meta = lora.describe(artifact).grouped_metadata()["dermkohya"]
+    assert (meta["dermkohya.dataset.images"], meta["dermkohya.dataset.effective_samples"]) == ("18", "54")
+    checklist = json.loads((artifact.parent / "manifest.json").read_text())["collect"]["checklist"]
+    assert "18 labelled images (54 effective samples per epoch, images × repeats)" in checklist[0]["evidence"]
+
+
+def test_an_older_manifest_without_images_says_not_recorded(tmp_path: Path) -> None:
+    dataset = {k: v for k, v in make_manifest()["dataset"].items() if k != "images"}
+    root = make_project(tmp_path, manifest=make_manifest(dataset=dataset))
+    card = (collect.collect("demo", project_root=root).parent / "model_card.md").read_text()
+    assert "- Images: not recorded\n" in card and "Trained on not recorded images" in card
+    assert "- Images: 18" not in card  # its counts may be images × repeats: never shown as images
+
+
 def test_numeric_validation_is_ticked_by_an_evaluation_of_this_adapter(tmp_path: Path) -> None:
     root = make_project(tmp_path)
     source_sha = lora.file_sha256(root / "output/demo/demo.safetensors")
