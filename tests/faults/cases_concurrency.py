@@ -17,6 +17,7 @@ from _stand_in import start_train
 from test_locks import _dead_pid, _hold_elsewhere, _left_behind
 from test_supervision import _gone_within, _gone_within_group, _launch_with_grandchild, _members
 
+from .cases_disk import finished_run
 from .project import RUN, Project, refused, succeeded
 from .registry import case
 
@@ -35,10 +36,10 @@ def _(project: Project) -> None:
     first = start_train(project.root, until="locked")
     try:
         start = time.monotonic()
-        ran = project.cli("train", "runs/tiny.toml")
+        ran = project.cli("train", "runs/tiny.toml", process=True)
         refused(ran, f"run 'tiny' is in use: train by pid {first.pid} on {socket.gethostname()} since", f"kill {first.pid}", code=1)
         assert time.monotonic() - start < 30
-        refused(project.cli("collect", "tiny"), f"pid {first.pid}", code=1)
+        refused(project.cli("collect", "tiny", process=True), f"pid {first.pid}", code=1)
         assert first.poll() is None
     finally:
         _stop(first)
@@ -51,7 +52,7 @@ def _(project: Project) -> None:
     project.freeze()
     first = start_train(project.root)  # kohya of run tiny is running
     try:
-        succeeded(project.cli("train", "runs/other.toml"), "trained", "collected")
+        succeeded(project.cli("train", "runs/other.toml", process=True), "trained", "collected")
         assert first.poll() is None and runstate.run_state(project.root, "tiny") == runstate.RunState.RUNNING
     finally:
         _stop(first)
@@ -61,11 +62,13 @@ def _(project: Project) -> None:
 @case("lock-stale", A, "a lock left by a dermkohya that died on this host (SIGKILL, OOM killer, power loss)",
       "works: the lock is taken over with a warning naming the dead holder")
 def _(project: Project) -> None:
+    finished_run(project)
     dead = _dead_pid()
     _left_behind(locks.run_lock(project.root, "tiny"), pid=dead, host=socket.gethostname())
     project.freeze()
-    succeeded(project.cli("train", "runs/tiny.toml"), f"took over a stale lock: train by pid {dead} on {socket.gethostname()}",
-              "trained")
+    succeeded(project.cli("collect", "tiny"), f"took over a stale lock: train by pid {dead} on {socket.gethostname()}",
+              "collected")
+    assert locks.holder(locks.run_lock(project.root, "tiny")) is None
 
 
 @case("lock-other-host", A, "a lock held from another host (a shared filesystem): this host cannot tell if it still runs",

@@ -77,7 +77,7 @@ def finished_run(project: Project) -> None:
 def _(project: Project) -> None:
     project.freeze()
     with mounted(project, "output", tmpfs_kib=1024):
-        ran = project.cli("train", "runs/tiny.toml", env={"STAND_IN_FAULT": "ok"})
+        ran = project.cli("train", "runs/tiny.toml", process=True)
         refused(ran, "No space left on device", "hint: the disk is full", "--resume", code=1)
         assert not (project.root / "artifacts/tiny").exists()
 
@@ -97,7 +97,7 @@ def _(project: Project) -> None:
       "one line naming the dataset folder and the fix (was a 76-line traceback from the worker pool); nothing half-written is left")
 def _(project: Project) -> None:
     with mounted(project, "datasets/derm", tmpfs_kib=8192) as folder:
-        layout = generic(folder, {"I": 3, "II": 3})
+        layout = generic(folder, {"I": 32, "II": 32})  # 64 images: prepare's worker pool writes them
         project.freeze()
         fill(folder)
         refused(project.cli("prepare", str(layout.recipe.relative_to(project.root))), "datasets/derm: no space left on device",
@@ -165,6 +165,7 @@ def _(project: Project) -> None:
     rendered = json.loads((project.root / "runs/tiny/manifest.json").read_text())["dataset"]["content_hash"]
     project.write("data/1_derm/1.txt", "clinical dermatology photograph, eczema")
     project.freeze()
-    succeeded(project.cli("train", "runs/tiny.toml"), "trained")
-    launched = json.loads((project.root / "output/tiny/manifest.json").read_text())["dataset"]["content_hash"]
+    launching = train.prepare_launch(Path("runs/tiny.toml"), project_root=project.root)  # all of train up to the launch
+    launched = launching.manifest["dataset"]["content_hash"]
     assert launched != rendered and launched == dataset.content_hash(project.root / "data")
+    assert json.loads((project.root / "runs/tiny/manifest.json").read_text())["dataset"]["content_hash"] == launched

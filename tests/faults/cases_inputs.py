@@ -65,7 +65,7 @@ def _(project: Project) -> None:
       "refuses: names the file, the line and says to save it as UTF-8; no traceback")
 def _(project: Project) -> None:
     run = _run(project, ('description = "eczéma"\n' + RUN).encode("latin-1"))
-    refused(project.cli("render", run), "runs/tiny.toml", "not UTF-8", "line 1", "save it as UTF-8")
+    refused(project.cli("render", run, process=True), "runs/tiny.toml", "not UTF-8", "line 1", "save it as UTF-8")
 
 
 @case("run-name-unsafe", A, "a run `name` with `..`, `/`, a space or non-ASCII letters",
@@ -115,12 +115,16 @@ def _(project: Project) -> None:
     refused(project.cli("check", "data", "--resolution", "64", "--strict"), "caption-multiline", "1_derm/1.txt")
 
 
-@case("dataset-symlink-loop", A, "a dataset folder holding a symlink loop (`data/1_derm/loop -> ..`)",
-      "the check ends (no endless walk) and reports the link as a nested folder kohya does not read; exit 1")
+@case("dataset-symlink-loop", A, "a symlink loop in a dataset (`data/1_derm/loop -> ..`), or as the [dataset] folder itself",
+      "the check ends (no endless walk) and reports the link as a nested folder kohya does not read; a looping "
+      "[dataset] path is refused as not found, naming the run file's key; exit 1")
 def _(project: Project) -> None:
     os.symlink("..", project.root / "data/1_derm/loop")
+    os.symlink("loopy", project.root / "loopy")
+    project.write("runs/loopy.toml", RUN.replace('train_data_dir = "data"', 'train_data_dir = "loopy"'))
     project.freeze()
     refused(project.cli("check", "data", "--resolution", "64", timeout=60), "nested-folder", "1_derm/loop", code=1)
+    refused(project.cli("render", "runs/loopy.toml"), "loopy not found (run file [dataset] = 'loopy')", "fix the path", code=1)
 
 
 @case("base-zero-bytes", A, "a `.safetensors` base of zero bytes",

@@ -11,9 +11,9 @@ from .registry import case
 A = "kohya's failures"
 
 
-def _train(project: Project, fault: str, *args: str):
+def _train(project: Project, fault: str, *args: str, process: bool = False):
     project.freeze()
-    return project.cli("train", "runs/tiny.toml", *args, env={"STAND_IN_FAULT": fault})
+    return project.cli("train", "runs/tiny.toml", *args, env={"STAND_IN_FAULT": fault}, process=process)
 
 
 def _manifest(project: Project) -> dict:
@@ -23,7 +23,7 @@ def _manifest(project: Project) -> dict:
 @case("kohya-trains", A, "a run that kohya finishes (the baseline every other case departs from)",
       "works: kohya's LoRA is verified and collected into artifacts/tiny/ with its card; exit 0")
 def _(project: Project) -> None:
-    ran = _train(project, "ok")
+    ran = _train(project, "ok", process=True)
     succeeded(ran, "trained", "collected")
     assert (project.root / "artifacts/tiny/tiny.safetensors").is_file()
     assert _manifest(project)["state"] == "finished"
@@ -70,6 +70,6 @@ def _(project: Project) -> None:
 @case("kohya-crash-after-final-save", A, "kohya crashes after it wrote the final LoRA (e.g. while freeing the GPU)",
       "the complete LoRA is still verified and collected; the exit code is kohya's (1) and the message says both")
 def _(project: Project) -> None:
-    ran = _train(project, "crash-after-save")
+    ran = _train(project, "crash-after-save", process=True)
     refused(ran, "kohya failed (exit 1)", "after writing", "collected", code=1)
     assert (project.root / "artifacts/tiny/tiny.safetensors").is_file()

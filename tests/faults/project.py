@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,11 +190,28 @@ class Project:
         return path
 
     # --- running ---------------------------------------------------------------------------------
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Ran:
-        """`dermkohya ARGS` in its own process, from the project root."""
-        done = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=self.root, capture_output=True, text=True,
-                              env=dict(os.environ, **(env or {})), timeout=timeout)
-        return Ran(done.returncode, done.stdout, done.stderr)
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120, process: bool = False) -> Ran:
+        """`dermkohya ARGS` from the project root: in this process through Click's runner (kohya is still a
+        real process), or with `process` in a dermkohya process of its own. A traceback (a bug, not a user
+        error) lands in stderr either way."""
+        if process:
+            done = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=self.root, capture_output=True, text=True,
+                                  env=dict(os.environ, **(env or {})), timeout=timeout)
+            return Ran(done.returncode, done.stdout, done.stderr)
+        from click.testing import CliRunner
+
+        from dermkohya.cli import main
+
+        previous = os.getcwd()
+        os.chdir(self.root)
+        try:
+            result = CliRunner().invoke(main, list(args), env=env, prog_name="dermkohya")
+        finally:
+            os.chdir(previous)
+        stderr = result.stderr
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            stderr += "".join(traceback.format_exception(result.exception))
+        return Ran(result.exit_code, result.stdout, stderr)
 
     # --- the user's files ------------------------------------------------------------------------
     def checksums(self) -> dict[str, str]:
