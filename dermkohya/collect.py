@@ -190,6 +190,7 @@ def dermkohya_metadata(manifest: dict[str, Any], candidate: Candidate) -> dict[s
         "training.started": manifest.get("started"),
         "training.finished": manifest.get("finished"),
         "training.exit_code": manifest.get("exit_code"),
+        "textual_inversion": manifest.get("textual_inversion"),  # ti_then_lora: the tokens the LoRA was trained with
         "intended_use": INTENDED_USE,
         "disclaimer": DISCLAIMER,
     }
@@ -253,6 +254,10 @@ def _collect_locked(
     """`after_failure`: `train` files a final LoRA kohya wrote before it failed (verified like any other)."""
     root = (project_root or Path.cwd()).resolve()
     name = run_name(run)
+    from dermkohya import ti  # textual inversion: the learned embeddings are filed beside (or instead of) a LoRA
+
+    if ti.embeddings_only(root, name):
+        return ti.collect_embeddings(root, name)
     manifest, manifest_path = _load_manifest(root, name)
     output_dir = root / "output" / name
     candidates = find_candidates(output_dir, name)
@@ -287,6 +292,8 @@ def _collect_locked(
     assert info is not None
 
     artifact_dir = root / "artifacts" / name
+    if manifest.get("textual_inversion"):
+        ti.collect_embeddings(root, name)
     try:
         return _file(root, name, artifact_dir, manifest, chosen, info, checks, new_version)
     except OSError as exc:

@@ -94,8 +94,10 @@ def _subsets(spec: RunSpec, root: Path) -> tuple[Path, list[Subset], dict[str, A
         from dermkohya import prepare  # the prepared dataset's record says where its kohya folders are
 
         recipe_dir = root / spec.dataset.prepared
-        info = prepare.load_prepared(recipe_dir)
-        data_dir = recipe_dir / info["train_data_dir"]
+        record = prepare.load_prepared(recipe_dir)
+        data_dir = recipe_dir / record.train_data_dir
+        info = {"content_hash": record.content_hash, "caption_template": record.caption_template,
+                "counts_before": record.counts_before, "counts_after": record.counts_after}
     else:
         data_dir = root / spec.dataset.train_data_dir  # type: ignore[operator]
     if not data_dir.is_dir():
@@ -152,8 +154,13 @@ def render(
     project_root: Path | None = None,
     out_dir: Path | None = None,
     check_keys: bool = True,
+    phase2: dict[str, Any] | None = None,
 ) -> RenderedRun:
-    """Validate the run file and write runs/<run>/; returns what train needs to launch it."""
+    """Validate the run file and write runs/<run>/; returns what train needs to launch it.
+
+    `phase2` (ti.py, the LoRA phase of ti_then_lora): `base_path` and `tokenizer_cache_dir` of the derived
+    base and the `dataset.toml` text whose captions carry the learned tokens replace the run file's own.
+    """
     root = (project_root or Path.cwd()).resolve()
     run_file = run_file if run_file.is_absolute() else root / run_file
     spec, name = load_run(run_file)
@@ -180,6 +187,8 @@ def render(
         warnings.append(f"base `{spec.model.base}` is a RANDOM-WEIGHT smoke model: the LoRA proves the pipeline, not the data")
     elif base.warning:
         warnings.append(base.warning)
+    if phase2 is not None:
+        base_path, tokenizer_dir = phase2["base_path"], phase2["tokenizer_cache_dir"]
 
     resolution = spec.resolution
     output_dir = root / "output" / name
@@ -214,7 +223,7 @@ def render(
     env = _environment()
     texts = {
         "config.toml": env.get_template("config.toml.j2").render(context),
-        "dataset.toml": env.get_template("dataset.toml.j2").render(context),
+        "dataset.toml": phase2["dataset.toml"] if phase2 else env.get_template("dataset.toml.j2").render(context),
     }
     if prompts:
         texts["sample_prompts.txt"] = env.get_template("sample_prompts.txt.j2").render(context)

@@ -162,9 +162,44 @@ class LaunchSection(_Section):
         return self
 
 
+class TextualInversionSection(_Section):
+    """Phase 1 of `textual_inversion` / `ti_then_lora` (dermkohya/ti.py): one kohya run per token."""
+
+    token_scope: Literal["cell", "diagnosis"] = "cell"
+    token_template: str | None = Field(default=None, description="jinja2 over diagnosis, fst; default by token_scope")
+    caption_template: str = Field(default="{{ token }}, {{ caption }}",
+                                  description="jinja2 over token, caption, diagnosis, fst: the phase captions")
+    init_word: str | None = "skin"
+    num_vectors_per_token: int = Field(default=1, ge=1, le=16)
+    learning_rate: float = Field(default=5e-3, gt=0)
+    epochs: int | None = Field(default=None, ge=1)
+    max_steps: int | None = Field(default=1500, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_alone(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "epochs" in data and "max_steps" not in data:
+            return {**data, "max_steps": None}
+        return data
+
+    @property
+    def template(self) -> str:
+        if self.token_template is not None:
+            return self.token_template
+        return DEFAULT_TOKEN_TEMPLATES[self.token_scope]
+
+
+DEFAULT_TOKEN_TEMPLATES: dict[str, str] = {
+    "cell": "<{{ diagnosis | slug }}-fst-{{ fst | lower }}>",
+    "diagnosis": "<{{ diagnosis | slug }}>",
+}
+
+
 class RunSpec(_Section):
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str = ""
+    method: Literal["lora", "textual_inversion", "ti_then_lora"] = "lora"
     model: ModelSection
     dataset: DatasetSection
     network: NetworkSection = NetworkSection()
@@ -173,6 +208,7 @@ class RunSpec(_Section):
     validation: ValidationSection = ValidationSection()
     launch: LaunchSection = LaunchSection()
     kohya: dict[str, Any] = Field(default_factory=dict)
+    textual_inversion: TextualInversionSection = TextualInversionSection()
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:

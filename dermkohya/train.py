@@ -397,6 +397,13 @@ def train(
     train, --resume or collect of the same run meanwhile is refused at once (locks.py).
     """
     root = (project_root or Path.cwd()).resolve()
+    from dermkohya.spec import load_run
+
+    if load_run(run_file if run_file.is_absolute() else root / run_file)[0].method != "lora":
+        from dermkohya import ti  # textual inversion (then LoRA): phases of their own, same launch path
+
+        return ti.train_result(run_file, project_root=root, resume=resume, new=new, on_line=on_line,
+                               break_lock=break_lock, gpu_ids=gpu_ids)
     with run_lock(run_file, project_root=root, break_lock=break_lock) as held:
         result = _train_locked(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online,
                                on_line=on_line, lock_fd=held.fd, gpu_ids=gpu_ids)
