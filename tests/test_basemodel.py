@@ -52,6 +52,20 @@ def test_sdxl_second_tokenizer_pads_with_bang(tokenizer_cache: Path) -> None:
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
 
 
+def test_tokenizer_files_are_what_transformers_saves(tokenizer_cache: Path, tmp_path: Path) -> None:
+    """build_tokenizer_cache writes the files itself (no transformers import on a first run): byte for byte
+    what CLIPTokenizer.save_pretrained writes for the same vocabulary and special tokens."""
+    for model_id, pad in basemodel._TOKENIZERS.items():
+        ours = tokenizer_cache / model_id.replace("/", "_")
+        tok = transformers.CLIPTokenizer(str(ours / "vocab.json"), str(ours / "merges.txt"), unk_token="<|endoftext|>",
+                                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad,
+                                         model_max_length=basemodel.CLIP_MAX_LENGTH)
+        theirs = tmp_path / model_id.replace("/", "_")
+        tok.save_pretrained(str(theirs))
+        for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            assert (ours / name).read_bytes() == (theirs / name).read_bytes(), (model_id, name)
+
+
 def test_tokenizer_cache_keeps_existing_entries(tokenizer_cache: Path) -> None:
     vocab = tokenizer_cache / "openai_clip-vit-large-patch14" / "vocab.json"
     before = vocab.stat().st_mtime_ns
