@@ -1,4 +1,5 @@
-# dermkohya — `make train` trains the embedded demo (or RUN=runs/<run>.toml); `make test` runs the tests.
+# dermkohya — `make train` trains the embedded demo (or RUN=runs/<run>.toml; several, RUN="runs/a.toml runs/b.toml",
+# are a queue: one after another, past failures, ending with a table); `make test` runs the tests.
 # Two environments: .venv is dermkohya's own (CLI, tests, generation); .venv-kohya is kohya's, built
 # from sd-scripts' pinned requirements. KOHYA_PYTHON / SD_SCRIPTS_DIR select existing ones instead.
 
@@ -56,6 +57,7 @@ ifeq ($(RUN),)
 	$(DK) demo-data datasets/demo/data --per-cell 1
 	$(DK) train runs/demo.toml --new
 else
+	$(if $(filter runs/demo.toml,$(RUN)),$(DK) demo-data datasets/demo/data --per-cell 1)
 	$(DK) train $(RUN)
 endif
 

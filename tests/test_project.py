@@ -47,9 +47,9 @@ def test_init_scaffolds_a_project_and_never_overwrites(tmp_path: Path) -> None:
     root = tmp_path / "proj"
     written = {p.relative_to(root).as_posix() for p in project.init(root)}
     assert {"dermkohya.toml", "Makefile", ".gitignore", "README.md", "runs/demo.toml", "runs/derm-sd15.toml",
-            "datasets/.gitkeep", "plans/.gitkeep", "sweeps/.gitkeep"} == written
-    for name in ("demo.toml", "derm-sd15.toml"):  # the repo's own run files, shipped as package data
-        assert (root / "runs" / name).read_bytes() == (REPO / "runs" / name).read_bytes()
+            "datasets/.gitkeep", "plans/.gitkeep", "sweeps/demo.toml"} == written
+    for name in ("runs/demo.toml", "runs/derm-sd15.toml", "sweeps/demo.toml"):  # the repo's own files, shipped as package data
+        assert (root / name).read_bytes() == (REPO / name).read_bytes()
     ignored = (root / ".gitignore").read_text().splitlines()
     assert {"models/", "output/", "artifacts/", "synthetic/", "reports/", ".dermkohya/", ".venv-kohya/"} <= set(ignored)
     assert kohya.PINNED_COMMIT in (root / "Makefile").read_text()
