@@ -15,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dermkohya import __version__, skin
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.evaluation_report import REPORT_TEMPLATE, EvaluationReport, render_markdown
@@ -143,8 +145,18 @@ def _row(ev: Evaluation, group: Group, metrics: list[Metric]) -> dict[str, Any]:
     row: dict[str, Any] = {"group": group.kind, "label": group.label, "diagnosis": group.diagnosis, "fst": group.fst}
     row |= {"n_real": len(group.real), "n_synthetic": len(group.synthetic), **dict.fromkeys(registry.row_keys())}
     for metric in metrics:
-        row |= metric.row(ev, group)
+        row |= {key: _plain(value) for key, value in metric.row(ev, group).items()}
     return row
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars (np.float32, np.int64) as Python numbers: the record is JSON, and a metric that returns
+    one must not fail the report after everything was computed."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 # --- the run -----------------------------------------------------------------------------------------------

@@ -221,7 +221,8 @@ class Brightness(Metric):
         def luma(images: list[Any], members: list[int]) -> float | None:
             return float(np.mean([quality.luminance(np.asarray(Image.open(images[i].path))).mean() for i in members])) if members else None
 
-        return {"brightness": luma(ev.synthetic, group.synthetic), "brightness_real": luma(ev.real, group.real)}
+        real = luma(ev.real, group.real)  # a numpy scalar, as metric code often returns: the report takes it as a number
+        return {"brightness": luma(ev.synthetic, group.synthetic), "brightness_real": None if real is None else np.float32(real)}
 
 
 @pytest.fixture
