@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work dir (and reuse its source next time)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    workers = prepare._workers()
+    workers = prepare.workers()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="dermkohya-prepare-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -141,10 +141,10 @@ def main() -> None:
             "load_average_1min": [round(load_before, 2), round(load_after, 2)],
             "workers": workers,
             "source": {"format": "JPEG q90", "sizes": [f"{w}x{h}" for w, h in SOURCE_SIZES], "mean_kib": round(source_bytes / args.records / 1024, 1)},
-            "output": {"resolution": record["resolution"], "resize": record["resize"], "format": "JPEG q95 4:4:4",
-                       "mean_kib": round(output_bytes / args.records / 1024, 1), "images": record["images"],
-                       "train_images": record["split"]["train_images"], "heldout_images": record["split"]["heldout_images"],
-                       "balance_within_tolerance": record["balance"]["within_tolerance"]},
+            "output": {"resolution": list(record.resolution), "resize": record.resize, "format": "JPEG q95 4:4:4",
+                       "mean_kib": round(output_bytes / args.records / 1024, 1), "images": record.images,
+                       "train_images": record.split.train_images, "heldout_images": record.split.heldout_images,
+                       "balance_within_tolerance": record.balance.within_tolerance},
             "machine": {"cpus": os.cpu_count(), "usable_cpus": workers, "python": platform.python_version(),
                         "pillow": PIL.__version__, "dermkohya": __version__, "platform": platform.platform()},
         }

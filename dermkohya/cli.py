@@ -13,6 +13,7 @@ from dermkohya import __version__
 from dermkohya.errors import DermkohyaError, ProblemsError
 
 if TYPE_CHECKING:
+    from dermkohya.prepare import record as prepare_record
     from dermkohya.dataset import CheckReport
 
 console = Console()
@@ -405,12 +406,36 @@ def prepare_cmd(recipe: Path, force: bool, dry_run: bool) -> None:
         task = bar.add_task("preparing images", total=None)
         result = prepare.prepare(recipe, force=force, dry_run=dry_run,
                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
-    for line in prepare.summary_lines(result, recipe.parent):
+    for line in _prepare_summary(result, recipe.parent):
         console.print(line, highlight=False, soft_wrap=True)
-    for line in result["balance"]["unreachable"]:
-        err_console.print(f"[yellow]balance:[/] {line}", highlight=False)
-    for line in result["notes"]:
-        err_console.print(f"[dim]note:[/] {line}", highlight=False)
+    for line in result.balance.unreachable:
+        err_console.print(f"[yellow]balance:[/] {escape(line)}", highlight=False)
+    for line in result.notes:
+        err_console.print(f"[dim]note:[/] {escape(line)}", highlight=False)
+
+
+def _prepare_summary(record: prepare_record.Prepared, recipe_dir: Path) -> list[str]:
+    """Per skin type, images and effective samples against the target; then the balance verdict."""
+    split, balance = record.split, record.balance
+    lines = [f"{recipe_dir / record.train_data_dir}: {split.train_images} training images in {len(record.subsets)} "
+             f"subsets ({record.effective_samples} effective samples per epoch); {split.heldout_images} held out in "
+             f"{recipe_dir / record.heldout_dir}",
+             f"{'skin type':<10} {'images':>7} {'effective':>10} {'share':>7} {'target':>7}"]
+    for row in record.by_skin_type():
+        goal = f"{100 * row.target:.1f} %" if row.target is not None else "–"
+        lines.append(f"{row.fst:<10} {row.images:>7} {row.effective:>10} {100 * row.share:>5.1f} % {goal:>7}")
+    if balance.policy == "none":
+        lines.append("balance: none (every subset at 1 repeat)")
+    elif balance.within_tolerance:
+        lines.append(f"[green]balance {balance.policy}: every share within ±{balance.tolerance:.0%} of its target[/]")
+    else:
+        lines.append(f"[yellow]balance {balance.policy}: {len(balance.unreachable)} target(s) not reached (below)[/]")
+    if record.images is None:
+        lines.append("dry run: nothing written")
+    else:
+        lines.append("images: " + ", ".join(f"{n} {action}" for action, n in record.images.items()))
+        lines.append(f"content hash sha256:{record.content_hash}")
+    return lines
 
 
 # --- base models (dermkohya/basemodel.py) ---

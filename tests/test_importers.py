@@ -144,3 +144,39 @@ def test_unreadable_files_raise_one_clear_error(tmp_path: Path) -> None:
 def test_slug_is_folder_safe() -> None:
     assert importers.slug("Melanoma, NOS") == "melanoma-nos"
     assert importers.slug("actinic keratosis / Bowen's") == "actinic-keratosis-bowen-s"
+
+
+def test_every_format_module_is_registered_with_its_names_licence_and_labels() -> None:
+    modules = {p.stem for p in Path(importers.__file__).parent.glob("*.py")} - {"__init__", "base"}
+    assert set(importers.FORMATS) == modules == set(_layouts.LAYOUTS)  # one file per format, one fixture each
+    for name, fmt in importers.FORMATS.items():
+        assert fmt.name == name and fmt.display_name and fmt.licence
+        assert importers.DISPLAY_NAMES[name] == fmt.display_name and importers.LICENCES[name] == fmt.licence
+    assert importers.LABEL_CHOICES["ddi"] == ("disease", "malignant")
+
+
+def test_a_registered_format_is_a_recipe_format_without_other_edits(tmp_path: Path) -> None:
+    from dermkohya import prepare
+    from dermkohya.errors import ProblemsError
+
+    @importers.register("test_tabs", display_name="Tab test", licence="test only", labels=("dx",))
+    def read(table: importers.Table, rows: importers.Rows) -> None:
+        for line, row in table.rows:
+            rows.add(line, rows.image(line, "file", row["file"]), row["dx"], "III", row["file"])
+
+    try:
+        layout = _layouts.generic(tmp_path, {"I": 2})
+        (tmp_path / "tabs.csv").write_text("file,dx\n" + "".join(f"{r.image.name},eczema\n"
+                                           for r in load_records(_options(layout)).records))
+        text = layout.recipe.read_text()
+        start = text.index("[source]")
+        end = next(i for i in range(start + 1, len(text)) if text.startswith("\n[", i) and not text.startswith("\n[source", i))
+        layout.recipe.write_text(text[:start] + '[source]\nformat = "test_tabs"\nmetadata = "tabs.csv"\n'
+                                 f'images = "{_options(layout).images.relative_to(tmp_path)}"\nlabel = "dx"\n' + text[end:])
+        record = prepare.prepare(layout.recipe)
+        assert (record.source.name, record.source.licences) == ("Tab test", {"test only": 2})
+        layout.recipe.write_text(layout.recipe.read_text().replace('"test_tabs"', '"test_tab"'))
+        with pytest.raises(ProblemsError, match="'test_tab' is not a source format; use one of .*test_tabs"):
+            prepare.load_recipe(layout.recipe)
+    finally:
+        importers.FORMATS.pop("test_tabs", None)

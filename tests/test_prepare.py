@@ -59,28 +59,28 @@ def test_every_layout_prepares_into_folders_the_checker_accepts(tmp_path: Path, 
     layout = _layouts.LAYOUTS[name](tmp_path)
     record = prepare.prepare(layout.recipe)
     root = layout.recipe.parent
-    train, heldout = root / record["train_data_dir"], root / record["heldout_dir"]
-    for folder in (train, heldout) if record["split"]["heldout_images"] else (train,):
+    train, heldout = root / record.train_data_dir, root / record.heldout_dir
+    for folder in (train, heldout) if record.split.heldout_images else (train,):
         report = dataset.scan(folder, resolution=(_layouts.RESOLUTION,) * 2, decode=True)
         assert not report.has_errors(strict=True), [(p.code, p.message) for p in report.problems]
-    assert record["content_hash"] == dataset.content_hash(train)
-    assert record["split"]["train_images"] + record["split"]["heldout_images"] == layout.images
-    assert sum(n for row in record["counts_before"].values() for n in row.values()) == record["split"]["train_images"]
+    assert record.content_hash == dataset.content_hash(train)
+    assert record.split.train_images + record.split.heldout_images == layout.images
+    assert sum(n for row in record.counts_before.values() for n in row.values()) == record.split.train_images
 
     rows = list(csv.DictReader((train / "metadata.csv").open(encoding="utf-8")))
-    assert len(rows) == record["split"]["train_images"]
+    assert len(rows) == record.split.train_images
     for row in rows:
         image = train / row["image"]
         assert image.with_suffix(".txt").read_text(encoding="utf-8") == _expected_caption(row["diagnosis"], row["fitzpatrick"]) + "\n"
         with Image.open(image) as img:
             assert img.size == (_layouts.RESOLUTION,) * 2 and img.mode == "RGB" and not img.getexif()
         repeats = int(image.parent.name.split("_", 1)[0])
-        assert record["repeats"][image.parent.name] == repeats
-        assert record["counts_after"][row["diagnosis"]][row["fitzpatrick"]] % repeats == 0
+        assert record.repeats[image.parent.name] == repeats
+        assert record.counts_after[row["diagnosis"]][row["fitzpatrick"]] % repeats == 0
 
-    kohya_toml = tomllib.loads((root / record["kohya_dataset_config"]).read_text())
+    kohya_toml = tomllib.loads((root / record.kohya_dataset_config).read_text())
     assert kohya_toml["general"]["caption_extension"] == ".txt"
-    assert {Path(s["image_dir"]).name: s["num_repeats"] for s in kohya_toml["datasets"][0]["subsets"]} == record["repeats"]
+    assert {Path(s["image_dir"]).name: s["num_repeats"] for s in kohya_toml["datasets"][0]["subsets"]} == record.repeats
     assert prepare.load_prepared(root) == record
 
 
@@ -90,9 +90,9 @@ def test_the_demo_recipe_prepares_the_demo_data(tmp_path: Path) -> None:
     shutil.copy(PROJECT_ROOT / "datasets" / "demo" / "dataset.toml", recipe)
     demo.make_demo_dataset(recipe.parent / "source", size=64, per_cell=4)  # as datasets/demo/README.md says
     record = prepare.prepare(recipe)
-    assert record["balance"]["policy"] == "fst" and record["balance"]["within_tolerance"]
-    assert record["split"]["heldout_images"] == 18 and record["resolution"] == [512, 512]  # one per cell
-    report = dataset.scan(recipe.parent / record["train_data_dir"], resolution=(512, 512))
+    assert record.balance.policy == "fst" and record.balance.within_tolerance
+    assert record.split.heldout_images == 18 and record.resolution == (512, 512)  # one per cell
+    report = dataset.scan(recipe.parent / record.train_data_dir, resolution=(512, 512))
     assert not report.has_errors()
     assert {fst for fst, c in report.fst_counts.items() if c["images"]} == set(FST_TYPES)
 
@@ -103,26 +103,26 @@ def test_the_demo_recipe_prepares_the_demo_data(tmp_path: Path) -> None:
 def test_skewed_fixture_ends_within_five_percent_of_equal_shares_on_disk(tmp_path: Path) -> None:
     layout = _layouts.generic(tmp_path, SKEWED, rest=NO_SPLIT)
     record = prepare.prepare(layout.recipe)
-    assert record["balance"]["within_tolerance"] and record["balance"]["unreachable"] == []
-    shares = _effective_shares(tmp_path / record["train_data_dir"])
+    assert record.balance.within_tolerance and record.balance.unreachable == []
+    shares = _effective_shares(tmp_path / record.train_data_dir)
     assert set(shares) == set(FST_TYPES)
     for fst, share in shares.items():
         assert abs(share * 6 - 1) <= 0.05 + 1e-9, (fst, share)  # the edge counts as within
-    assert max(record["repeats"].values()) <= 20
+    assert max(record.repeats.values()) <= 20
 
 
 def test_skewed_fixture_reports_why_a_capped_target_is_unreachable(tmp_path: Path) -> None:
     layout = _layouts.generic(tmp_path, SKEWED, rest=NO_SPLIT + "[balance]\nmax_repeats = 10\n")
     result = CliRunner().invoke(main, ["prepare", str(layout.recipe)])
     assert result.exit_code == 0, result.output
-    record = json.loads((tmp_path / "prepared.json").read_text())
-    unreachable = record["balance"]["unreachable"]
-    assert not record["balance"]["within_tolerance"]
+    record = prepare.Prepared.read(tmp_path / "prepared.json")
+    unreachable = record.balance.unreachable
+    assert not record.balance.within_tolerance
     assert {line.split(":")[0] for line in unreachable} >= {"V", "VI"}
     assert all("max_repeats" in line for line in unreachable)
     assert "10 repeats (balance.max_repeats)" in _flat(result.output)
     assert "I, II, III, IV are balanced among themselves" in _flat(result.output)
-    assert max(record["repeats"].values()) == 10
+    assert max(record.repeats.values()) == 10
 
 
 def test_explicit_shares_from_the_fairskin_plan() -> None:
@@ -238,9 +238,11 @@ def test_recipe_problems_are_reported_together_with_the_nearest_key(tmp_path: Pa
     with pytest.raises(ProblemsError) as caught:
         prepare.load_recipe(layout.recipe)
     problems = "\n".join(caught.value.problems)
-    assert "unknown key `images.resolutoin`: did you mean `resolution`?" in problems
-    assert "unknown key `balance.polcy`: did you mean `policy`?" in problems
-    assert "`images.resize`" in problems and "squash" in problems
+    lines = layout.recipe.read_text().splitlines()  # the one TOML loader (schema.py): keys with their lines
+    at = {key: lines.index(next(row for row in lines if row.startswith(key))) + 1 for key in ("resolutoin", "polcy", "resize")}
+    assert f"unknown key `[images] resolutoin` (line {at['resolutoin']}): did you mean `resolution`?" in problems
+    assert f"unknown key `[balance] polcy` (line {at['polcy']}): did you mean `policy`?" in problems
+    assert f"`[images] resize` (line {at['resize']})" in problems and "squash" in problems
     assert len(caught.value.problems) == 3  # the template is checked once the schema is valid
     layout.recipe.write_text(layout.recipe.read_text().replace("resize = \"squash\"\nresolutoin = 128", "")
                              .replace("polcy", "policy"))
@@ -264,8 +266,8 @@ def test_recipe_cross_checks(tmp_path: Path) -> None:
 def test_diagnosis_filter_and_rename(tmp_path: Path) -> None:
     layout = _layouts.generic(tmp_path, rest=NO_SPLIT + '[diagnoses]\ninclude = ["melanoma"]\nrename = { melanoma = "malignant melanoma" }\n')
     record = prepare.prepare(layout.recipe)
-    assert list(record["counts_before"]) == ["malignant melanoma"]
-    assert record["source"]["skipped"] == {"diagnosis filtered out by the recipe": 15}
+    assert list(record.counts_before) == ["malignant melanoma"]
+    assert record.source.skipped == {"diagnosis filtered out by the recipe": 15}
     layout.recipe.write_text(layout.recipe.read_text().replace('include = ["melanoma"]', 'include = ["melanomma"]'))
     with pytest.raises(ProblemsError, match="'melanomma' is not a diagnosis in table.csv \\(nearest: 'melanoma'\\)"):
         prepare.prepare(layout.recipe)
@@ -298,7 +300,7 @@ def test_images_are_oriented_converted_stripped_or_hard_linked_and_sources_untou
     sources = _snapshot(data)
     record = prepare.prepare(recipe)
     assert _snapshot(data) == sources
-    folder = tmp_path / record["train_data_dir"] / "1_eczema_fst-iii"
+    folder = tmp_path / record.train_data_dir / "1_eczema_fst-iii"
     with Image.open(folder / "rotated.jpg") as img:
         assert img.size == (40, 80) and not img.getexif() and "icc_profile" not in img.info
         assert img.getpixel((20, 5))[0] > 200 and img.getpixel((20, 75))[2] > 200
@@ -312,20 +314,20 @@ def test_images_are_oriented_converted_stripped_or_hard_linked_and_sources_untou
     with Image.open(folder / "grey.png") as img:
         assert img.mode == "RGB" and img.getpixel((0, 0)) == (128, 128, 128)
     assert os.stat(folder / "clean.png").st_ino == os.stat(data / "clean.png").st_ino
-    assert record["images"] == {"linked": 1, "written": 5}
+    assert record.images == {"linked": 1, "written": 5}
 
 
 def test_crop_and_fit_policies(tmp_path: Path) -> None:
     layout = _layouts.generic(tmp_path, {"I": 2}, rest=NO_SPLIT)
     _layouts.write_image(tmp_path / "data" / "photos" / "eczema" / "img_0000.jpg", 1, size=(200, 100))
     record = prepare.prepare(layout.recipe)
-    sizes = {p.name: Image.open(p).size for p in (tmp_path / record["train_data_dir"]).rglob("*.jpg")}
+    sizes = {p.name: Image.open(p).size for p in (tmp_path / record.train_data_dir).rglob("*.jpg")}
     assert sizes == {"img_0000.jpg": (64, 64), "img_0001.jpg": (64, 64)}
     layout.recipe.write_text(layout.recipe.read_text().replace("resolution = 64", "resolution = 64\nresize = \"fit\""))
     record = prepare.prepare(layout.recipe)
-    sizes = {p.name: Image.open(p).size for p in (tmp_path / record["train_data_dir"]).rglob("*.jpg")}
+    sizes = {p.name: Image.open(p).size for p in (tmp_path / record.train_data_dir).rglob("*.jpg")}
     assert sizes == {"img_0000.jpg": (64, 32), "img_0001.jpg": (64, 48)}
-    kohya_toml = tomllib.loads((tmp_path / record["kohya_dataset_config"]).read_text())
+    kohya_toml = tomllib.loads((tmp_path / record.kohya_dataset_config).read_text())
     assert kohya_toml["datasets"][0]["enable_bucket"] is True
 
 
@@ -336,19 +338,19 @@ def test_heldout_split_is_stratified_grouped_and_described(tmp_path: Path) -> No
     layout = _layouts.ham10000(tmp_path, rows=40)  # lesion pairs: two images of one lesion stay together
     layout.recipe.write_text(layout.recipe.read_text() + "[split]\nheldout = 0.35\nseed = 3\n")
     record = prepare.prepare(layout.recipe)
-    heldout = tmp_path / record["heldout_dir"]
+    heldout = tmp_path / record.heldout_dir
     rows = list(csv.DictReader((heldout / "metadata.csv").open(encoding="utf-8")))
-    assert len(rows) == record["split"]["heldout_images"] == 14  # round(0.35 × 20 lesions) = 7 lesions
+    assert len(rows) == record.split.heldout_images == 14  # round(0.35 × 20 lesions) = 7 lesions
     assert {r["image"] for r in rows} == {p.relative_to(heldout).as_posix() for p in heldout.rglob("*.jpg")}
     assert {r["diagnosis"] for r in rows} == layout.diagnoses  # every diagnosis is represented
-    train_rows = list(csv.DictReader((tmp_path / record["train_data_dir"] / "metadata.csv").open(encoding="utf-8")))
+    train_rows = list(csv.DictReader((tmp_path / record.train_data_dir / "metadata.csv").open(encoding="utf-8")))
     lesion = {r["source_image"]: r["source_line"] for r in rows}
     lines_held = {int(r["source_line"]) for r in rows}
     lines_train = {int(r["source_line"]) for r in train_rows}
     for line in lines_held:  # rows 2k and 2k+1 are one lesion (HAM_…k)
         partner = line + 1 if line % 2 == 0 else line - 1
         assert partner not in lines_train, lesion
-    assert all(n >= 1 for row in record["counts_before"].values() for n in row.values())
+    assert all(n >= 1 for row in record.counts_before.values() for n in row.values())
 
 
 # --- idempotence and ownership --------------------------------------------------------------------------------------
@@ -364,11 +366,11 @@ def test_prepare_is_idempotent_and_force_rebuilds_the_same_bytes(tmp_path: Path)
     assert prepare.prepare(layout.recipe, force=True) == first
     assert _snapshot(tmp_path / "prepared") == files
     # a parallel run writes the same bytes as a serial one
-    assert prepare.prepare(layout.recipe, force=True, workers=2)["content_hash"] == first["content_hash"]
+    assert prepare.prepare(layout.recipe, force=True, workers=2).content_hash == first.content_hash
     assert _snapshot(tmp_path / "prepared") == files
     # a changed input rebuilds without --force
     layout.recipe.write_text(layout.recipe.read_text() + '[caption]\nextra = "clinic photo"\n')
-    assert prepare.prepare(layout.recipe)["content_hash"] != first["content_hash"]
+    assert prepare.prepare(layout.recipe).content_hash != first.content_hash
     assert not any(p.name.startswith(".prepared.") for p in tmp_path.iterdir())
 
 
@@ -380,7 +382,7 @@ def test_refuses_a_non_empty_folder_it_did_not_create(tmp_path: Path) -> None:
         prepare.prepare(layout.recipe)
     assert (tmp_path / "prepared" / "mine.txt").read_text() == "my notes"
     (tmp_path / "prepared" / "mine.txt").unlink()
-    assert prepare.prepare(layout.recipe)["content_hash"]
+    assert prepare.prepare(layout.recipe).content_hash
 
 
 def test_dry_run_writes_nothing_and_load_prepared_says_what_to_run(tmp_path: Path) -> None:
@@ -400,7 +402,7 @@ def test_kohya_accepts_the_dataset_config(tmp_path: Path) -> None:
     for policy in ("crop", "fit"):
         layout = _layouts.generic(tmp_path / policy, {"I": 2, "V": 1})
         layout.recipe.write_text(layout.recipe.read_text().replace("resolution = 64", f"resolution = 64\nresize = \"{policy}\""))
-        configs.append(str(tmp_path / policy / prepare.prepare(layout.recipe)["kohya_dataset_config"]))
+        configs.append(str(tmp_path / policy / prepare.prepare(layout.recipe).kohya_dataset_config))
     script = ("import sys\nfrom library import config_util\n"
               "sanitizer = config_util.ConfigSanitizer(True, True, False, True)\n"
               "for path in sys.argv[1:]:\n"
@@ -410,4 +412,4 @@ def test_kohya_accepts_the_dataset_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert [int(line) for line in done.stdout.split()[-2:]] == [
-        sum(json.loads((Path(c).parent.parent / "prepared.json").read_text())["repeats"].values()) for c in configs]
+        sum(prepare.Prepared.read(Path(c).parent.parent / "prepared.json").repeats.values()) for c in configs]

@@ -190,11 +190,11 @@ def test_a_prepared_dataset_renders_its_subsets_counts_and_template(tmp_path: Pa
     (root / "runs" / "prep.toml").write_text(DEMO_RUN.replace('train_data_dir = "data"', 'prepared = "datasets/demo"'))
     rendered = render.render(Path("runs/prep.toml"), project_root=root, check_keys=False)
     subsets = tomllib.loads(rendered.files["dataset.toml"].read_text())["datasets"][0]["subsets"]
-    assert len(subsets) == len(record["subsets"]) == 18
+    assert len(subsets) == len(record.subsets) == 18
     assert all(s["image_dir"].startswith("datasets/demo/prepared/train/") for s in subsets)
-    assert rendered.manifest["dataset"]["content_hash"] == record["content_hash"]
-    assert rendered.manifest["dataset"]["caption_template"] == record["caption_template"]
-    assert rendered.manifest["dataset"]["counts"] == record["counts_before"]  # images; repeats apart (#11.6)
-    assert rendered.manifest["dataset"]["effective_counts"] == record["counts_after"]
-    assert rendered.manifest["dataset"]["images"] == record["split"]["train_images"]
-    assert rendered.manifest["dataset"]["effective_samples"] == sum(n for row in record["counts_after"].values() for n in row.values())
+    assert rendered.manifest["dataset"]["content_hash"] == record.content_hash
+    assert rendered.manifest["dataset"]["caption_template"] == record.caption_template
+    assert rendered.manifest["dataset"]["counts"] == record.counts_before  # images; repeats apart (#11.6)
+    assert rendered.manifest["dataset"]["effective_counts"] == record.counts_after
+    assert rendered.manifest["dataset"]["images"] == record.split.train_images
+    assert rendered.manifest["dataset"]["effective_samples"] == record.effective_samples

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dermkohya import skin
 from dermkohya.errors import DermkohyaError
+from dermkohya.names import slug
 from dermkohya.schema import load_toml_model
 from dermkohya.spec import DEFAULT_CAPTION_TEMPLATE
 from dermkohya.templating import text_template
@@ -73,11 +74,6 @@ def _shares(value: Any, what: str, parse: Callable[[str], str | None]) -> dict[s
 def _parse_fst(value: str) -> str | None:
     fst = skin.parse_fst(value)
     return fst if fst in skin.FST_TYPES or fst in skin.FST_GROUPS else None
-
-
-def slug(text: str) -> str:
-    """The folder name of a diagnosis: lower case, runs of anything but letters and digits → '-'."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 class ClassesSection(_Section):
