@@ -29,6 +29,7 @@ STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 
 step() { echo "== [$(date -u +%H:%M:%S)] $*"; }
 die() { echo "error: $*" >&2; exit 1; }
+trap 'rc=$?; [[ $- == *e* ]] && echo "error: bench/gpu_first_run.sh stopped at line $LINENO (exit $rc); the output above says why" >&2' ERR
 
 step "checking what was carried"
 [ -f .device/sd-scripts/train_network.py ] || die ".device/sd-scripts is missing: run bench/gpu_prepare.sh here and carry .device"
