@@ -6,6 +6,7 @@ the limit is reached; a progress bar over all processes; the summary.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -236,9 +237,20 @@ class _ProgressBar:
             self.bar.stop()
 
 
+def _disk_full(out: Path, exc: OSError) -> DermkohyaError:
+    """A full disk while generate writes: one line, and the reassurance that a rerun continues."""
+    return DermkohyaError(f"{out}: {exc.strerror} while generate wrote there; the finished images are kept: free space "
+                          "on that disk and run generate again to continue")
+
+
 def _worker(rank: int, job: Job, world: int, init_file: Path, limit: int | None, show_progress: bool) -> None:
     try:
-        _run_rank(job, rank, world, init_file, limit, show_progress)
+        try:
+            _run_rank(job, rank, world, init_file, limit, show_progress)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise _disk_full(job.out, exc) from None
     except DermkohyaError as exc:
         write_atomic(job.staging / f"error-{rank}.txt", str(exc))
         raise SystemExit(1) from None
@@ -263,6 +275,15 @@ def generate(
 
 
 def _generate_locked(plan_path: Path, *, out: Path, processes: int, limit: int | None, show_progress: bool) -> Result:
+    try:
+        return _generate_in(plan_path, out=out, processes=processes, limit=limit, show_progress=show_progress)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(out, exc) from None
+
+
+def _generate_in(plan_path: Path, *, out: Path, processes: int, limit: int | None, show_progress: bool) -> Result:
     start = time.perf_counter()
     job = prepare_job(plan_path, out)
     job.staging.mkdir(parents=True, exist_ok=True)

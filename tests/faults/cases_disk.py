@@ -169,3 +169,23 @@ def _(project: Project) -> None:
     launched = launching.manifest["dataset"]["content_hash"]
     assert launched != rendered and launched == dataset.content_hash(project.root / "data")
     assert json.loads((project.root / "runs/tiny/manifest.json").read_text())["dataset"]["content_hash"] == launched
+
+
+@case("disk-full-generate", A, "the disk fills while `generate` stages its images (a tiny random SD pipeline on the CPU)",
+      "one line naming the output folder, saying the finished images are kept and a rerun continues; no traceback")
+def _(project: Project) -> None:
+    pytest.importorskip("diffusers")
+    from test_generate import build_tiny_sd
+
+    model = build_tiny_sd(project.tmp / "tiny-sd", project.tmp / "tokenizers")
+    project.write("plans/p.toml", f'[model]\nbase = "{model}"\n[classes]\ndiagnoses = ["melanoma"]\nskin_types = ["I"]\n'
+                  "count = 12\n[sampler]\nsteps = 2\nwidth = 32\nheight = 32\n[engine]\nbatch_size = 2\n[filter]\nenabled = false\n")
+    project.freeze()
+    with mounted(project, "synthetic", tmpfs_kib=256) as synthetic:
+        fill(synthetic)
+        with open(synthetic / ".filler", "r+b") as filler:  # room for plan.json and about two staged images
+            filler.truncate(max(0, os.path.getsize(synthetic / ".filler") - 5 * 4096))
+        ran = project.cli("generate", "plans/p.toml", "--no-progress")
+        refused(ran, "synthetic/p: No space left on device while generate wrote there", "finished images are kept",
+                "run generate again to continue", code=1)
+        os.remove(synthetic / ".filler")
