@@ -733,7 +733,13 @@ def model_card(
 
 
 def inspect(path: Path) -> dict[str, Any]:
-    """A readable summary of any kohya/diffusers LoRA: grouped metadata, rank, alpha, modules, hash check."""
+    """A readable summary of any kohya/diffusers LoRA: grouped metadata, rank, alpha, modules, hash check;
+    for a textual-inversion file (ti.py), its token, vectors and dermkohya.* keys (`kind` says which)."""
+    from dermkohya import ti
+
+    embedding = ti.describe_embedding(Path(path))
+    if embedding is not None:
+        return embedding
     info = lora.describe(Path(path))
     summary = info.to_dict()
     summary["size_mb"] = round(info.size_bytes / 2**20, 2)

@@ -4,6 +4,7 @@ variable is an error, never ''."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,14 @@ def file_environment(*, trim_blocks: bool = False, **filters: Callable[..., Any]
     return env
 
 
+def slug(text: str) -> str:
+    """Lower case, runs of anything but letters and digits → '-' ("Melanoma, NOS" → "melanoma-nos")."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def text_template(text: str) -> jinja2.Template:
-    """A caption or prompt template such as `… {{ diagnosis }}, Fitzpatrick skin type {{ fst }}`."""
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False).from_string(text)
+    """A caption or prompt template such as `… {{ diagnosis }}, Fitzpatrick skin type {{ fst }}`; the `slug`
+    filter spells a learned token as the run file's token_template does (`<{{ diagnosis | slug }}>`)."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["slug"] = slug
+    return env.from_string(text)

@@ -24,11 +24,12 @@ from dermkohya import basemodel, dataset, kohya, render
 from dermkohya.dataset.sidecar import read_metadata
 from dermkohya.errors import DermkohyaError
 from dermkohya.files import write_atomic
-from dermkohya.names import slug
 from dermkohya.spec import RunSpec, load_run
+from dermkohya.templating import slug, text_template
 
 TI_SCRIPTS: dict[str, str] = {"sd15": "train_textual_inversion.py", "sdxl": "sdxl_train_textual_inversion.py"}
 CLIP_L_DIR = basemodel.CLIP_L_TOKENIZER_ID.replace("/", "_")
+
 
 
 @dataclass(frozen=True)
@@ -53,10 +54,8 @@ class Token:
 
 
 def _template(text: str, where: str) -> jinja2.Template:
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
-    env.filters["slug"] = slug
     try:
-        return env.from_string(text)
+        return text_template(text)
     except jinja2.TemplateSyntaxError as exc:
         raise DermkohyaError(f"[textual_inversion] {where}: {exc}: fix the template") from None
 
@@ -518,3 +517,50 @@ def train_result(run_file: Path, *, project_root: Path | None = None, resume: bo
         name=result.name, lora=(result.lora or last.log_path.parent) if ok else None,  # TI alone: the embeddings' folder returncode=result.returncode, interrupted=False,
         log_path=last.log_path, manifest_path=result.manifest_path, hint=last.hint, tail=last.tail,
         state=runstate.RunState.FINISHED if ok else runstate.RunState.FAILED)
+
+
+# ---- generate and inspect ---------------------------------------------------------------------------------
+
+
+def embedding_files(path: Path, token: str | None = None) -> list[tuple[Path, str]]:
+    """(file, token) for a plan's [[embedding]] entry: one file, or every .safetensors of a collected folder.
+    The token is the entry's, else the file's `dermkohya.token`, else `<file stem>`."""
+    from dermkohya import lora
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise DermkohyaError(f"[[embedding]] path {path}: no textual-inversion .safetensors there: "
+                             "give artifacts/<run>/<run>-embeddings or one of its files")
+    if token is not None and len(files) > 1:
+        raise DermkohyaError(f"[[embedding]] path {path}: `token` names one token but the folder holds {len(files)} files")
+    return [(f, token or lora.read_header(f).metadata.get("dermkohya.token") or f"<{f.stem}>") for f in files]
+
+
+def load_embeddings(pipe: Any, entries: list[Any]) -> list[str]:
+    """diffusers' load_textual_inversion for each file (kohya's `emb_params` format); returns the tokens."""
+    loaded = []
+    for entry in entries:
+        for path, token in embedding_files(Path(entry.path), entry.token):
+            pipe.load_textual_inversion(str(path), token=token)
+            loaded.append(token)
+    return loaded
+
+
+def describe_embedding(path: Path) -> dict[str, Any] | None:
+    """What `inspect` shows for a textual-inversion file (kohya/A1111 `emb_params`, or diffusers' one
+    key per token); None for anything else, e.g. a LoRA."""
+    from dermkohya import lora
+
+    sf = lora.read_header(path)
+    tensors = {name: entry for name, entry in sf.tensors.items()}
+    if not tensors or len(tensors) > 2 or not all(len(e.shape) in (1, 2) for e in tensors.values()):
+        return None
+    if not ("emb_params" in tensors or "clip_l" in tensors or len(tensors) == 1):
+        return None
+    return {
+        "kind": "textual inversion embedding",
+        "tensors": {name: {"shape": list(e.shape), "dtype": e.dtype} for name, e in tensors.items()},
+        "vectors": next(iter(tensors.values())).shape[0] if len(next(iter(tensors.values())).shape) == 2 else 1,
+        "token": sf.metadata.get("dermkohya.token"),
+        "dermkohya": {k: v for k, v in sf.metadata.items() if k.startswith("dermkohya.")},
+    }

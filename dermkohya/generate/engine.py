@@ -146,6 +146,10 @@ class Engine:
         pipe.scheduler = make_scheduler(plan.sampler.scheduler, pipe.scheduler.config, plan.sampler.karras)
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
+        if plan.embedding:
+            from dermkohya import ti
+
+            ti.load_embeddings(pipe, plan.embedding)
         load_loras(pipe, job.loras)
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True

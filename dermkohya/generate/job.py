@@ -132,7 +132,8 @@ def fingerprint(plan: Plan, base_sha256: str, loras: tuple[LoraInfo, ...]) -> di
         "sampler": plan.sampler.model_dump(),
         "precision": plan.engine.precision,
         "filter": plan.filter.model_dump(),
-    }
+    } | ({"embeddings": [{"path": e.path, "token": e.token, "sha256": basemodel.sha256_path(Path(e.path))}
+                          for e in plan.embedding]} if plan.embedding else {})
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:

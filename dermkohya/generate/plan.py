@@ -45,6 +45,11 @@ class ModelSection(_Section):
     )
 
 
+class EmbeddingEntry(_Section):
+    path: str = Field(description="a textual-inversion .safetensors or a folder of them, e.g. artifacts/<run>/<run>-embeddings")
+    token: str | None = Field(default=None, description="for one file: the token to use (default: the file's dermkohya.token)")
+
+
 class LoraEntry(_Section):
     path: str = Field(description="a kohya LoRA .safetensors, e.g. artifacts/<run>/<run>.safetensors")
     weight: float = Field(default=1.0, ge=-4, le=4)
@@ -137,6 +142,7 @@ class Plan(_Section):
     description: str = ""
     model: ModelSection
     lora: list[LoraEntry] = Field(default_factory=list)
+    embedding: list[EmbeddingEntry] = Field(default_factory=list)  # learned tokens (ti.py), loaded before the LoRAs
     classes: ClassesSection
     prompt: PromptSection = PromptSection()
     sampler: SamplerSection = SamplerSection()

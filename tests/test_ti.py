@@ -1,0 +1,162 @@
+"""Textual inversion then LoRA (ti.py): tokens from the dataset, phase captions, the derived base, collect,
+inspect; and, marked `kohya`, runs/demo-ti.toml end to end on the smoke model with a check inside kohya's
+environment that phase 2's text encoder holds the learned vectors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dermkohya import basemodel, collect, demo, ti
+from dermkohya.errors import DermkohyaError
+from dermkohya.lora import read_header
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _project(root: Path, *, scope: str = "diagnosis", extra: str = "") -> Path:
+    (root / "runs").mkdir(parents=True)
+    text = (REPO / "runs" / "demo-ti.toml").read_text().replace('token_scope = "diagnosis"', f'token_scope = "{scope}"')
+    (root / "runs" / "demo-ti.toml").write_text(text + extra)
+    demo.make_demo_dataset(root / "datasets" / "demo" / "data", per_cell=1, size=64)
+    return root
+
+
+def _captions(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in (root / "datasets").rglob("*.txt")}
+
+
+def test_tokens_per_diagnosis_and_per_cell_with_captions_rendered_apart(tmp_path: Path) -> None:
+    root = _project(tmp_path / "d")
+    before = _captions(root)
+    run = ti.render_ti(Path("runs/demo-ti.toml"), project_root=root, check_keys=False)
+    assert [t.string for t in run.tokens] == ["<erythema-patch>", "<pustule-like-dots>", "<scaly-plaque>"]
+    assert all(t.fst is None and len(t.images) == 6 for t in run.tokens)
+    config = (root / "runs" / "demo-ti" / "ti" / "scaly-plaque" / "config.toml").read_text()
+    assert 'token_string = "<scaly-plaque>"' in config and 'init_word = "skin"' in config
+    captions = json.loads((root / "runs" / "demo-ti" / "ti" / "scaly-plaque" / "captions-0.json").read_text())
+    assert len(captions) == 6 and all(c["caption"].startswith("<scaly-plaque>, clinical") for c in captions.values())
+    assert _captions(root) == before, "the user's caption files must never be edited"
+
+    cells = ti.render_ti(Path("runs/demo-ti.toml"), project_root=_project(tmp_path / "c", scope="cell"), check_keys=False)
+    assert len(cells.tokens) == 18 and cells.tokens[0].string == "<erythema-patch-fst-i>" and cells.tokens[0].fst == "I"
+
+
+def test_a_token_template_that_merges_cells_or_drops_the_token_is_refused(tmp_path: Path) -> None:
+    root = _project(tmp_path / "a", scope="cell", extra="")
+    text = (root / "runs" / "demo-ti.toml").read_text()
+    (root / "runs" / "demo-ti.toml").write_text(text.replace('init_word = "skin"', 'init_word = "skin"\ntoken_template = "<{{ diagnosis | slug }}>"'))
+    with pytest.raises(DermkohyaError, match="two cells"):
+        ti.render_ti(Path("runs/demo-ti.toml"), project_root=root, check_keys=False)
+    (root / "runs" / "demo-ti.toml").write_text(text.replace('init_word = "skin"', 'init_word = "skin"\ncaption_template = "{{ caption }}"'))
+    with pytest.raises(DermkohyaError, match="without the token"):
+        ti.render_ti(Path("runs/demo-ti.toml"), project_root=root, check_keys=False)
+
+
+def _tiny_base(folder: Path) -> Path:
+    """A diffusers-shaped folder with a small CLIP text encoder (the derived base touches nothing else)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=4, max_position_embeddings=77)
+    CLIPTextModel(config).save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
+    (folder / "unet").mkdir()
+    (folder / "unet" / "weights.bin").write_bytes(b"unet")
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def _embedding(path: Path, vectors: np.ndarray, token: str | None = None) -> Path:
+    from safetensors.numpy import save_file
+
+    save_file({"emb_params": vectors.astype(np.float32)}, str(path), metadata={"dermkohya.token": token} if token else None)
+    return path
+
+
+def test_derived_base_holds_the_learned_rows_and_a_tokenizer_that_knows_the_tokens(tmp_path: Path) -> None:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = _tiny_base(tmp_path / "base")
+    cache = basemodel.build_tokenizer_cache(tmp_path / "tokenizers")
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(1, 32)), rng.normal(size=(2, 32))
+    derived = ti.build_derived_base(base, cache, [(["<a>"], _embedding(tmp_path / "a.safetensors", a)),
+                                                  (["<b>", "<b>1"], _embedding(tmp_path / "b.safetensors", b))],
+                                    tmp_path / "derived")
+    assert derived.token_ids == {"<a>": [49408], "<b>": [49409, 49410]}
+    assert os.path.samefile(derived.base / "unet" / "weights.bin", base / "unet" / "weights.bin")  # a hard link
+    encoder = CLIPTextModel.from_pretrained(str(derived.base / "text_encoder"))
+    rows = encoder.get_input_embeddings().weight.detach().numpy()
+    assert rows.shape[0] == 49411 and np.array_equal(rows[49408], a[0].astype(np.float32))
+    assert np.array_equal(rows[49409:49411], b.astype(np.float32))
+    tokenizer = CLIPTokenizer.from_pretrained(str(derived.tokenizer_cache_dir / ti.CLIP_L_DIR))
+    ids = tokenizer("<a> on skin, <b> <b>1").input_ids
+    assert ids[1] == 49408 and ids[-3:-1] == [49409, 49410]
+    with pytest.raises(DermkohyaError, match="diffusers-folder base"):
+        ti.build_derived_base(tmp_path / "a.safetensors", cache, [], tmp_path / "x")
+
+
+def test_collect_files_one_embedding_per_token_with_provenance_and_inspect_reads_it(tmp_path: Path) -> None:
+    root = tmp_path
+    out = root / "output" / "r" / "ti"
+    out.mkdir(parents=True)
+    emb = _embedding(out / "scaly-plaque.safetensors", np.ones((1, 768)))
+    manifest = {"run_name": "r", "method": "textual_inversion", "returncode": 0, "init_word": "skin",
+                "textual_inversion": {"token_scope": "diagnosis", "num_vectors_per_token": 1},
+                "tokens": [{"token": "<scaly-plaque>", "diagnosis": "scaly plaque", "fst": None, "images": 6}],
+                "embeddings": {"<scaly-plaque>": {"path": "output/r/ti/scaly-plaque.safetensors", "sha256": "0" * 64}}}
+    (root / "output" / "r" / "ti-manifest.json").write_text(json.dumps(manifest))
+    folder = collect.collect("r", project_root=root)
+    filed = folder / "scaly-plaque.safetensors"
+    assert folder == root / "artifacts" / "r" / "r-embeddings" and filed.is_file()
+    meta = read_header(filed).metadata
+    assert meta["dermkohya.token"] == "<scaly-plaque>" and meta["dermkohya.diagnosis"] == "scaly plaque"
+    assert read_header(filed).tensors["emb_params"].shape == (1, 768)
+    assert filed.read_bytes()[-768 * 4:] == emb.read_bytes()[-768 * 4:]
+    summary = collect.inspect(filed)
+    assert summary["kind"] == "textual inversion embedding" and summary["token"] == "<scaly-plaque>" and summary["vectors"] == 1
+    assert collect.collect("r", project_root=root) == folder  # the same bytes again: kept, not duplicated
+    assert ti.embedding_files(folder) == [(filed, "<scaly-plaque>")]
+
+
+# ---- end to end with the real kohya ----------------------------------------------------------------------
+
+
+@pytest.mark.kohya
+@pytest.mark.slow
+def test_demo_ti_trains_both_phases_and_phase_two_sees_the_learned_vectors(tmp_path: Path) -> None:
+    from dermkohya import kohya
+
+    root = _project(tmp_path / "p")
+    (root / "models").mkdir()
+    basemodel.ensure_smoke_model("sd15", cache_root=root / "models")
+    result = ti.train_ti(Path("runs/demo-ti.toml"), project_root=root)
+    assert result.returncode == 0, "\n".join(result.phases[-1].tail)
+    assert [p.label for p in result.phases] == ["textual inversion <erythema-patch>", "textual inversion <pustule-like-dots>",
+                                                "textual inversion <scaly-plaque>", "LoRA"]
+    assert result.lora is not None and result.derived is not None
+
+    # inside kohya's environment: phase 2's config loads the derived base and tokenizer with the learned rows
+    lora_dir = root / "runs" / "demo-ti" / "lora"
+    pairs = [str(x) for token, path in result.embeddings.items() for x in (token, path)]
+    check = subprocess.run([str(kohya.find_python(root)), str(REPO / "tests" / "_ti_check.py"), str(kohya.find_sd_scripts(root)),
+                            str(lora_dir / "config.toml"), str(lora_dir / "dataset.toml"), str(lora_dir / "captions-0.json"), *pairs],
+                           cwd=root, env=kohya.kohya_env(project_root=root), capture_output=True, text=True)
+    lines = [line for line in check.stdout.splitlines() if line.startswith("TI-CHECK ")]
+    assert check.returncode == 0 and lines, check.stdout[-2000:] + check.stderr[-2000:]
+    report = json.loads(lines[-1].removeprefix("TI-CHECK "))
+    assert report["vocab"] == 49408 + 3 and all(t["equal"] and t["in_captions"] for t in report["tokens"].values())
+
+    artifact = collect.collect("demo-ti", project_root=root)
+    assert artifact == root / "artifacts" / "demo-ti" / "demo-ti.safetensors"
+    assert "<scaly-plaque>" in json.loads(read_header(artifact).metadata["dermkohya.textual_inversion"])["embeddings"]
+    assert sorted(p.name for p in (root / "artifacts" / "demo-ti" / "demo-ti-embeddings").iterdir()) == [
+        "erythema-patch.safetensors", "pustule-like-dots.safetensors", "scaly-plaque.safetensors"]
+    assert "<scaly-plaque>" in (root / "artifacts" / "demo-ti" / "model_card.md").read_text()
+    shutil.rmtree(root / "models" / "derived")  # GBs of hard links and a text encoder: not kept after the test
