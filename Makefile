@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(VENV)/bin/pip install -q -e ".[ml,utility,test]"
+	$(VENV)/bin/pip install -q -e ".[ml,utility,serve,test]"
 	$(VENV)/bin/pip install -q --no-deps open-clip-torch==3.3.0
 	touch $@
 

@@ -660,6 +660,13 @@ def inspect_cmd(file: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, ensure_ascii=False))
         return
+    if summary.get("kind") == "textual inversion embedding":
+        shapes = ", ".join(f"{k} {v['shape']} {v['dtype']}" for k, v in summary["tensors"].items())
+        console.print(f"[bold]{file}[/]  textual-inversion embedding, token {summary['token'] or '(not recorded)'}, "
+                      f"{summary['vectors']} vector(s): {shapes}", highlight=False)
+        for key, value in summary["dermkohya"].items():
+            console.print(f"  {key} = {value}", highlight=False, markup=False)
+        return
     digest = summary["hash"]
     verdict = {True: "[green]valid[/]", False: "[bold red]MISMATCH: tensors altered after training[/]", None: "[yellow]no sshs_model_hash recorded[/]"}[digest["ok"]]
     console.print(f"[bold]{file}[/]  {summary['size_mb']} MiB, {summary['format']} {summary['family'] or ''} LoRA, "
@@ -808,3 +815,20 @@ def evaluate_cmd(real: Path, synthetic: Path, train: Path | None, weights: Path 
     flagged = f"; {report.memorisation['flagged']} flagged as memorised" if report.memorisation else ""
     console.print("[green]evaluated[/] " + escape(f"{report.plan}: {overall['n_synthetic']} synthetic vs {overall['n_real']} real"
                   f"{' (' + figures + ')' if figures else ''}{flagged} → {out_dir / (report.plan + '.md')}"), highlight=False)
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on; any other than localhost needs $DERMKOHYA_TOKEN.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--gpus", default=None, metavar="IDS", help="One job worker per GPU, e.g. 0,1 (default: one worker, all devices visible).")
+def serve_cmd(host: str, port: int, gpus: str | None) -> None:
+    """HTTP API (/docs), web UI and job queue over the project's runs, adapters, generations and reports."""
+    from dermkohya import project
+
+    try:
+        from dermkohya.serve.app import serve
+    except ImportError as exc:
+        raise DermkohyaError(f"dermkohya serve needs the serve extra ({exc.name} is missing): pip install 'dermkohya[serve]'") from None
+    root = project.resolve_root(click.get_current_context().find_root().params.get("project"))
+    console.print(f"serving {escape(str(root))} on http://{escape(host)}:{port} (API docs: /docs); Ctrl-C stops", highlight=False)
+    serve(root, host, port, [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None)
