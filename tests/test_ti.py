@@ -20,6 +20,15 @@ from dermkohya.lora import read_header
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def repo_kohya(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test projects live outside the repo: they use this checkout's sd-scripts and kohya Python."""
+    from dermkohya import kohya
+
+    monkeypatch.setenv("SD_SCRIPTS_DIR", str(kohya.find_sd_scripts(REPO)))
+    monkeypatch.setenv("KOHYA_PYTHON", str(kohya.find_python(REPO)))
+
+
 def _project(root: Path, *, scope: str = "diagnosis", extra: str = "") -> Path:
     (root / "runs").mkdir(parents=True)
     text = (REPO / "runs" / "demo-ti.toml").read_text().replace('token_scope = "diagnosis"', f'token_scope = "{scope}"')
@@ -125,12 +134,29 @@ def test_collect_files_one_embedding_per_token_with_provenance_and_inspect_reads
     assert ti.embedding_files(folder) == [(filed, "<scaly-plaque>")]
 
 
+@pytest.mark.kohya
+@pytest.mark.parametrize("run", ["derm-sd15-ti", "derm-sdxl-ti"])
+def test_shipped_ti_run_files_render_keys_kohyas_own_parser_accepts(tmp_path: Path, run: str, repo_kohya: None) -> None:
+    root = tmp_path
+    (root / "runs").mkdir()
+    text = (REPO / "runs" / f"{run}.toml").read_text().replace('prepared = "datasets/derm"', 'train_data_dir = "data"')
+    (root / "runs" / f"{run}.toml").write_text(text)
+    demo.make_demo_dataset(root / "data", per_cell=1, size=64)
+    rendered = ti.render_ti(Path(f"runs/{run}.toml"), project_root=root, check_keys=True)
+    assert rendered.phases[0].script == ("sdxl_train_textual_inversion.py" if "sdxl" in run else "train_textual_inversion.py")
+    assert len(rendered.tokens) == (18 if run == "derm-sd15-ti" else 3)
+    from dermkohya import kohya
+
+    assert kohya.cached_argument_names(rendered.phases[0].script, root) is not None  # the check ran, not skipped
+
+
 # ---- end to end with the real kohya ----------------------------------------------------------------------
 
 
 @pytest.mark.kohya
 @pytest.mark.slow
-def test_demo_ti_trains_both_phases_and_phase_two_sees_the_learned_vectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_ti_trains_both_phases_and_phase_two_sees_the_learned_vectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                               repo_kohya: None) -> None:
     from dermkohya import kohya
 
     root = _project(tmp_path / "p")
