@@ -20,7 +20,6 @@ import json
 import os
 import pickletools
 import shutil
-import struct
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dermkohya import clip_bpe
+from dermkohya import tensorfile
 from dermkohya.errors import DermkohyaError
 from dermkohya.paths import cache_root
 from dermkohya.files import sha256_file as _hash_file
@@ -555,16 +555,8 @@ def cached_sha256(path: Path, *, cache_root: Path | None = None) -> str | None:
 
 
 def _safetensors_keys(path: Path) -> list[str]:
-    """Tensor names from the header alone (8-byte length, then JSON): no torch, no reading the weights."""
-    try:
-        with path.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            if length > 100 * 1024 * 1024:
-                raise ValueError("header too large")
-            header = json.loads(fh.read(length))
-    except (OSError, struct.error, ValueError) as exc:
-        raise DermkohyaError(f"{path}: not a readable .safetensors file ({exc}); re-download or re-export it") from exc
-    return [k for k in header if k != "__metadata__"]
+    """Tensor names from the header alone: no torch, no reading the weights."""
+    return list(tensorfile.read_header(path, fix="re-download or re-export it").tensors)
 
 
 def _ckpt_keys(path: Path) -> list[str]:

@@ -292,10 +292,17 @@ def test_identify_rejects_a_lora(tmp_path: Path) -> None:
         basemodel.identify_base(path)
 
 
+def test_identify_names_a_renamed_ckpt(tmp_path: Path) -> None:
+    path = tmp_path / "v1-5-pruned.safetensors"
+    path.write_bytes(b"PK\x03\x04" + bytes(60))  # a torch.save zip with the wrong extension
+    with pytest.raises(DermkohyaError, match=r"v1-5-pruned\.safetensors: .*a pickle .*\.ckpt name"):
+        basemodel.identify_base(path)
+
+
 def test_identify_rejects_a_corrupt_file(tmp_path: Path) -> None:
     path = tmp_path / "broken.safetensors"
     path.write_bytes(struct.pack("<Q", 40) + b"{not json at all")
-    with pytest.raises(DermkohyaError, match=r"broken\.safetensors: not a readable"):
+    with pytest.raises(DermkohyaError, match=r"broken\.safetensors: not a valid safetensors file"):
         basemodel.identify_base(path)
 
 
