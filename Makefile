@@ -15,7 +15,7 @@ SD_SCRIPTS_DIR ?= vendor/sd-scripts
 export SD_SCRIPTS_DIR
 RUN ?=
 
-.PHONY: setup sd-scripts kohya-env env train test test-all bench bench-gpu clean-venvs wheel
+.PHONY: setup sd-scripts kohya-env env train test test-all bench bench-gpu clean-venvs wheel browser
 
 env: $(VENV)/.installed
 
@@ -62,7 +62,12 @@ else
 endif
 
 # CI's command: no sd-scripts, no GPU needed; tests that need them skip with one line saying why.
+# `slow` cases (whole trainings, generation runs, wheel builds) are left to test-all.
 test: env
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+# Everything: slow cases too; kohya/gpu/browser cases still skip with their reason where those are missing.
+test-all: env
 	$(VENV)/bin/python -m pytest
 
 bench: env
@@ -74,6 +79,12 @@ bench: env
 # Then, on the GPU machine with both: bash bench/gpu_run.sh (writes bench/results/train-throughput-h100.*).
 bench-gpu: env
 	PYTHON=$(VENV)/bin/python SD_SCRIPTS_DIR=$(SD_SCRIPTS_DIR) bash bench/gpu_prepare.sh
+
+# The web UI's browser test: Debian's chromium (Playwright drives it; no `playwright install` download), then the test.
+browser: env
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+	$(VENV)/bin/pip install -q playwright==1.65.2
+	$(VENV)/bin/python -m pytest -m browser tests/test_serve_browser.py
 
 # The installable package (templates and dermkohya.networks inside), built offline with .venv's setuptools.
 wheel: env
