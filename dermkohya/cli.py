@@ -99,6 +99,13 @@ def render_cmd(run_file, no_kohya_check: bool, require_kohya: bool) -> None:
     console.print(f"[bold]{rendered.name}[/]: rendered {len(rendered.files)} files into {rendered.out_dir}")
     for name, path in rendered.files.items():
         console.print(f"  {path}", highlight=False)
+    if rendered.spec.method != "lora":  # phase 1's files; phase 2's are rendered by train onto the derived base
+        from dermkohya import ti
+
+        phases = ti.render_ti(run_file, project_root=root, check_keys=not no_kohya_check).phases
+        console.print(f"textual inversion: {len(phases)} kohya run(s), one per token, in {rendered.out_dir / 'ti'}")
+        for phase in phases:
+            console.print(f"  {phase.out_dir}  {phase.token.string if phase.token else ''}", highlight=False, markup=False)
 
 
 @main.command("adopt")

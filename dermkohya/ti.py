@@ -251,6 +251,14 @@ def read_embedding(path: Path) -> Any:
     return data["emb_params"]
 
 
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link (no GBs copied), a copy where the base is on another file system."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple[list[str], Path]], dest: Path) -> DerivedBase:
     """The base with the learned tokens: new rows appended to its text encoder, a tokenizer that knows them.
 
@@ -271,9 +279,9 @@ def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple
             continue
         target = tmp / "base" / item.name
         if item.is_dir():
-            shutil.copytree(item, target, copy_function=os.link)
+            shutil.copytree(item, target, copy_function=_link_or_copy)
         else:
-            os.link(item, target)
+            _link_or_copy(item, target)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_cache / CLIP_L_DIR))
     encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder"))
     token_ids: dict[str, list[int]] = {}
