@@ -26,7 +26,7 @@ from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.files import write_atomic
 from dermkohya.templating import file_environment, text_template
 from dermkohya.skin import FST_TYPES
-from dermkohya.spec import SMOKE_BASES, RunSpec, load_run
+from dermkohya.spec import SMOKE_BASES, DatasetSection, RunSpec, load_run
 
 SMOKE_MODELS_DIR = basemodel.MODELS_DIR
 SMOKE_SEED = basemodel.SMOKE_SEED
@@ -79,6 +79,21 @@ def project_path(path: Path, root: Path) -> str:
         return absolute.relative_to(os.path.abspath(root)).as_posix()
     except ValueError:
         return absolute.as_posix()
+
+
+def dataset_config(dataset: DatasetSection, *, what: str, source: str, resolution: int | tuple[int, int],
+                   batch_size: int, validation_split: float, subsets: list[Subset]) -> str:
+    """kohya's --dataset_config from dataset.toml.j2: the one renderer (a run's dataset.toml, prepare's
+    kohya_dataset.toml), so bucket bounds and keys follow one rule: half the resolution to twice it
+    unless the [dataset] section sets them."""
+    size = (resolution, resolution) if isinstance(resolution, int) else resolution
+    return _environment().get_template("dataset.toml.j2").render(
+        what=what, source=source, version=__version__, dataset=dataset, batch_size=batch_size,
+        validation_split=validation_split, subsets=subsets,
+        resolution=size[0] if size[0] == size[1] else list(size),
+        min_bucket_reso=dataset.min_bucket_reso or max(64, min(size) // 2),
+        max_bucket_reso=dataset.max_bucket_reso or max(size) * 2,
+    )
 
 
 def smoke_model_paths(family: str, project_root: Path) -> tuple[Path, Path]:
@@ -223,7 +238,9 @@ def render(
     env = _environment()
     texts = {
         "config.toml": env.get_template("config.toml.j2").render(context),
-        "dataset.toml": phase2["dataset.toml"] if phase2 else env.get_template("dataset.toml.j2").render(context),
+        "dataset.toml": phase2["dataset.toml"] if phase2 else dataset_config(
+            spec.dataset, what=f"run `{name}`", source=project_path(run_file, root), resolution=resolution,
+            batch_size=spec.train.batch_size, validation_split=spec.validation.split, subsets=subsets),
     }
     if prompts:
         texts["sample_prompts.txt"] = env.get_template("sample_prompts.txt.j2").render(context)

@@ -328,7 +328,8 @@ def test_crop_and_fit_policies(tmp_path: Path) -> None:
     sizes = {p.name: Image.open(p).size for p in (tmp_path / record.train_data_dir).rglob("*.jpg")}
     assert sizes == {"img_0000.jpg": (64, 32), "img_0001.jpg": (64, 48)}
     kohya_toml = tomllib.loads((tmp_path / record.kohya_dataset_config).read_text())
-    assert kohya_toml["datasets"][0]["enable_bucket"] is True
+    assert kohya_toml["general"]["enable_bucket"] is True  # one renderer with the run's: half to twice the size
+    assert (kohya_toml["general"]["min_bucket_reso"], kohya_toml["general"]["max_bucket_reso"]) == (64, 128)
 
 
 # --- the held-out split ------------------------------------------------------------------------------------------

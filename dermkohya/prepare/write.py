@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from dermkohya import __version__, dataset
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.importers import FORMATS
@@ -144,19 +142,21 @@ def _write_metadata(path: Path, items: list[Item], recipe_dir: Path) -> None:
 
 
 def _write_kohya_toml(plan: Plan, path: Path, train_dir: Path) -> None:
-    """kohya --dataset_config form with every repeat stated. image_dir is absolute because kohya reads it
-    from its own working directory; the file is regenerated, never committed."""
+    """kohya --dataset_config form with every repeat stated, through the run's renderer (render.py), so
+    both follow one rule. image_dir is absolute because kohya reads it from its own working directory;
+    the file is regenerated, never committed."""
+    from dermkohya import render  # the renderer pulls in the run machinery; prepare's workers need none of it
+    from dermkohya.spec import DatasetSection
+
     recipe = plan.recipe
-    dataset: dict[str, Any] = {"resolution": list(recipe.size), "enable_bucket": recipe.images.resize != "crop"}
-    if dataset["enable_bucket"]:
-        dataset.update(min_bucket_reso=256, max_bucket_reso=max(1024, *recipe.size), bucket_reso_steps=64,
-                       bucket_no_upscale=True)
-    dataset["subsets"] = [{"image_dir": str(train_dir.resolve() / folder), "num_repeats": repeats}
-                          for folder, repeats in _subset_repeats(plan).items()]
-    header = (f"# kohya --dataset_config written by `dermkohya prepare {plan.recipe_path.name}`; "
-              "do not edit (it is rewritten), edit the recipe.\n")
-    path.write_text(header + tomli_w.dumps({"general": {"caption_extension": ".txt"}, "datasets": [dataset]}),
-                    encoding="utf-8")
+    subsets = [render.Subset(image_dir=(train_dir.resolve() / folder).as_posix(), repeats=repeats,
+                             concept=folder.split("_", 1)[1])
+               for folder, repeats in _subset_repeats(plan).items()]
+    settings = DatasetSection(train_data_dir=train_dir.as_posix(), enable_bucket=recipe.images.resize != "crop")
+    text = render.dataset_config(settings, what=f"the prepared dataset {plan.recipe_dir.name}",
+                                 source=plan.recipe_path.name, resolution=recipe.size, batch_size=1,
+                                 validation_split=0.0, subsets=subsets)
+    path.write_text(text, encoding="utf-8")
 
 
 def _subset_repeats(plan: Plan) -> dict[str, int]:
