@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
+from pathlib import Path
 
+import _layouts
 import pytest
 
-from dermkohya.prepare import plan_balance, solver
+from dermkohya.prepare import plan_balance, prepare, solver
 from dermkohya.skin import FST_TYPES
 
 # Issue #11.5: a Fitzpatrick17k-layout set (two diagnoses) where type VI has 6 images in two subsets.
@@ -45,6 +48,24 @@ def test_the_issue_reproduction_lands_within_tolerance() -> None:
     for fst, e in effective.items():
         assert abs(e / total * 6 - 1) <= 0.05, fst
         assert plan.achieved[fst] == pytest.approx(e / total)
+
+
+def test_the_issue_reproduction_through_a_fitzpatrick17k_csv(tmp_path: Path) -> None:
+    rows, i = [], 0
+    for (label, fst), n in ISSUE_COUNTS.items():
+        for _ in range(n):
+            md5 = hashlib.md5(f"issue-11-{i}".encode()).hexdigest()
+            _layouts.write_image(tmp_path / "images" / f"{md5}.jpg", i, size=(64, 64))
+            rows.append([md5, FST_TYPES.index(fst) + 1, label])
+            i += 1
+    _layouts.write_csv(tmp_path / "fitzpatrick17k.csv", ["md5hash", "fitzpatrick_scale", "label"], rows)
+    recipe = _layouts.write_recipe(tmp_path, 'format = "fitzpatrick17k"\nmetadata = "fitzpatrick17k.csv"\nimages = "images"',
+                                   "[split]\nheldout = 0\n")
+    record = prepare(recipe)
+    assert record.balance.within_tolerance and record.balance.unreachable == []
+    assert sorted(r for folder, r in record.repeats.items() if folder.endswith("_fst-vi")) == [13, 14]
+    assert record.balance.achieved["VI"] == pytest.approx(81 / record.effective_samples, abs=1e-4)
+    assert all(abs(share * 6 - 1) <= 0.05 + 1e-4 for share in record.balance.achieved.values())
 
 
 def test_the_solver_matches_brute_force_on_small_random_instances() -> None:
