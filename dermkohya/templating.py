@@ -4,12 +4,12 @@ variable is an error, never ''."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
 import jinja2
 
+from dermkohya.names import slug
 from dermkohya.paths import TEMPLATES_DIR
 
 
@@ -25,11 +25,6 @@ def file_environment(*, trim_blocks: bool = False, **filters: Callable[..., Any]
     )
     env.filters.update(filters)
     return env
-
-
-def slug(text: str) -> str:
-    """Lower case, runs of anything but letters and digits → '-' ("Melanoma, NOS" → "melanoma-nos")."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def text_template(text: str) -> jinja2.Template:

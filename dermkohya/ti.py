@@ -25,7 +25,8 @@ from dermkohya.dataset.sidecar import read_metadata
 from dermkohya.errors import DermkohyaError
 from dermkohya.files import write_atomic
 from dermkohya.spec import RunSpec, load_run
-from dermkohya.templating import slug, text_template
+from dermkohya.names import slug
+from dermkohya.templating import text_template
 
 TI_SCRIPTS: dict[str, str] = {"sd15": "train_textual_inversion.py", "sdxl": "sdxl_train_textual_inversion.py"}
 CLIP_L_DIR = basemodel.CLIP_L_TOKENIZER_ID.replace("/", "_")
