@@ -395,6 +395,20 @@ def test_dry_run_writes_nothing_and_load_prepared_says_what_to_run(tmp_path: Pat
         prepare.load_prepared(tmp_path)
 
 
+def test_prepared_json_is_a_typed_record_and_an_old_one_is_rebuilt(tmp_path: Path) -> None:
+    layout = _layouts.generic(tmp_path, {"I": 2, "V": 1})
+    record = prepare.prepare(layout.recipe)
+    path = tmp_path / "prepared.json"
+    assert json.loads(path.read_text())["format"] == "dermkohya.prepared/2"
+    assert prepare.load_prepared(layout.recipe) == record
+    old = record.model_dump(mode="json") | {"format": 1}  # as dermkohya wrote it before records.py
+    path.write_text(json.dumps(old, indent=2))
+    with pytest.raises(DermkohyaError, match="older dermkohya .* run `dermkohya prepare"):
+        prepare.load_prepared(tmp_path)
+    assert prepare.prepare(layout.recipe) == record  # not up to date any more: rewritten, same content
+    assert prepare.load_prepared(tmp_path) == record
+
+
 @pytest.mark.kohya
 def test_kohya_accepts_the_dataset_config(tmp_path: Path) -> None:
     from dermkohya import kohya

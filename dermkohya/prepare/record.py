@@ -15,7 +15,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from dermkohya.errors import DermkohyaError
-from dermkohya.records import Record
+from dermkohya.records import Record, RecordError
 from dermkohya.skin import FST_GROUPS, FST_TYPES, UNKNOWN
 
 PREPARED_JSON = "prepared.json"
@@ -139,7 +139,13 @@ def load_prepared(recipe_dir: Path) -> Prepared:
     path = recipe_dir / PREPARED_JSON
     if not path.is_file():
         raise DermkohyaError(f"{path} not found: run `dermkohya prepare {recipe_dir / 'dataset.toml'}` first")
-    record = Prepared.read(path)
+    try:
+        record = Prepared.read(path)
+    except RecordError:
+        if '"format": 1,' in path.read_text(encoding="utf-8", errors="replace"):  # before records.py: a bare number
+            raise DermkohyaError(f"{path}: written by an older dermkohya (prepared.json format 1): run `dermkohya "
+                                 f"prepare {recipe_dir / 'dataset.toml'}` to rewrite it (the images stay)") from None
+        raise
     if not (recipe_dir / record.train_data_dir).is_dir():
         raise DermkohyaError(f"{recipe_dir / record.train_data_dir} is missing: run `dermkohya prepare` again")
     return record
