@@ -352,7 +352,10 @@ def evaluate_variant(sweep: Sweep, variant: str, artifact: Path, project_root: P
     run = sweep.run_name(variant)
     plan = tomllib.loads((project_root / config.plan).read_text(encoding="utf-8"))
     plan["name"] = run
-    plan["lora"] = [{"path": _relative(artifact, project_root), "weight": 1.0}]
+    plan["lora"] = [{"path": str(Path(artifact).resolve()), "weight": 1.0}]
+    base = str((plan.get("model") or {}).get("base", ""))
+    if base and ":" not in base and not Path(base).is_absolute():  # generate reads paths from the working folder
+        plan["model"]["base"] = str(project_root / base)
     plan_file = project_root / "reports" / f"sweep-{sweep.name}" / "plans" / f"{run}.toml"
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(plan_file, f"# {config.plan} with the LoRA of {run} (dermkohya sweep {sweep.name})\n" + tomli_w.dumps(plan))

@@ -128,6 +128,41 @@ def test_a_sweep_trains_its_variants_and_reports_them(project: Path) -> None:  #
     assert again.exit_code == 0 and "training" not in again.output, again.output
 
 
+def _evaluation(root: Path, run: str, fid: float) -> None:
+    """reports/<run>.json as `dermkohya evaluate` writes it for images made with the run's artifact."""
+    from dermkohya.evaluation_report import EvaluationReport
+    from dermkohya.lora import file_sha256
+
+    sha = file_sha256(root / "artifacts" / run / f"{run}.safetensors")
+    rows = [{"group": "overall", "label": "overall", "diagnosis": None, "fst": None, "n_real": 10, "n_synthetic": 10,
+             "fid": fid, "kid": 0.01},
+            *({"group": "fst", "label": fst, "diagnosis": None, "fst": fst, "n_real": 5, "n_synthetic": 5,
+               "fid": fid + i, "kid": 0.01 * (i + 1)} for i, fst in enumerate(("I", "VI")))]
+    EvaluationReport(plan=run, synthetic=f"synthetic/{run}", real="heldout", train=None, created="2026-11-30T12:00:00+00:00",
+                     dermkohya_version="test", base_model=None, loras=[{"path": "x", "sha256": sha, "weight": 1.0}],
+                     metrics=["fid"], weights={}, options={}, device="cpu", rows=rows, memorisation=None, plots={},
+                     notes=[]).write(root / "reports" / f"{run}.json")
+
+
+def test_evaluated_variants_report_their_metrics_per_skin_type(project: Path) -> None:  # noqa: F811
+    text = 'name = "s"\nbase = "runs/good.toml"\n[grid]\ntrain.seed = [1, 2]\n'
+    _write(project, text, "s.toml")
+    assert CliRunner().invoke(main, ["sweep", "sweeps/s.toml"]).exit_code == 0
+    for run, fid in (("s-seed1", 80.0), ("s-seed2", 90.0)):  # newer than the artifacts: not evaluated again
+        _evaluation(project, run, fid)
+    _write(project, text + '[evaluate]\nplan = "plans/p.toml"\nheldout = "heldout"\n', "s.toml")
+    done = CliRunner().invoke(main, ["sweep", "sweeps/s.toml"])
+    assert done.exit_code == 0 and "generating" not in done.output, done.output
+    report = sweep.SweepReport.read(project / "reports" / "sweep-s.json")
+    first = report.variants[0]
+    assert first.evaluation == "reports/s-seed1.json" and first.headline == {"fid": 80.0, "kid": 0.01}
+    assert first.per_skin_type == {"I": {"fid": 80.0, "kid": 0.01}, "VI": {"fid": 81.0, "kid": 0.02}}
+    md = (project / "reports" / "sweep-s.md").read_text()
+    assert "## Per Fitzpatrick skin type" in md and "| seed2 | 90 | 91 |" in md
+    runs = {r["name"]: r for r in json.loads(CliRunner().invoke(main, ["runs", "--json"]).output)}
+    assert runs["s-seed1"]["evaluation"] == {"fid": 80.0, "kid": 0.01}
+
+
 @pytest.mark.kohya
 @pytest.mark.slow
 def test_the_demo_sweep_trains_two_variants_on_the_cpu(tmp_path: Path) -> None:
