@@ -1,18 +1,19 @@
 """Public dermatology metadata layouts → one kind of record (image, diagnosis, skin type, source, licence).
 
 Users bring the CSV and the image folder they downloaded; nothing here touches the network. Each layout is
-one module of this package (fitzpatrick17k, ddi, isic, pad_ufes_20, scin, ham10000, generic) that keeps
-its own quirks in one small reading function and registers itself in `FORMATS` with its display name,
-licence and `label` choices (base.py). Every problem in a file is collected and reported at once, naming
+one module of this package (fitzpatrick17k, ddi, isic, pad_ufes_20, scin, ham10000, generic), found and
+imported here without a list, that keeps its own quirks in one small reading function and registers itself
+in `FORMATS` with its display name, licence and `label` choices (base.py). Every problem in a file is collected and reported at once, naming
 the line and the column, so a user fixes the CSV in one pass.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from dermkohya.importers import ddi, fitzpatrick17k, generic, ham10000, isic, pad_ufes_20, scin  # noqa: F401  (they register)
 from dermkohya.importers.base import (
     ANY, FORMATS, GROUPED, IMAGE_EXTENSIONS, SINGLE, Format, ImageFinder, ImportResult, Record, Rows, SourceOptions,
     Table, read_table, register,
@@ -24,6 +25,12 @@ __all__ = [
     "Format", "ImageFinder", "ImportResult", "Record", "Rows", "SourceOptions", "Table", "load_records", "read_table",
     "register", "slug",
 ]
+
+# Every module of this package but base.py is a format that registers itself on import: a new layout is
+# one new file, found here without another edit.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module != "base":
+        importlib.import_module(f"{__name__}.{_module}")
 
 # Views of the registry under their old names, for callers that index by format.
 IMPORTERS = {name: f.read for name, f in FORMATS.items()}

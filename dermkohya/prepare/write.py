@@ -11,7 +11,6 @@ import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from dermkohya import __version__, dataset
 from dermkohya.errors import DermkohyaError, ProblemsError
