@@ -391,15 +391,16 @@ def project_runs(root: Path) -> list[RunInfo]:
         files.setdefault(name, path.relative_to(root))
     for folder in ("output", "artifacts"):
         for path in sorted((root / folder).glob("*")):
-            if path.is_dir() and (path / "manifest.json").is_file() or folder == "artifacts" and path.is_dir():
+            if re.search(r"\.\d+$", path.name) and path.name.rsplit(".", 1)[0] in files:
+                continue  # output/<run>.N: an earlier result `--new` kept aside
+            if path.is_dir() and ((path / "manifest.json").is_file() or folder == "artifacts"):
                 files.setdefault(path.name, None)
     queued = queued_runs(root)
     infos = []
     for name, run_file in sorted(files.items()):
         state = runstate.run_state(root, name)
         info = RunInfo(name, run_file, state.value if state else "new")
-        if name in queued and state in (None, runstate.RunState.RENDERED, runstate.RunState.FINISHED,
-                                        runstate.RunState.FAILED, runstate.RunState.STOPPED, runstate.RunState.COLLECTED):
+        if name in queued and state != runstate.RunState.RUNNING:
             info.state, info.queued_by = runstate.RunState.QUEUED.value, queued[name]
         if state == runstate.RunState.RUNNING:
             holder = locks.holder(locks.run_lock(root, name))
