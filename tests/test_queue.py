@@ -174,7 +174,9 @@ def test_make_train_runs_two_run_files_with_the_real_kohya(tmp_path: Path) -> No
     (copy / "models").symlink_to(repo / "models")  # the smoke model, built once
     env = dict(os.environ, SD_SCRIPTS_DIR=str(repo / "vendor" / "sd-scripts"),
                KOHYA_PYTHON=str(repo / ".venv-kohya" / "bin" / "python"))
-    done = subprocess.run(["make", "train", "RUN=runs/demo.toml runs/seed7.toml", f"VENV={repo / '.venv'}"],
+    # -o: this checkout's environment is used as it is (never rebuilt from the copied pyproject.toml)
+    done = subprocess.run(["make", "-o", f"{repo / '.venv'}/.installed", "train", "RUN=runs/demo.toml runs/seed7.toml",
+                           f"VENV={repo / '.venv'}"],
                           cwd=copy, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for run in ("demo", "seed7"):
