@@ -49,7 +49,8 @@ class Server:
         raise RuntimeError(f"server not ready: {self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.project / f"serve-{self.port}.log").read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGINT) -> int:

@@ -1,4 +1,5 @@
-"""Markers: `kohya` needs sd-scripts and kohya's Python, `gpu` needs CUDA. Both skip with one reason line."""
+"""Markers: `kohya` needs sd-scripts and kohya's Python, `gpu` needs CUDA, `browser` needs chromium and
+Playwright. Each skips with one reason line."""
 
 from __future__ import annotations
 
@@ -28,8 +29,16 @@ def _gpu_missing() -> str | None:
     return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
 
 
+def _browser_missing() -> str | None:
+    import os
+
+    if not os.path.exists("/usr/bin/chromium"):
+        return "no /usr/bin/chromium (make browser installs Debian's chromium and Playwright)"
+    return None if importlib.util.find_spec("playwright") else "Playwright for Python is not installed (make browser)"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    checks = {"kohya": _kohya_missing, "gpu": _gpu_missing}
+    checks = {"kohya": _kohya_missing, "gpu": _gpu_missing, "browser": _browser_missing}
     reasons: dict[str, str | None] = {}
     for item in items:
         for name, check in checks.items():
