@@ -87,7 +87,8 @@ def _raw_get(server: Server, path: str) -> int:
     "/api/files/synthetic//etc/passwd", "/api/files/synthetic/%2Fetc%2Fpasswd", "/api/files/etc/passwd", "/api/files/models/x",
     "/api/files/synthetic/set/leak.png", "/api/files/synthetic/escape/secret.txt", "/api/files/runs/up.toml",
     "/api/files/output/demo/demo.safetensors", "/api/files/synthetic/set/..%5c..%5csecret.txt", "/api/runs/..%2f..", "/api/synthetic/..",
-    "/api/reports/..%2fsecret", "/api/artifacts/%2e%2e", "/api/plans/..%2fdermkohya",
+    "/api/reports/..%2fsecret", "/api/artifacts/%2e%2e", "/api/plans/..%2fdermkohya", "/api/runs/..%2f..%2fetc/loss",
+    "/api/runs/%2e%2e/samples", "/runs/..%2f..", "/synthetic/%2e%2e", "/adapters/..%2fdemo",
 ])  # fmt: skip
 def test_traversal_and_symlink_escapes_are_404(server: Server, path: str) -> None:
     assert _raw_get(server, path) == 404

@@ -11,7 +11,8 @@ import csv
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse
@@ -19,6 +20,7 @@ from fastapi.responses import FileResponse
 from dermkohya.serve.security import AREAS, NotFound, check_name, safe_dir, safe_file
 
 router = APIRouter(prefix="/api")
+T = TypeVar("T")
 LOG_READ = 8 * 1024 * 1024  # the end of train.log read for the loss curve
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -46,8 +48,12 @@ def _rel(root: Path, path: Path) -> str:
     return path.resolve().relative_to(root.resolve()).as_posix()
 
 
-def _missing(exc: NotFound | None = None) -> HTTPException:
-    return HTTPException(status_code=404, detail="not found")
+def found(call: Callable[..., T], *args: Any) -> T:
+    """`call(*args)`, with NotFound (missing, or outside what may be read) answered as a plain 404."""
+    try:
+        return call(*args)
+    except NotFound:
+        raise HTTPException(status_code=404, detail="not found") from None
 
 
 # --- runs -----------------------------------------------------------------------------------------------
@@ -63,7 +69,7 @@ def loss_curve(root: Path, name: str) -> list[dict[str, float]]:
     """(step, running loss) from kohya's tqdm lines in output/<run>/train.log, one point per step."""
     from dermkohya import kohya
 
-    log = root / "output" / name / "train.log"
+    log = root / "output" / check_name(name) / "train.log"
     if not log.is_file():
         return []
     with open(log, "rb") as f:
@@ -78,7 +84,7 @@ def loss_curve(root: Path, name: str) -> list[dict[str, float]]:
 
 
 def run_samples(root: Path, name: str) -> list[str]:
-    folder = root / "output" / name / "sample"
+    folder = root / "output" / check_name(name) / "sample"
     if not folder.is_dir():
         return []
     return sorted(_rel(root, p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -109,26 +115,17 @@ def get_runs(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/runs/{name}")
 def get_run(name: str, request: Request) -> dict[str, Any]:
-    try:
-        return run_detail(root_of(request), name)
-    except NotFound as exc:
-        raise _missing(exc) from None
+    return found(run_detail, root_of(request), name)
 
 
 @router.get("/runs/{name}/loss")
 def get_loss(name: str, request: Request) -> list[dict[str, float]]:
-    try:
-        return loss_curve(root_of(request), check_name(name))
-    except NotFound as exc:
-        raise _missing(exc) from None
+    return found(loss_curve, root_of(request), name)
 
 
 @router.get("/runs/{name}/samples")
 def get_samples(name: str, request: Request) -> list[str]:
-    try:
-        return run_samples(root_of(request), check_name(name))
-    except NotFound as exc:
-        raise _missing(exc) from None
+    return found(run_samples, root_of(request), name)
 
 
 # --- artifacts ------------------------------------------------------------------------------------------
@@ -191,10 +188,7 @@ def get_artifacts(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/artifacts/{name}")
 def get_artifact(name: str, request: Request) -> dict[str, Any]:
-    try:
-        return artifact_detail(root_of(request), name)
-    except NotFound as exc:
-        raise _missing(exc) from None
+    return found(artifact_detail, root_of(request), name)
 
 
 # --- plans and synthetic sets ---------------------------------------------------------------------------
@@ -254,10 +248,7 @@ def get_plans(request: Request) -> list[dict[str, Any]]:
 @router.get("/plans/{name}")
 def get_plan(name: str, request: Request) -> dict[str, Any]:
     root = root_of(request)
-    try:
-        path = safe_file(root, "plans", f"{check_name(name)}.toml")
-    except NotFound as exc:
-        raise _missing(exc) from None
+    path = found(safe_file, root, "plans", f"{found(check_name, name)}.toml")
     entry = next((p for p in plans_list(root) if p["file"] == _rel(root, path)), {})
     return {**entry, "toml": _text(path)}
 
@@ -271,10 +262,7 @@ def get_synthetic_sets(request: Request) -> list[dict[str, Any]]:
 def get_synthetic(name: str, request: Request, diagnosis: str | None = None, fst: str | None = None,
                   limit: int = Query(500, ge=1, le=5000)) -> dict[str, Any]:
     """A set's per-cell counts and its images (filtered by diagnosis and skin type), each with seed and prompt."""
-    try:
-        return synthetic_detail(root_of(request), name, diagnosis, fst, limit)
-    except NotFound as exc:
-        raise _missing(exc) from None
+    return found(synthetic_detail, root_of(request), name, diagnosis, fst, limit)
 
 
 # --- reports --------------------------------------------------------------------------------------------
@@ -308,10 +296,7 @@ def get_reports(request: Request) -> list[dict[str, Any]]:
 @router.get("/reports/{name}")
 def get_report(name: str, request: Request) -> dict[str, Any]:
     """A report's record and its per-skin-type rows (group, label, diagnosis, fst, n, each metric)."""
-    try:
-        return report_detail(root_of(request), name)
-    except NotFound as exc:
-        raise _missing(exc) from None
+    return found(report_detail, root_of(request), name)
 
 
 # --- files ----------------------------------------------------------------------------------------------
@@ -322,10 +307,7 @@ def get_file(area: str, relative: str, request: Request) -> FileResponse:
     """A file inside runs/, output/ (logs, samples, manifests), artifacts/, plans/, synthetic/ or reports/,
     with its sha256 in `X-Content-SHA256` for artifacts (what a download is checked against)."""
     root = root_of(request)
-    try:
-        path = safe_file(root, area, relative)
-    except NotFound as exc:
-        raise _missing(exc) from None
+    path = found(safe_file, root, area, relative)
     headers = {}
     if area == "artifacts":
         headers["X-Content-SHA256"] = file_entry(root, path)["sha256"]

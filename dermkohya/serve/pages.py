@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from dermkohya.paths import TEMPLATES_DIR
 from dermkohya.serve import api
-from dermkohya.serve.security import NotFound
 
 router = APIRouter()
 _env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR / "serve"), autoescape=True,
@@ -55,13 +54,6 @@ def login_page() -> str:
     return _env.get_template("login.html.j2").render(title="token")
 
 
-def _or_404(call, *args):  # noqa: ANN001, ANN002, ANN202
-    try:
-        return call(*args)
-    except NotFound:
-        raise HTTPException(status_code=404, detail="not found") from None
-
-
 @router.get("/", response_class=HTMLResponse)
 def runs_page(request: Request) -> HTMLResponse:
     root: Path = request.app.state.root
@@ -72,26 +64,26 @@ def runs_page(request: Request) -> HTMLResponse:
 @router.get("/runs/{name}", response_class=HTMLResponse)
 def run_page(name: str, request: Request) -> HTMLResponse:
     root = request.app.state.root
-    run = _or_404(api.run_detail, root, name)
+    run = api.found(api.run_detail, root, name)
     return _page("run.html.j2", title=f"run {name}", run=run, loss=loss_svg(api.loss_curve(root, name)),
                  card=markdown(api._text(root / "artifacts" / name / "model_card.md")))
 
 
 @router.get("/adapters/{name}", response_class=HTMLResponse)
 def adapter_page(name: str, request: Request) -> HTMLResponse:
-    artifact = _or_404(api.artifact_detail, request.app.state.root, name)
+    artifact = api.found(api.artifact_detail, request.app.state.root, name)
     return _page("adapter.html.j2", title=f"adapter {name}", a=artifact, card=markdown(artifact["model_card"]))
 
 
 @router.get("/synthetic/{name}", response_class=HTMLResponse)
 def synthetic_page(name: str, request: Request, diagnosis: str | None = None, fst: str | None = None) -> HTMLResponse:
-    data = _or_404(api.synthetic_detail, request.app.state.root, name, diagnosis or None, fst or None, 500)
+    data = api.found(api.synthetic_detail, request.app.state.root, name, diagnosis or None, fst or None, 500)
     return _page("synthetic.html.j2", title=f"synthetic {name}", s=data, diagnosis=diagnosis or "", fst=fst or "")
 
 
 @router.get("/reports/{name}", response_class=HTMLResponse)
 def report_page(name: str, request: Request) -> HTMLResponse:
-    data = _or_404(api.report_detail, request.app.state.root, name)
+    data = api.found(api.report_detail, request.app.state.root, name)
     columns = [k for k in (data["rows"][0] if data["rows"] else {}) if k not in ("group",)]
     return _page("report.html.j2", title=f"report {name}", r=data, columns=columns, md=markdown(data["markdown"]))
 
