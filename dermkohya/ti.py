@@ -20,7 +20,7 @@ from typing import Any
 
 import jinja2
 
-from dermkohya import basemodel, dataset, kohya, render
+from dermkohya import basemodel, dataset, kohya, manifests, render
 from dermkohya.dataset.sidecar import read_metadata
 from dermkohya.errors import DermkohyaError
 from dermkohya.files import write_atomic
@@ -295,7 +295,7 @@ def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple
             raise DermkohyaError(f"{path}: token {strings[0]} is already in the tokenizer: choose another token_template")
         token_ids[strings[0]] = tokenizer.convert_tokens_to_ids(strings)
         rows.append(vectors)
-    encoder.resize_token_embeddings(len(tokenizer))
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # every new row is set below
     weight = encoder.get_input_embeddings().weight
     with torch.no_grad():
         for (first, ids), vectors in zip(token_ids.items(), rows):
@@ -345,7 +345,7 @@ def _launch(run: TIRun, phase: Phase, on_line: Any, lock_fd: int) -> PhaseResult
     """One kohya run through train's launch path (process group, watchdog, log, hints, exit codes)."""
     sd_scripts, python = kohya.find_sd_scripts(run.root), kohya.find_python(run.root)
     argv = [str(python), *run.launch_args, str(sd_scripts / phase.script), *phase.script_args]
-    log_path = phase.output_dir / f"{phase.output_name}.log"
+    log_path = phase.output_dir / ("train.log" if phase.token is None else f"{phase.output_name}.log")  # train.log: the LoRA's, as for method = "lora"
     result = kohya.launch(argv, cwd=run.root, log_path=log_path, env=kohya.kohya_env(project_root=run.root),
                           on_line=on_line, hold_fds=(lock_fd,) if lock_fd >= 0 else ())
     output = phase.output_dir / f"{phase.output_name}.safetensors"
@@ -419,7 +419,7 @@ def train_ti(run_file: Path, *, project_root: Path | None = None, on_line: Any =
         rendered = render_lora_phase(run, derived)
         phase = Phase("LoRA", run.spec.script, rendered.out_dir, rendered.output_dir, run.name, rendered.script_args,
                       rendered.config_keys)
-        lora_manifest = json.loads(json.dumps(rendered.manifest))
+        lora_manifest = manifests.launch_from(json.loads(json.dumps(rendered.manifest)))
         lora_manifest["dataset"]["trigger_words"] = [t.string for t in run.tokens]
         lora_manifest["base_model"] |= {"derived_from": render.project_path(run.base_path, root),
                                         "sha256": basemodel.sha256_path(run.base_path)}
@@ -429,7 +429,7 @@ def train_ti(run_file: Path, *, project_root: Path | None = None, on_line: Any =
         lora_manifest |= {"exit_code": outcome.returncode, "command": outcome.argv,
                           "textual_inversion": {k: manifest[k] for k in ("tokens", "embeddings", "init_word", "derived_base")}
                           | {"token_scope": run.spec.textual_inversion.token_scope}}
-        write_atomic(output_dir / "manifest.json", json.dumps(lora_manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        manifests.LaunchManifest.model_validate(lora_manifest).write(output_dir / "manifest.json")
         return result
 
 

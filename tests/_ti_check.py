@@ -33,7 +33,9 @@ for token, path in pairs:
     rows = weight[ids].detach().float()
     equal = bool(torch.equal(rows, vectors))
     in_captions = any(set(ids) <= set(tokenizer.tokenize(text)[0].flatten().tolist()) for text in caption_texts)
+    init = weight[tokenizer.tokenizer.encode("skin", add_special_tokens=False)[0]].detach().float()
     report["tokens"][token] = {"ids": ids, "equal": equal, "in_captions": in_captions,
+                               "trained": bool(not torch.equal(rows[0], init)),  # phase 1 moved it off init_word's row
                                "max_abs_diff": float((rows - vectors).abs().max())}
     ok = ok and equal and in_captions and min(ids) >= 49408
 print("TI-CHECK " + json.dumps(report))

@@ -160,8 +160,10 @@ def test_demo_ti_trains_both_phases_and_phase_two_sees_the_learned_vectors(tmp_p
     from dermkohya import kohya
 
     root = _project(tmp_path / "p")
+    run_file = root / "runs" / "demo-ti.toml"
+    run_file.write_text(run_file.read_text().replace("max_steps = 2", "max_steps = 1"))  # one step per phase: minutes
     (root / "models").mkdir()
-    basemodel.ensure_smoke_model("sd15", cache_root=root / "models")
+    (root / "models" / "smoke").symlink_to(basemodel.ensure_smoke_model("sd15")[0].parent)  # built once per machine
     result = ti.train_ti(Path("runs/demo-ti.toml"), project_root=root)
     assert result.returncode == 0, "\n".join(result.phases[-1].tail)
     assert [p.label for p in result.phases] == ["textual inversion <erythema-patch>", "textual inversion <pustule-like-dots>",
@@ -177,7 +179,8 @@ def test_demo_ti_trains_both_phases_and_phase_two_sees_the_learned_vectors(tmp_p
     lines = [line for line in check.stdout.splitlines() if line.startswith("TI-CHECK ")]
     assert check.returncode == 0 and lines, check.stdout[-2000:] + check.stderr[-2000:]
     report = json.loads(lines[-1].removeprefix("TI-CHECK "))
-    assert report["vocab"] == 49408 + 3 and all(t["equal"] and t["in_captions"] for t in report["tokens"].values())
+    assert report["vocab"] == 49408 + 3
+    assert all(t["equal"] and t["in_captions"] and t["trained"] for t in report["tokens"].values()), report
 
     artifact = collect.collect("demo-ti", project_root=root)
     assert artifact == root / "artifacts" / "demo-ti" / "demo-ti.safetensors"
