@@ -432,7 +432,9 @@ HINTS: tuple[tuple[str, str], ...] = (
      "kohya loads a diffusers SDXL folder as variant fp16 under fp16, and this folder has no *.fp16.safetensors files: "
      "use the single-file .safetensors checkpoint, or mixed_precision = \"bf16\""),
     ("does not appear to have a file named", "the base model path is not a model kohya can read: check [model] base"),
-    ("No module named 'dermkohya'", "kohya cannot import dermkohya's network module: run from a dermkohya source checkout (make setup) or use [network] module = \"networks.lora\""),
+    ("No module named 'dermkohya'", "kohya cannot import dermkohya's network module: `dermkohya render RUN` writes the project's "
+     ".dermkohya/kohya-path/ copy that train and train_command.sh put on PYTHONPATH (re-render, then train), "
+     "or use [network] module = \"networks.lora\""),
     ("No module named", "kohya's Python lacks a package: rebuild it with `make setup` (or install sd-scripts' requirements into KOHYA_PYTHON)"),
     ("No such file or directory", "a path kohya was given does not exist: check the paths in the rendered config.toml"),
 )
