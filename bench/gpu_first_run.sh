@@ -62,9 +62,10 @@ done
 step "1/5 the smoke model as a single-file checkpoint: $BASE"
 mkdir -p models
 t0=$SECONDS
-if [ -f "$BASE" ]; then
-  echo "$BASE exists (an earlier call made it): reused"
+if [ -f "$BASE" ] && dk base info "$BASE" >/dev/null 2>&1; then
+  echo "$BASE exists (an earlier call made it) and reads as a checkpoint: reused"
 else
+  rm -f "$BASE"  # an earlier call's unreadable file (e.g. a pickle under this name) is made again
   dk base random-sd15 "$WORK/smoke-sd15" --tokenizer-cache "$WORK/smoke-tokenizers"
   (cd .device/sd-scripts && PYTHONPATH="$PWD:$PYTHONPATH" python3 tools/convert_diffusers20_original_sd.py \
       --v1 --fp16 "$WORK/smoke-sd15" "$ROOT/${BASE%.safetensors}.partial.safetensors")
