@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dermkohya import locks, queue, runstate, train
+from dermkohya import kohya, locks, queue, runstate, train
 from dermkohya.cli import main
 from dermkohya.errors import DermkohyaError, ProblemsError
 
@@ -172,8 +172,7 @@ def test_make_train_runs_two_run_files_with_the_real_kohya(tmp_path: Path) -> No
         "learning_rate = 1e-4", "learning_rate = 1e-4\nseed = 7"))
     (repo / "models").mkdir(exist_ok=True)
     (copy / "models").symlink_to(repo / "models")  # the smoke model, built once
-    env = dict(os.environ, SD_SCRIPTS_DIR=str(repo / "vendor" / "sd-scripts"),
-               KOHYA_PYTHON=str(repo / ".venv-kohya" / "bin" / "python"))
+    env = dict(os.environ, SD_SCRIPTS_DIR=str(kohya.find_sd_scripts(repo)), KOHYA_PYTHON=str(kohya.find_python(repo)))
     # -o: this checkout's environment is used as it is (never rebuilt from the copied pyproject.toml)
     done = subprocess.run(["make", "-o", f"{repo / '.venv'}/.installed", "train", "RUN=runs/demo.toml runs/seed7.toml",
                            f"VENV={repo / '.venv'}"],

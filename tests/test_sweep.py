@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dermkohya import queue, sweep
+from dermkohya import kohya, queue, sweep
 from dermkohya.cli import main
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.spec import load_run
@@ -174,8 +174,7 @@ def test_the_demo_sweep_trains_two_variants_on_the_cpu(tmp_path: Path) -> None:
         shutil.copy2(REPO / name, copy / name)
     (REPO / "models").mkdir(exist_ok=True)
     (copy / "models").symlink_to(REPO / "models")  # the smoke model, built once
-    env = dict(os.environ, SD_SCRIPTS_DIR=str(REPO / "vendor" / "sd-scripts"),
-               KOHYA_PYTHON=str(REPO / ".venv-kohya" / "bin" / "python"))
+    env = dict(os.environ, SD_SCRIPTS_DIR=str(kohya.find_sd_scripts(REPO)), KOHYA_PYTHON=str(kohya.find_python(REPO)))
     dk = str(REPO / ".venv" / "bin" / "dermkohya")
     subprocess.run([dk, "demo-data", "datasets/demo/data", "--per-cell", "1"], cwd=copy, env=env, check=True)
     done = subprocess.run([dk, "sweep", "sweeps/demo.toml"], cwd=copy, env=env, capture_output=True, text=True)
