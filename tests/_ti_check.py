@@ -18,8 +18,9 @@ from safetensors.torch import load_file  # noqa: E402
 import train_network  # noqa: E402
 from library import strategy_sd, train_util  # noqa: E402
 
+sys.argv = ["train_network.py", "--config_file", config, "--dataset_config", dataset_config]  # kohya re-reads sys.argv
 parser = train_network.setup_parser()
-args = train_util.read_config_from_file(parser.parse_args(["--config_file", config, "--dataset_config", dataset_config]), parser)
+args = train_util.read_config_from_file(parser.parse_args(), parser)
 tokenizer = strategy_sd.SdTokenizeStrategy(args.v2, args.max_token_length, args.tokenizer_cache_dir)
 text_encoder, _, _, _ = train_util._load_target_model(args, torch.float32)
 weight = text_encoder.get_input_embeddings().weight
