@@ -10,7 +10,6 @@ rendered files are relative to the project root, which is where kohya runs.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shlex
 import tomllib
@@ -24,6 +23,7 @@ import tomli_w
 from dermkohya import __version__, basemodel, dataset, kohya, project
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.files import write_atomic
+from dermkohya.manifests import RunManifest
 from dermkohya.templating import file_environment, text_template
 from dermkohya.skin import FST_TYPES
 from dermkohya.spec import SMOKE_BASES, DatasetSection, RunSpec, load_run
@@ -52,7 +52,7 @@ class RenderedRun:
     files: dict[str, Path]
     launch_args: list[str]
     script_args: list[str]
-    manifest: dict[str, Any]
+    manifest: dict[str, Any]  # a manifests.RunManifest's data (what runs/<run>/manifest.json holds)
     dataset_dir: Path
     base_path: Path
     warnings: list[str] = field(default_factory=list)
@@ -275,8 +275,10 @@ def render(
         script_args=shlex.join(script_args),
     )
 
-    manifest = _manifest(spec, name, root, run_file, base_path, data_dir, info, counts, prompts, texts, launch_args, script_args)
-    texts["manifest.json"] = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    record = RunManifest.model_validate(_manifest(spec, name, root, run_file, base_path, data_dir, info, counts, prompts,
+                                                  texts, launch_args, script_args))
+    texts["manifest.json"] = record.to_json()
+    manifest = record.model_dump(mode="json")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -361,7 +363,8 @@ def _manifest(
     launch_args: list[str],
     script_args: list[str],
 ) -> dict[str, Any]:
-    """Everything the run used, so nothing about it is hidden state. Deterministic: no clocks, no hashes of big files."""
+    """Everything the run used, so nothing about it is hidden state. Deterministic: no clocks, no hashes of big files.
+    The data of a `manifests.RunManifest` (validated when rendered into manifest.json)."""
     try:
         sd_scripts = kohya.find_sd_scripts(root)
         sd_path: str | None = project_path(sd_scripts, root)

@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dermkohya import basemodel, dataset, kohya, locks, render, runstate
-from dermkohya.files import write_atomic
+from dermkohya import basemodel, dataset, kohya, locks, manifests, render, runstate
+from dermkohya.records import RecordError
 from dermkohya.errors import DermkohyaError, ProblemsError
 
 
@@ -179,7 +179,7 @@ def prepare_launch(
         warnings.append(commit_warning)
 
     argv = [str(python), *launch_args, str(sd_scripts / spec.script), *script_args]
-    manifest = dict(rendered.manifest)
+    manifest = manifests.launch_from(rendered.manifest)  # a LaunchManifest's data, validated when written
     manifest["base_model"] = base | {"sha256": None, "verified": False}
     manifest["sd_scripts"] = {"path": str(sd_scripts), "commit": kohya.sd_scripts_commit(sd_scripts), "pinned_commit": kohya.PINNED_COMMIT}
     manifest["command"] = argv
@@ -254,18 +254,18 @@ def check_resume(rendered: render.RenderedRun, state: Path) -> list[str]:
     previous = _read_manifest(rendered.output_dir / "manifest.json")
     _check_state_files(state)
     if previous is None:
-        return [f"--resume: no {where} to compare the run file, dataset and base model with; resuming {state.name} as it is"]
+        return [f"--resume: no readable {where} to compare the run file, dataset and base model with; resuming {state.name} as it is"]
     problems = []
-    before, now = _flat(previous.get("spec") or {}), _flat(rendered.spec.model_dump(mode="json"))
+    before, now = _flat(previous.spec), _flat(rendered.spec.model_dump(mode="json"))
     for key in sorted(set(before) | set(now)):
         if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_KEYS):
             section, _, leaf = key.rpartition(".")
             problems.append(f"[{section}] {leaf}: {before.get(key)!r} → {now.get(key)!r}" if section else f"{key}: {before.get(key)!r} → {now.get(key)!r}")
-    old_data = (previous.get("dataset") or {}).get("content_hash")
+    old_data = previous.dataset.content_hash
     if old_data and old_data != rendered.manifest["dataset"]["content_hash"]:
         problems.append(f"the dataset {rendered.dataset_dir} changed (content hash {old_data[:12]}… → "
                         f"{rendered.manifest['dataset']['content_hash'][:12]}…)")
-    old_base = (previous.get("base_model") or {}).get("sha256")
+    old_base = previous.base_model.sha256
     if old_base and not problems:
         sha256 = basemodel.sha256_path(rendered.base_path)
         if sha256 != old_base:
@@ -277,7 +277,7 @@ def check_resume(rendered: render.RenderedRun, state: Path) -> list[str]:
                         f"{', '.join(k.rstrip('.') for k in RESUMABLE_KEYS)} may change on a resume)"],
         )
     warnings = []
-    old_commit = (previous.get("sd_scripts") or {}).get("commit")
+    old_commit = previous.sd_scripts.commit
     current = kohya.sd_scripts_commit(kohya.find_sd_scripts(rendered.project_root))
     if old_commit != current:
         warnings.append(f"--resume: {state.name} was saved by sd-scripts {old_commit or 'of no git commit'}, now "
@@ -355,12 +355,12 @@ def _changed_files(before: dict[str, tuple[int, int]], after: dict[str, tuple[in
     return sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
 
 
-def _read_manifest(path: Path) -> dict[str, Any] | None:
+def _read_manifest(path: Path) -> manifests.LaunchManifest | None:
+    """The previous launch's record; None when missing or unreadable (an older dermkohya's): resume then warns."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return manifests.LaunchManifest.read(path)
+    except RecordError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -442,7 +442,7 @@ def _train_locked(
     manifest["state"] = runstate.RunState.RUNNING.value
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(manifest_path, manifest)
+        manifests.LaunchManifest.model_validate(manifest).write(manifest_path)
     except OSError as exc:
         raise DermkohyaError(f"{output_dir}: {exc.strerror} while writing manifest.json before the launch: kohya writes "
                              "the LoRA and its states there too, so free space there and train again") from None
@@ -494,7 +494,7 @@ def _train_locked(
     manifest["stopped"] = stopped.model_dump(exclude_none=True) if stopped else None
     manifest["state"] = state.value
     try:
-        _write_json(manifest_path, manifest)
+        manifests.LaunchManifest.model_validate(manifest).write(manifest_path)
     except OSError as exc:  # a full disk: what happened is still reported, only not recorded
         prepared.warnings.append(f"{manifest_path}: not updated ({exc.strerror}), so it still reads as running; "
                                  "free space there before the next train")
@@ -539,7 +539,3 @@ def _last_loss(lines: list[str]) -> float | None:
         if loss is not None:
             return loss
     return None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")

@@ -19,6 +19,8 @@ from safetensors.numpy import load_file, save_file
 from dermkohya import collect, lora
 from dermkohya.cli import main
 from dermkohya.errors import DermkohyaError, ProblemsError
+from dermkohya.manifests import LaunchManifest
+from dermkohya.records import RecordError
 
 from _kohya_run import kohya_run  # noqa: F401  (session fixture: a real 2-step kohya run)
 from _lora_fixture import kohya_tensors, write_kohya_lora
@@ -27,22 +29,30 @@ PROMPTS = [f"clinical dermatology photograph, {d}, Fitzpatrick skin type {f}" fo
 
 
 def make_manifest(**changes: object) -> dict:
+    """A launch manifest as `dermkohya train` writes it (validated by its record when collect reads it)."""
     manifest = {
+        "format": LaunchManifest.format_id(),
         "run_name": "demo",
         "run_file": "runs/demo.toml",
         "run_file_sha256": "a" * 64,
         "dermkohya_version": "0.1.0",
         "family": "sd15",
         "script": "train_network.py",
+        "spec": {"description": "test run"},
         "network": {"module": "networks.lora", "dim": 4, "alpha": 4.0},
         "train": {"learning_rate": 1e-4, "batch_size": 4, "epochs": 3, "mixed_precision": "fp16", "resolution": 512},
         "sd_scripts": {"path": "vendor/sd-scripts", "commit": "48d368fa557731ad0488c07304dfeba8c07910eb",
                        "pinned_commit": "48d368fa557731ad0488c07304dfeba8c07910eb"},  # fmt: skip
-        "base_model": {"path": "models/sd15.safetensors", "sha256": "b" * 64, "verified": True, "smoke": False},
-        "dataset": {"train_data_dir": "datasets/demo/data", "content_hash": "c" * 64, "images": 18,
+        "base_model": {"spec": "models/sd15.safetensors", "path": "models/sd15.safetensors", "expected_sha256": "b" * 64,
+                       "sha256": "b" * 64, "verified": True, "smoke": False},
+        "dataset": {"train_data_dir": "datasets/demo/data", "prepared": None, "content_hash": "c" * 64, "images": 18,
+                    "effective_samples": 18, "effective_counts": None, "skin_types": ["I", "II", "III", "IV", "V", "VI"],
                     "counts": {"psoriasis": {"I": 4, "III": 4, "V": 2}, "eczema": {"I": 4, "III": 3, "V": 1}},
                     "caption_template": "clinical dermatology photograph, {{ diagnosis }}, Fitzpatrick skin type {{ fst }}"},  # fmt: skip
         "sample_prompts": PROMPTS,
+        "rendered_sha256": {},
+        "launch_args": ["-m", "accelerate.commands.launch"],
+        "script_args": ["--config_file", "runs/demo/config.toml"],
         "command": ["python", "-m", "accelerate.commands.launch", "train_network.py", "--config_file", "runs/demo/config.toml"],
         "started": "2026-01-01T00:00:00+00:00",
         "finished": "2026-01-01T01:00:00+00:00",
@@ -239,12 +249,22 @@ def test_card_keeps_images_and_effective_samples_apart(tmp_path: Path) -> None:
     assert "18 labelled images (54 effective samples per epoch, images × repeats)" in checklist[0]["evidence"]
 
 
-def test_an_older_manifest_without_images_says_not_recorded(tmp_path: Path) -> None:
+def test_a_launch_manifest_missing_a_key_is_refused_by_its_record(tmp_path: Path) -> None:
+    # images and images × repeats apart (#11.6): a manifest without `images` is refused, never shown as a guess
     dataset = {k: v for k, v in make_manifest()["dataset"].items() if k != "images"}
     root = make_project(tmp_path, manifest=make_manifest(dataset=dataset))
-    card = (collect.collect("demo", project_root=root).parent / "model_card.md").read_text()
-    assert "- Images: not recorded\n" in card and "Trained on not recorded images" in card
-    assert "- Images: 18" not in card  # its counts may be images × repeats: never shown as images
+    with pytest.raises(RecordError, match=r"output/demo/manifest.json: not a valid launch-manifest record: "
+                                          r"dataset.images: Field required .*`dermkohya train RUN --new`"):
+        collect.collect("demo", project_root=root)
+    assert not (root / "artifacts").exists()
+
+
+def test_an_older_launch_manifest_without_format_is_refused(tmp_path: Path) -> None:
+    older = {k: v for k, v in make_manifest().items() if k != "format"}
+    root = make_project(tmp_path, manifest=older)
+    with pytest.raises(RecordError, match=r"manifest.json: an unversioned or foreign file, not a launch-manifest record "
+                                          r".*re-run `dermkohya train RUN --new`, or collect it with the dermkohya version"):
+        collect.collect("demo", project_root=root)
 
 
 def test_numeric_validation_is_ticked_by_an_evaluation_of_this_adapter(tmp_path: Path) -> None:
@@ -306,19 +326,21 @@ def test_collect_a_chosen_epoch(tmp_path: Path) -> None:
         collect.collect("demo", project_root=root, which="epoch:7")
 
 
-def test_collect_tolerates_a_sparse_manifest(tmp_path: Path) -> None:
-    root = make_project(tmp_path, manifest={"run_name": "demo", "network": {"dim": 4, "alpha": 4}}, samples=False)
+def test_collect_says_what_a_launch_did_not_record(tmp_path: Path) -> None:
+    base = make_manifest()["base_model"] | {"sha256": None, "verified": False}
+    sparse = make_manifest(base_model=base, train={}, sample_prompts=[], started=None, finished=None)
+    root = make_project(tmp_path, manifest=sparse, samples=False)
     artifact = collect.collect("demo", project_root=root)
     card = (artifact.parent / "model_card.md").read_text()
     assert "not recorded" in card and "No kohya sample images" in card
     checklist = json.loads((artifact.parent / "manifest.json").read_text())["collect"]["checklist"]
     unticked = {c["letter"]: c["evidence"] for c in checklist if not c["ticked"]}
-    assert set(unticked) == {"L", "O", "F", "I", "N", "E"}
+    assert set(unticked) == {"O", "F", "I", "N", "E"}  # L: the dataset part is always recorded
     assert "not recorded" in unticked["O"] and "learning rate" in unticked["F"]
 
 
 def test_collect_checks_rank_against_the_run(tmp_path: Path) -> None:
-    root = make_project(tmp_path, manifest=make_manifest(network={"dim": 16, "alpha": 16}))
+    root = make_project(tmp_path, manifest=make_manifest(network={"module": "networks.lora", "dim": 16, "alpha": 16}))
     with pytest.raises(ProblemsError, match="network dim is 16"):
         collect.collect("demo", project_root=root)
     assert not (root / "artifacts/demo/demo.safetensors").exists()
