@@ -106,7 +106,8 @@ def _(project: Project) -> None:
     assert "ENDED stopped 143" in out, out
     assert not running(kohya) and _members(group) == []
     manifest = json.loads((project.root / "output/tiny/manifest.json").read_text())
-    assert manifest["stopped"] == {"cause": "signal", "signal": "SIGTERM"} and manifest["state"] == "stopped"
+    stopped = manifest["stopped"]
+    assert (stopped["cause"], stopped["signal"], manifest["state"]) == ("signal", "SIGTERM", "stopped"), manifest
     for sig in (signal.SIGINT, signal.SIGHUP):
         folder = project.tmp / sig.name
         folder.mkdir()

@@ -128,12 +128,12 @@ def _(project: Project) -> None:
 
 
 @case("base-zero-bytes", A, "a `.safetensors` base of zero bytes",
-      "refuses before launch: names the file, says it is not readable (no 8-byte header) and to re-download it")
+      "refuses before launch: names the file, says it has 0 bytes (truncated) and to re-download it")
 def _(project: Project) -> None:
     project.write("models/base.safetensors", b"")
     project.freeze()
-    refused(project.cli("render", "runs/tiny.toml"), "models/base.safetensors: not a readable .safetensors file",
-            "buffer of 8 bytes", "re-download or re-export it", code=1)
+    refused(project.cli("render", "runs/tiny.toml"), "models/base.safetensors: not a valid safetensors file",
+            "only 0 bytes", "re-download or re-export it", code=1)
 
 
 @case("base-truncated", A, "a `.safetensors` base cut short (an interrupted download)",
@@ -142,18 +142,19 @@ def _(project: Project) -> None:
     data = (project.root / "models/base.safetensors").read_bytes()
     project.write("models/base.safetensors", data[: len(data) // 2])
     project.freeze()
-    refused(project.cli("render", "runs/tiny.toml"), "models/base.safetensors: not a readable .safetensors file",
-            "re-download or re-export it", code=1)
+    refused(project.cli("render", "runs/tiny.toml"), "models/base.safetensors: not a valid safetensors file",
+            "exceeds the file", "re-download or re-export it", code=1)
 
 
 @case("base-renamed-ckpt", A, "a pickled `.ckpt` renamed to `.safetensors`",
-      "refuses before launch: names the file and says it is not a readable .safetensors file (its zip header is no JSON header)")
+      "refuses before launch: names the file, says it is a pickle with a .safetensors name: rename it .ckpt or convert it")
 def _(project: Project) -> None:
     path = project.root / "models/base.safetensors"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
     project.freeze()
-    refused(project.cli("render", "runs/tiny.toml"), "models/base.safetensors: not a readable .safetensors file", code=1)
+    refused(project.cli("render", "runs/tiny.toml"), "models/base.safetensors: not a valid safetensors file",
+            "it is a pickle (a .ckpt or torch.save file)", "give it its .ckpt name, or convert it", code=1)
 
 
 def _plan(project: Project, body: str) -> str:
