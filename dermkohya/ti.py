@@ -419,18 +419,26 @@ def train_ti(run_file: Path, *, project_root: Path | None = None, on_line: Any =
         rendered = render_lora_phase(run, derived)
         phase = Phase("LoRA", run.spec.script, rendered.out_dir, rendered.output_dir, run.name, rendered.script_args,
                       rendered.config_keys)
-        lora_manifest = manifests.launch_from(json.loads(json.dumps(rendered.manifest)))
-        lora_manifest["dataset"]["trigger_words"] = [t.string for t in run.tokens]
-        lora_manifest["base_model"] |= {"derived_from": render.project_path(run.base_path, root),
-                                        "sha256": basemodel.sha256_path(run.base_path)}
         outcome = _launch(run, phase, on_line, held.fd)
         results.append(outcome)
         result = _finish(run, results, embeddings, outcome.output, derived, manifest, manifest_path)
-        lora_manifest |= {"exit_code": outcome.returncode, "command": outcome.argv,
-                          "textual_inversion": {k: manifest[k] for k in ("tokens", "embeddings", "init_word", "derived_base")}
-                          | {"token_scope": run.spec.textual_inversion.token_scope}}
-        manifests.LaunchManifest.model_validate(lora_manifest).write(output_dir / "manifest.json")
+        write_lora_manifest(run, rendered, outcome, manifest)
         return result
+
+
+def write_lora_manifest(run: TIRun, rendered: render.RenderedRun, outcome: PhaseResult, ti_manifest: dict[str, Any]) -> Path:
+    """output/<run>/manifest.json for the LoRA phase, as train writes it for a LoRA run (collect reads it),
+    with the base it was derived from and the tokens (the card's trigger words)."""
+    manifest = manifests.launch_from(json.loads(json.dumps(rendered.manifest)))
+    manifest["dataset"]["trigger_words"] = [t.string for t in run.tokens]
+    manifest["base_model"] |= {"derived_from": render.project_path(run.base_path, run.root),
+                               "sha256": basemodel.sha256_path(run.base_path)}
+    manifest |= {"exit_code": outcome.returncode, "command": outcome.argv,
+                 "textual_inversion": {k: ti_manifest[k] for k in ("tokens", "embeddings", "init_word", "derived_base")}
+                 | {"token_scope": run.spec.textual_inversion.token_scope}}
+    path = rendered.output_dir / "manifest.json"
+    manifests.LaunchManifest.model_validate(manifest).write(path)
+    return path
 
 
 def _finish(run: TIRun, results: list[PhaseResult], embeddings: dict[str, Path], lora: Path | None,
