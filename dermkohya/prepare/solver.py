@@ -191,6 +191,10 @@ class _Search:
 
     def __init__(self, cats: list[_Category], goal: list[float]) -> None:
         self.cats, self.goal = cats, goal
+        # Tried first: the categories that rule out the most totals (the least room above, the most below).
+        by_room = sorted(range(len(cats)), key=lambda c: cats[c].high / goal[c])
+        by_floor = sorted(range(len(cats)), key=lambda c: -cats[c].low / goal[c])
+        self.order = list(dict.fromkeys(c for pair in zip(by_room, by_floor) for c in pair))
 
     def totals(self, delta: float) -> range:
         low = max(sum(c.low for c in self.cats), *(math.ceil(c.low / ((1 + delta + EPS) * g))
@@ -212,8 +216,9 @@ class _Search:
             ok = np.ones(len(chunk), dtype=bool)
             lo_sum = np.zeros(len(chunk), dtype=np.int64)
             hi_sum = np.zeros(len(chunk), dtype=np.int64)
-            spans = []
-            for cat, g in zip(self.cats, self.goal):
+            spans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+            for c in self.order:
+                cat, g = self.cats[c], self.goal[c]
                 first = np.searchsorted(cat.values, np.ceil((1 - delta - EPS) * g * chunk), side="left")
                 last = np.searchsorted(cat.values, np.floor((1 + delta + EPS) * g * chunk), side="right") - 1
                 ok &= (first <= last) & (first < len(cat.values)) & (last >= 0)
@@ -221,10 +226,17 @@ class _Search:
                 last = np.clip(last, 0, len(cat.values) - 1)
                 lo_sum += cat.values[first]
                 hi_sum += cat.values[last]
-                spans.append((first, last))
+                spans[c] = (first, last)
+                if ok.sum() * 4 < len(chunk):  # most totals already ruled out: carry on with the rest only
+                    keep = np.flatnonzero(ok)
+                    chunk, ok, lo_sum, hi_sum = chunk[keep], ok[keep], lo_sum[keep], hi_sum[keep]
+                    spans = {k: (f[keep], l[keep]) for k, (f, l) in spans.items()}
+                    if not len(chunk):
+                        break
             ok &= (lo_sum <= chunk) & (chunk <= hi_sum)
             for j in np.flatnonzero(ok):
-                effective = _exact(self.cats, [(int(f[j]), int(l[j])) for f, l in spans], int(chunk[j]), self.goal)
+                window = [(int(spans[c][0][j]), int(spans[c][1][j])) for c in range(len(self.cats))]
+                effective = _exact(self.cats, window, int(chunk[j]), self.goal)
                 if effective is not None:
                     return int(chunk[j]), effective
         return None
