@@ -98,9 +98,10 @@ def test_restart_resumes_load_is_answered_cancel_stops_the_group(tmp_path: Path,
         one = second.client.get(f"/api/jobs/{one['id']}").json()
         assert one["resumed"] == 1 and one["status"] in ("queued", "running")
         _running(second, one["id"])
-        with ThreadPoolExecutor(max_workers=50) as pool:  # 200 GETs while the generation runs
-            paths = ["/api/runs", "/api/jobs", f"/api/jobs/{one['id']}", "/api/synthetic/set", "/"] * 40
-            statuses = list(pool.map(lambda p: httpx.get(second.url + p, timeout=120).status_code, paths))
+        paths = ["/api/runs", "/api/jobs", f"/api/jobs/{one['id']}", "/api/synthetic/set", "/"] * 40
+        with httpx.Client(base_url=second.url, timeout=120, limits=httpx.Limits(max_connections=200)) as client, \
+                ThreadPoolExecutor(max_workers=200) as pool:  # 200 GETs at once while the generation runs
+            statuses = list(pool.map(lambda p: client.get(p).status_code, paths))
         assert statuses == [200] * 200
         for job, count in ((one, 12), (two, 4)):
             done = second.wait_job(job["id"], ("finished", "failed", "cancelled"))
@@ -139,22 +140,26 @@ def test_requests_are_checked(tmp_path: Path) -> None:
             {"kind": "train", "run": "demo", "args": ["--max_train_steps", "1"]},
             {"kind": "evaluate", "synthetic": "nope", "real": "datasets"},
             {"kind": "evaluate", "synthetic": "set", "real": "/etc"},
+            {"kind": "evaluate", "synthetic": "set", "real": "datasets", "skip": ["fid", "nonsense"]},
             {"kind": "shell", "command": "rm -rf /"},
         ]
         for body in bad:
             answer = server.client.post("/api/jobs", json=body)
             assert answer.status_code == 422, (body, answer.text)
         assert server.client.get("/api/jobs").json() == []
-        assert sorted(p.name for p in (root / "plans").iterdir()) == ["demo.toml"]  # no plan written for a refused request
-        # a train job runs `dermkohya train` itself: here it stops at the CLI's dataset check (no kohya launched)
+        assert sorted(p.name for p in (root / "plans").glob("*.toml")) == ["demo.toml"]  # no plan written for a refused request
+        # a train job runs `dermkohya train` itself: here it stops at the CLI's checks (no dataset; kohya is never launched)
         job = server.client.post("/api/jobs", json={"kind": "train", "run": "demo"}).json()
         assert job["argv"] == ["train", "runs/demo.toml"]
         failed = server.wait_job(job["id"], ("failed", "finished", "stopped"), timeout=120)
-        assert failed["status"] == "failed" and "dataset folder" in " ".join(failed["log_tail"])
+        assert failed["status"] == "failed" and failed["returncode"] == 1 and "error:" in " ".join(failed["log_tail"])
         resumed = server.client.post(f"/api/jobs/{job['id']}/resume").json()
         assert resumed["argv"] == ["train", "runs/demo.toml", "--resume"]
         server.wait_job(resumed["id"], ("failed", "finished", "stopped"), timeout=120)
         assert server.client.post(f"/api/jobs/{resumed['id'] + 99}/resume").status_code == 404
+        evaluation = server.client.post("/api/jobs", json={"kind": "evaluate", "synthetic": "set", "real": "datasets", "skip": ["fid", "clip"]}).json()
+        assert evaluation["argv"] == ["evaluate", "--real", "datasets", "--synthetic", "synthetic/set", "--skip", "fid,clip"]
+        assert server.wait_job(evaluation["id"], ("failed", "finished"), timeout=300)["returncode"] is not None
     finally:
         server.stop()
 
