@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -49,3 +51,21 @@ def sha256_file(path: Path) -> str:
 
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def atomic_folder(dest: Path, build: Callable[[Path], None]) -> Path:
+    """Build into a sibling temp folder and rename it into place, so a half-built model is never seen
+    and two concurrent builders end with one complete copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.exists():
+                raise  # another builder did not win the race: a real failure
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
