@@ -189,15 +189,16 @@ def test_demo_ti_trains_both_phases_and_phase_two_sees_the_learned_vectors(tmp_p
         "erythema-patch.safetensors", "pustule-like-dots.safetensors", "scaly-plaque.safetensors"]
     assert "<scaly-plaque>" in (root / "artifacts" / "demo-ti" / "model_card.md").read_text()
 
-    # generate: tokens + LoRA on the base, a balanced 3 diagnoses × 4 skin types set
+    # generate: tokens + LoRA on the base, a balanced 3 diagnoses × 2 skin types set
     from dermkohya.generate import generate
 
     (root / "plans").mkdir()
-    shutil.copy(REPO / "plans" / "demo-ti.toml", root / "plans" / "demo-ti.toml")
+    plan = (REPO / "plans" / "demo-ti.toml").read_text()
+    (root / "plans" / "demo-ti.toml").write_text(plan.replace('["I", "III", "V", "VI"]', '["I", "VI"]').replace("count = 12", "count = 6"))
     monkeypatch.chdir(root)
     made = generate(Path("plans/demo-ti.toml"), show_progress=False)
     rows = (root / "synthetic" / "demo-ti" / "index.csv").read_text().splitlines()[1:]
-    assert len(rows) == 12 and all(any(f"<{d}>" in row for d in ("erythema-patch", "pustule-like-dots", "scaly-plaque")) for row in rows), made
+    assert len(rows) == 6 and all(any(f"<{d}>" in row for d in ("erythema-patch", "pustule-like-dots", "scaly-plaque")) for row in rows), made
     plan_json = json.loads((root / "synthetic" / "demo-ti" / "plan.json").read_text())
     assert len(plan_json["fingerprint"]["embeddings"]) == 1
     shutil.rmtree(root / "models" / "derived")  # GBs of hard links and a text encoder: not kept after the test
