@@ -157,6 +157,7 @@ def test_requests_are_checked(tmp_path: Path) -> None:
         assert resumed["argv"] == ["train", "runs/demo.toml", "--resume"]
         server.wait_job(resumed["id"], ("failed", "finished", "stopped"), timeout=120)
         assert server.client.post(f"/api/jobs/{resumed['id'] + 99}/resume").status_code == 404
+        assert server.client.get("/api/jobs/9999").status_code == server.client.delete("/api/jobs/9999").status_code == 404
         evaluation = server.client.post("/api/jobs", json={"kind": "evaluate", "synthetic": "set", "real": "datasets", "skip": ["fid", "clip"]}).json()
         assert evaluation["argv"] == ["evaluate", "--real", "datasets", "--synthetic", "synthetic/set", "--skip", "fid,clip"]
         assert server.wait_job(evaluation["id"], ("failed", "finished"), timeout=300)["returncode"] is not None

@@ -48,29 +48,27 @@ def create_job(request: Request, body: requests.JobRequest = Body(...)) -> dict[
     return _job_view(request, state.store.get(job_id))
 
 
-@jobs_router.get("/{job_id}")
-def get_job(job_id: int, request: Request) -> dict[str, Any]:
-    job = request.app.state.store.get(job_id)
+def _existing(job: dict[str, Any] | None) -> dict[str, Any]:
     if job is None:
         raise HTTPException(status_code=404, detail="no such job")
-    return _job_view(request, job)
+    return job
+
+
+@jobs_router.get("/{job_id}")
+def get_job(job_id: int, request: Request) -> dict[str, Any]:
+    return _job_view(request, _existing(request.app.state.store.get(job_id)))
 
 
 @jobs_router.delete("/{job_id}")
 def cancel_job(job_id: int, request: Request) -> dict[str, Any]:
     """Cancel: a queued job at once; a running one by stopping its process group (as Ctrl-C)."""
-    job = request.app.state.store.cancel(job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail="no such job")
-    return _job_view(request, job)
+    return _job_view(request, _existing(request.app.state.store.cancel(job_id)))
 
 
 @jobs_router.post("/{job_id}/resume", status_code=201)
 def resume_job(job_id: int, request: Request) -> dict[str, Any]:
     """A stopped or failed train job, continued from kohya's last saved state (`dermkohya train --resume`)."""
-    job = request.app.state.store.get(job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail="no such job")
+    job = _existing(request.app.state.store.get(job_id))
     if job["kind"] != "train" or job["status"] not in ("stopped", "failed", "cancelled"):
         raise HTTPException(status_code=409, detail="only a stopped, failed or cancelled train job can be resumed")
     return create_job(request, requests.TrainRequest(kind="train", run=job["params"]["run"], resume=True))
