@@ -11,11 +11,13 @@ tables, kohya's hyperparameters) are typed dicts; everything collect, the card o
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from dermkohya.records import Record
+from dermkohya.records import Record, RecordError
 
 Counts = dict[str, dict[str, int]]  # diagnosis → skin type → images
 
@@ -165,3 +167,44 @@ def launch_from(run: RunManifest | dict[str, Any], **launch: Any) -> dict[str, A
     """The launch manifest's data for a rendered run: its facts plus `launch`'s (validated when written)."""
     data = run.model_dump(mode="json") if isinstance(run, RunManifest) else dict(run)
     return data | {"format": LaunchManifest.format_id()} | launch
+
+
+class LaunchStatus(BaseModel):
+    """The few facts status readers (runstate, queue) take from a launch or artifact manifest."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    started: str | None = None
+    state: str | None = None
+    exit_code: int | None = None
+    interrupted: bool | None = None
+    loss_last: float | None = None
+    kohya_seconds: float | None = None
+
+
+def launch_status(path: Path) -> LaunchStatus | None:
+    """How the launch of a launch (or artifact) manifest stands; None when there is no readable one.
+
+    Status readers must never fail a listing on one run's file, so unlike `LaunchManifest.read` this does not
+    raise: a versioned file is read through its record (an invalid one counts as missing), and a file from
+    before records (no `format`) still gives the status keys it always held, so older runs keep their state.
+    """
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    record: type[Record] | None = {LaunchManifest.format_id(): LaunchManifest,
+                                   ArtifactManifest.format_id(): ArtifactManifest}.get(raw.get("format"))  # fmt: skip
+    if record is not None:
+        try:
+            return LaunchStatus.model_validate(record.from_data(raw, source=path).model_dump())
+        except RecordError:
+            return None
+    if "format" in raw:
+        return None  # another record, or a newer dermkohya's
+    try:
+        return LaunchStatus.model_validate(raw)  # written before manifests were records
+    except ValueError:
+        return None

@@ -14,7 +14,6 @@ folder, so their locks and launch manifests give every other state.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -31,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from dermkohya import locks, runstate
+from dermkohya import locks, manifests, runstate
 from dermkohya.errors import DermkohyaError
 from dermkohya.records import Record, RecordError
 
@@ -239,11 +238,8 @@ def _one_line(exc: DermkohyaError) -> str:
 
 
 def _loss(manifest_path: Path) -> float | None:
-    try:
-        value = json.loads(manifest_path.read_text(encoding="utf-8")).get("loss_last")
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, (int, float)) else None
+    launch = manifests.launch_status(manifest_path)
+    return launch.loss_last if launch is not None else None
 
 
 def _child_options(*, new: bool, strict: bool, online: bool, collect: bool) -> list[str]:
@@ -298,8 +294,8 @@ def _train_child(root: Path, name: str, path: Path, gpu: str, options: list[str]
         code = subprocess.run(argv, cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     row = Row(name, path, runstate.RunState.FAILED.value, seconds=time.monotonic() - started, gpu=gpu, log=log)
     manifest_path = root / "output" / name / "manifest.json"
-    launch = _read(manifest_path)
-    if launch is not None and _iso(launch.get("started")) >= started_at:  # this launch's, not an earlier one's
+    launch = manifests.launch_status(manifest_path)
+    if launch is not None and _iso(launch.started) >= started_at:  # this launch's, not an earlier one's
         row.loss = _loss(manifest_path)
         state = runstate.run_state(root, name)
         row.result = (state or runstate.RunState.FAILED).value
@@ -318,14 +314,6 @@ def _iso(value: Any) -> datetime:
         return datetime.fromisoformat(str(value))
     except ValueError:
         return datetime.min.replace(tzinfo=timezone.utc)
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def latest_artifact(root: Path, name: str) -> Path | None:
@@ -370,8 +358,8 @@ def queued_runs(root: Path) -> dict[str, str]:
             if record.source == "dermkohya" and run.status == "waiting":
                 queued[run.name] = who
             elif record.source == "slurm":
-                launch = _read(Path(root) / "output" / run.name / "manifest.json")
-                if launch is None or _iso(launch.get("started")) < _iso(record.since):
+                launch = manifests.launch_status(Path(root) / "output" / run.name / "manifest.json")
+                if launch is None or _iso(launch.started) < _iso(record.since):
                     queued[run.name] = who
     return queued
 
@@ -406,8 +394,7 @@ def project_runs(root: Path) -> list[RunInfo]:
             holder = locks.holder(locks.run_lock(root, name))
             if holder is not None:
                 info.pid, info.host = holder.pid, holder.host
-        launch = _read(root / "output" / name / "manifest.json") or {}
-        info.loss = launch.get("loss_last") if isinstance(launch.get("loss_last"), (int, float)) else None
+        info.loss = _loss(root / "output" / name / "manifest.json")
         log = root / "output" / name / "train.log"
         if log.is_file():
             for line in reversed(_tail(log)):

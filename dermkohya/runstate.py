@@ -16,14 +16,14 @@ any command (train, collect, a future status page or job queue) derives the same
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from dermkohya import locks
+from dermkohya.manifests import LaunchStatus, launch_status
 
 
 class RunState(StrEnum):
@@ -53,23 +53,15 @@ def ended(returncode: int, wrote_lora: bool, stopped: Stop | None) -> RunState:
     return RunState.FINISHED if returncode == 0 and wrote_lora else RunState.FAILED
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _collected(root: Path, name: str, launch: dict[str, Any] | None) -> bool:
+def _collected(root: Path, name: str, launch: LaunchStatus | None) -> bool:
     """An artifact filed from this launch (its manifest carries the launch's start time), or any artifact
     when no launch manifest is left to compare with."""
     folder = root / "artifacts" / name
     if not folder.is_dir():
         return False
     for path in folder.glob("manifest*.json"):
-        record = _read(path)
-        if record is not None and (launch is None or record.get("started") == launch.get("started")):
+        record = launch_status(path)
+        if record is not None and (launch is None or record.started == launch.started):
             return True
     return False
 
@@ -80,18 +72,18 @@ def run_state(root: Path, name: str) -> RunState | None:
     holder = locks.holder(locks.run_lock(root, name))
     if holder is not None and holder.purpose == "train" and locks.alive(holder) is not False:
         return RunState.RUNNING
-    launch = _read(root / "output" / name / "manifest.json")
-    if launch is not None and ("state" in launch or "exit_code" in launch):
+    launch = launch_status(root / "output" / name / "manifest.json")
+    if launch is not None and (launch.state is not None or launch.exit_code is not None):
         if _collected(root, name, launch):
             return RunState.COLLECTED
-        recorded = launch.get("state")
+        recorded = launch.state
         if recorded == RunState.RUNNING:
             return RunState.FAILED  # no live holder: dermkohya died without recording how it ended
         if recorded in set(RunState):
             return RunState(recorded)
-        if launch.get("exit_code") == 0:  # written before states were recorded
+        if launch.exit_code == 0:  # written before states were recorded
             return RunState.FINISHED
-        return RunState.STOPPED if launch.get("interrupted") else RunState.FAILED
+        return RunState.STOPPED if launch.interrupted else RunState.FAILED
     if _collected(root, name, None):
         return RunState.COLLECTED
     if (root / "runs" / name / "manifest.json").is_file():

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from dermkohya import runstate
+from dermkohya import manifests, runstate
 from dermkohya.errors import DermkohyaError, ProblemsError
 from dermkohya.files import write_atomic
 from dermkohya.records import Record
@@ -377,11 +377,11 @@ def variant_record(sweep: Sweep, variant: str, project_root: Path, note: str | N
 
     run = sweep.run_name(variant)
     state = runstate.run_state(project_root, run)
-    launch = queue._read(project_root / "output" / run / "manifest.json") or {}
+    launch = manifests.launch_status(project_root / "output" / run / "manifest.json") or manifests.LaunchStatus()
     artifact = queue.latest_artifact(project_root, run)
     record = VariantRecord(variant=variant, run=run, run_file=sweep.run_file(variant).as_posix(),
                            overrides=sweep.variants[variant], state=state.value if state else None,
-                           seconds=launch.get("kohya_seconds"), loss=launch.get("loss_last"),
+                           seconds=launch.kohya_seconds, loss=launch.loss_last,
                            artifact=_relative(artifact, project_root) if artifact else None, note=note)
     report = project_root / "reports" / f"{run}.json"
     if sweep.spec.evaluate is not None and report.is_file():

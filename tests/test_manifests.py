@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dermkohya.manifests import ArtifactManifest, LaunchManifest, RunManifest, launch_from
+from dermkohya.manifests import ArtifactManifest, LaunchManifest, LaunchStatus, RunManifest, launch_from, launch_status
 from dermkohya.records import RecordError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,3 +95,15 @@ def test_a_key_nothing_writes_is_refused(tmp_path: Path) -> None:
 def test_the_committed_demo_manifest_is_a_current_run_manifest() -> None:
     demo = RunManifest.read(DEMO)  # `dermkohya render runs/demo.toml` rewrites it
     assert demo.run_name == "demo" and demo.base_model.smoke and demo.dataset.images == 18
+
+
+def test_status_readers_get_a_launch_through_its_record_and_older_files_still_read(tmp_path: Path) -> None:
+    path = LaunchManifest.model_validate(launch_data()).write(tmp_path / "manifest.json")
+    status = launch_status(path)
+    assert status is not None and (status.state, status.exit_code, status.loss_last) == ("finished", 0, 0.12)
+    path.write_text(json.dumps({"exit_code": 130, "interrupted": True}), encoding="utf-8")  # before records
+    assert launch_status(path) == LaunchStatus(exit_code=130, interrupted=True)
+    broken = {k: v for k, v in launch_data().items() if k != "network"}
+    path.write_text(json.dumps(broken), encoding="utf-8")
+    assert launch_status(path) is None  # a versioned file that is not a valid record counts as missing
+    assert launch_status(tmp_path / "absent.json") is None
