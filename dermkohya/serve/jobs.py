@@ -219,12 +219,17 @@ class Workers:
 
     def _loop(self, gpu: str | None) -> None:
         while not self.closing.is_set():
-            job = self.store.claim(f"gpu {gpu}" if gpu is not None else "cpu")
-            if job is None:
-                self.wake.wait(1.0)
-                self.wake.clear()
-                continue
-            self._run(job, gpu)
+            job = None
+            try:
+                job = self.store.claim(f"gpu {gpu}" if gpu is not None else "cpu")
+                if job is not None:
+                    self._run(job, gpu)
+                    continue
+            except (sqlite3.Error, OSError) as exc:  # a busy database or a job that could not start: the worker lives on
+                if job is not None:
+                    self.store.update(job["id"], status="failed", ended=_now(), message=f"could not run: {exc}")
+            self.wake.wait(1.0)
+            self.wake.clear()
 
     def _run(self, job: dict[str, Any], gpu: str | None) -> None:
         env = dict(os.environ)
