@@ -7,7 +7,6 @@ session (cached under the session's base temp folder) because kohya takes about 
 
 from __future__ import annotations
 
-import json
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from PIL import Image
 
 from dermkohya import basemodel, dataset, kohya
+from dermkohya.manifests import LaunchManifest
 
 RUN = "smoke"
 PROMPT = "clinical dermatology photograph, psoriasis, Fitzpatrick skin type III"
@@ -51,25 +51,32 @@ def train_two_steps(root: Path) -> Path:
     result = subprocess.run(argv, cwd=sd_scripts, env=kohya.kohya_env(), capture_output=True, text=True)
     (root / "train.log").write_text(result.stdout + result.stderr, encoding="utf-8")
     assert result.returncode == 0 and (out / f"{RUN}.safetensors").is_file(), (result.stdout + result.stderr)[-3000:]
-    manifest = {
+    manifest = LaunchManifest.model_validate({  # as `dermkohya train` writes it, through its record
         "run_name": RUN,
         "run_file": f"runs/{RUN}.toml",
+        "run_file_sha256": "0" * 64,
+        "spec": {"description": "two kohya steps on the smoke model"},
         "dermkohya_version": "test",
         "family": "sd15",
         "script": "train_network.py",
         "network": {"module": "networks.lora", "dim": 16, "alpha": 16.0},
         "train": {"learning_rate": 1e-4, "batch_size": 1, "max_steps": 2, "mixed_precision": "no", "resolution": 64},
         "sd_scripts": {"path": str(sd_scripts), "commit": kohya.sd_scripts_commit(sd_scripts), "pinned_commit": kohya.PINNED_COMMIT},
-        "base_model": {"path": str(model_dir), "sha256": basemodel.sha256_path(model_dir), "verified": False, "smoke": True},
-        "dataset": {"train_data_dir": "data", "content_hash": dataset.content_hash(root / "data"),
-                    "counts": {"psoriasis": {"III": 4}}, "images": 4, "caption_template": PROMPT},  # fmt: skip
+        "base_model": {"spec": "random:sd15", "path": str(model_dir), "expected_sha256": None,
+                       "sha256": basemodel.sha256_path(model_dir), "verified": False, "smoke": True},
+        "dataset": {"train_data_dir": "data", "prepared": None, "content_hash": dataset.content_hash(root / "data"),
+                    "counts": {"psoriasis": {"III": 4}}, "images": 4, "effective_samples": 4, "effective_counts": None,
+                    "caption_template": PROMPT, "skin_types": ["III"]},  # fmt: skip
         "sample_prompts": [PROMPT],
+        "rendered_sha256": {},
+        "launch_args": argv[1:5],
+        "script_args": argv[6:],
         "command": argv,
         "started": started,
         "finished": _now(),
         "exit_code": 0,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    })
+    manifest.write(out / "manifest.json")
     return root
 
 
