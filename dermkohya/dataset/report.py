@@ -1,6 +1,6 @@
 """The checker's result: every problem of one dataset plus the summary a practitioner wants before training.
 
-Typed data only: `dermkohya check` prints it (cli.py) or writes `to_dict()` as JSON; training refuses
+Typed data only: `dermkohya check` prints it (dermkohya/cli/) or writes `to_dict()` as JSON; training refuses
 to start on `has_errors()`.
 """
 
