@@ -189,29 +189,69 @@ def render(
             "use a prepared dataset ([dataset] prepared = ...) or set cache_latents_to_disk = false"
         )
     counts = info.get("counts_before") or dataset.metadata_counts(data_dir)  # images, not images × repeats
+    base_path, tokenizer_dir = _base(spec, root, run_file, warnings)
+    if phase2 is not None:
+        base_path, tokenizer_dir = phase2["base_path"], phase2["tokenizer_cache_dir"]
 
-    # One resolver for every stage; a base that is already there is checked against [model] family
-    # here (a header read), so a mismatch stops before any expensive check or launch.
+    output_dir = root / "output" / name
+    prompts = _sample_prompts(spec, counts)
+    out_rel = project_path(out_dir, root)
+    context = _context(spec, name, root, run_file, base_path, tokenizer_dir, output_dir, out_rel, prompts, subsets)
+    env = _environment()
+    texts = {
+        "config.toml": env.get_template("config.toml.j2").render(context),
+        "dataset.toml": phase2["dataset.toml"] if phase2 else dataset_config(
+            spec.dataset, what=f"run `{name}`", source=project_path(run_file, root), resolution=spec.resolution,
+            batch_size=spec.train.batch_size, validation_split=spec.validation.split, subsets=subsets),
+    }
+    if prompts:
+        texts["sample_prompts.txt"] = env.get_template("sample_prompts.txt.j2").render(context)
+    config_keys = _config_keys(spec, texts["config.toml"], run_file, root, check_keys, warnings)
+
+    script_args = ["--config_file", f"{out_rel}/config.toml", "--dataset_config", f"{out_rel}/dataset.toml"]
+    launch_args = _launch_args(spec)
+    texts["train_command.sh"] = _train_command(env, context, spec, root, out_rel, launch_args, script_args)
+    record = RunManifest.model_validate(_manifest(spec, name, root, run_file, base_path, data_dir, info, counts, prompts,
+                                                  texts, launch_args, script_args))
+    texts["manifest.json"] = record.to_json()
+    return RenderedRun(
+        name=name,
+        spec=spec,
+        run_file=run_file,
+        project_root=root,
+        out_dir=out_dir,
+        output_dir=output_dir,
+        files=_write_rendered(out_dir, texts),
+        launch_args=launch_args,
+        script_args=script_args,
+        manifest=record.model_dump(mode="json"),
+        dataset_dir=data_dir,
+        base_path=base_path,
+        warnings=warnings,
+        config_keys=frozenset(config_keys),
+    )
+
+
+def _base(spec: RunSpec, root: Path, run_file: Path, warnings: list[str]) -> tuple[Path, Path]:
+    """The base's path and the tokenizer cache kohya gets. One resolver for every stage; a base that is
+    already there is checked against [model] family here (a header read), so a mismatch stops before any
+    expensive check or launch. The tokenizer cache is always rendered: offline, kohya asks the hub for the
+    CLIP tokenizer of every base but this cache."""
     base = basemodel.resolve_base(spec.model.base, root, must_exist=False)
     if base.found:
         basemodel.check_family(base, spec.model.family, run_file)
-    base_path = base.path
-    # Always rendered: offline, kohya asks the hub for the CLIP tokenizer of every base but this cache.
-    tokenizer_dir = basemodel.tokenizer_cache_dir(root)
     if base.smoke:
         warnings.append(f"base `{spec.model.base}` is a RANDOM-WEIGHT smoke model: the LoRA proves the pipeline, not the data")
     elif base.warning:
         warnings.append(base.warning)
-    if phase2 is not None:
-        base_path, tokenizer_dir = phase2["base_path"], phase2["tokenizer_cache_dir"]
+    return base.path, basemodel.tokenizer_cache_dir(root)
 
+
+def _context(spec: RunSpec, name: str, root: Path, run_file: Path, base_path: Path, tokenizer_dir: Path,
+             output_dir: Path, out_rel: str, prompts: list[dict[str, Any]], subsets: list[Subset]) -> dict[str, Any]:
+    """What the templates read: every path relative to the project root, where kohya runs."""
     resolution = spec.resolution
-    output_dir = root / "output" / name
-    prompts = _sample_prompts(spec, counts)
-    sample_width = spec.sample.width or resolution
-    sample_height = spec.sample.height or resolution
-    out_rel = project_path(out_dir, root)
-    context: dict[str, Any] = {
+    return {
         "spec": spec,
         "run_name": name,
         "run_file": project_path(run_file, root),
@@ -229,23 +269,19 @@ def render(
         "subsets": subsets,
         "prompts": prompts,
         "negative": spec.sample.negative,
-        "width": sample_width,
-        "height": sample_height,
+        "width": spec.sample.width or resolution,
+        "height": spec.sample.height or resolution,
         "steps": spec.sample.steps,
         "guidance": spec.sample.guidance,
         "passthrough": sorted(spec.kohya.items()),
     }
-    env = _environment()
-    texts = {
-        "config.toml": env.get_template("config.toml.j2").render(context),
-        "dataset.toml": phase2["dataset.toml"] if phase2 else dataset_config(
-            spec.dataset, what=f"run `{name}`", source=project_path(run_file, root), resolution=resolution,
-            batch_size=spec.train.batch_size, validation_split=spec.validation.split, subsets=subsets),
-    }
-    if prompts:
-        texts["sample_prompts.txt"] = env.get_template("sample_prompts.txt.j2").render(context)
 
-    config = tomllib.loads(texts["config.toml"])
+
+def _config_keys(spec: RunSpec, config_text: str, run_file: Path, root: Path, check_keys: bool,
+                 warnings: list[str]) -> set[str]:
+    """The rendered config's keys: none may clash with a key dermkohya renders itself, and (check_keys)
+    each must be an option of sd-scripts' own parser, which silently ignores unknown ones."""
+    config = tomllib.loads(config_text)
     config_keys = _flatten_keys(config)
     own_keys = _flatten_keys({k: v for k, v in config.items() if k != "kohya"}) | {"config_file", "dataset_config"}
     clashes = sorted(set(spec.kohya) & own_keys)
@@ -256,15 +292,18 @@ def render(
         )
     if check_keys:
         warnings += check_keys_against_kohya(spec.script, config_keys, run_file, project_root=root)
+    return config_keys
 
-    script_args = ["--config_file", f"{out_rel}/config.toml", "--dataset_config", f"{out_rel}/dataset.toml"]
-    launch_args = _launch_args(spec)
+
+def _train_command(env: jinja2.Environment, context: dict[str, Any], spec: RunSpec, root: Path, out_rel: str,
+                   launch_args: list[str], script_args: list[str]) -> str:
+    """train_command.sh: the exact argv, shell-quoted, runnable by hand from anywhere."""
     depth = len(Path(out_rel).parts)
     default_sd_scripts, default_python = project.kohya_paths(root)
     if spec.network.module.startswith("dermkohya."):
         project.ensure_kohya_import_dir(root)  # what train_command.sh puts on kohya's PYTHONPATH
     import_dir = project_path(project.kohya_import_dir(root), root)
-    texts["train_command.sh"] = env.get_template("train_command.sh.j2").render(
+    return env.get_template("train_command.sh.j2").render(
         context,
         up="/".join([".."] * depth) if depth else ".",
         default_python=project_path(default_python, root),
@@ -275,11 +314,9 @@ def render(
         script_args=shlex.join(script_args),
     )
 
-    record = RunManifest.model_validate(_manifest(spec, name, root, run_file, base_path, data_dir, info, counts, prompts,
-                                                  texts, launch_args, script_args))
-    texts["manifest.json"] = record.to_json()
-    manifest = record.model_dump(mode="json")
 
+def _write_rendered(out_dir: Path, texts: dict[str, str]) -> dict[str, Path]:
+    """Write what changed (atomically); a sample_prompts.txt of ours goes when a run has no prompts now."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     stale = out_dir / "sample_prompts.txt"
@@ -291,22 +328,7 @@ def render(
             write_atomic(path, text)
         files[filename] = path
     files["train_command.sh"].chmod(0o755)
-    return RenderedRun(
-        name=name,
-        spec=spec,
-        run_file=run_file,
-        project_root=root,
-        out_dir=out_dir,
-        output_dir=output_dir,
-        files=files,
-        launch_args=launch_args,
-        script_args=script_args,
-        manifest=manifest,
-        dataset_dir=data_dir,
-        base_path=base_path,
-        warnings=warnings,
-        config_keys=frozenset(config_keys),
-    )
+    return files
 
 
 def _flatten_keys(config: dict[str, Any]) -> set[str]:
