@@ -278,6 +278,8 @@ def launch(
     hold_fds: tuple[int, ...] = (),
 ) -> LaunchResult:
     """Run kohya in its own process group, teeing every byte to log_path and every line to on_line.
+    (Long: the start, the reading loop, the signal handlers and the stop are one supervision, and every
+    exit path must restore the handlers and reap the group.)
 
     The group's leader is dermkohya's watchdog (watchdog.py), which runs kohya as its child and stops the
     whole group if dermkohya dies, SIGKILL included. SIGINT (Ctrl-C, or a KeyboardInterrupt from on_line),

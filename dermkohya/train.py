@@ -110,6 +110,10 @@ def prepare_launch(
 ) -> PreparedLaunch:
     """Everything before kohya starts. With overlap=False the slow checks run here too, before returning.
 
+    Long because its order is the contract: refusals that touch nothing of the user's come first (a
+    finished or unfinished run, an unwritable output), then the cheap checks, then the slow ones that may
+    overlap kohya's start-up; splitting it would hide that order.
+
     `gpu_ids` (the queue's `--gpus`) replaces the run file's [launch] gpu_ids for this launch only; the
     launch manifest records both, so the run file stays the truth of what the run asked for.
     """
@@ -423,7 +427,11 @@ def _train_locked(
     lock_fd: int = -1,
     gpu_ids: str | None = None,
 ) -> TrainResult:
-    """`train` once the run's lock is held; kohya's watchdog holds it too, until kohya's group has gone."""
+    """`train` once the run's lock is held; kohya's watchdog holds it too, until kohya's group has gone.
+
+    Long because it is the one place that records what happened, in order: nothing to do, launch, the
+    stop cause, the exit code that kohya gave or dermkohya decides (no LoRA, NaN loss, a crash after the
+    last save), collect; each outcome writes the launch manifest before it returns or raises."""
     started = time.monotonic()
     root = (project_root or Path.cwd()).resolve()
     prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict, gpu_ids=gpu_ids)

@@ -101,7 +101,10 @@ def _number(key: str, value: Any, where: str) -> Any:
 
 
 def read(data: dict[str, Any], where: str) -> Source:
-    """One GUI config → a Source with a note for every key."""
+    """One GUI config → a Source with a note for every key.
+
+    Long on purpose: it follows kohya_ss' `lora_gui.py::train_model` key by key, in its order, so the two
+    can be read side by side when the GUI changes; each branch is a few lines."""
     source = Source(path=where, kind="kohya_ss GUI config", family="sdxl" if _truthy(data.get("sdxl")) else "sd15")
     for switch in FAMILY_SWITCHES:
         if _truthy(data.get(switch)):
