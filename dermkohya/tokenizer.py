@@ -23,25 +23,12 @@ def _clip_bpe_file() -> Path:
     return clip_bpe.require_merges_file()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map of the 256 byte values to printable unicode symbols (the vocabulary's alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes)))
-
-
 def _write_clip_vocab(folder: Path) -> tuple[Path, Path]:
     """vocab.json and merges.txt in the layout transformers' CLIPTokenizer reads, derived from the BPE
     merges the way OpenAI's CLIP builds its vocabulary (byte symbols, their word-final forms, merges,
     then the two special tokens): 49408 entries, the ids every SD checkpoint was trained with."""
     merges = clip_bpe.read_merges(_clip_bpe_file())
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(clip_bpe.bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     if len(vocab) != CLIP_VOCAB_SIZE:
