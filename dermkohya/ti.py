@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,11 @@ from dermkohya.files import write_atomic
 from dermkohya.spec import RunSpec, load_run
 from dermkohya.names import slug
 from dermkohya.templating import text_template
+from dermkohya.embeddings import (  # noqa: F401 (re-exported for collect, generate and tests)
+    CLIP_L_DIR, DerivedBase, build_derived_base, describe_embedding, embedding_files, load_embeddings, read_embedding,
+)
 
 TI_SCRIPTS: dict[str, str] = {"sd15": "train_textual_inversion.py", "sdxl": "sdxl_train_textual_inversion.py"}
-CLIP_L_DIR = basemodel.CLIP_L_TOKENIZER_ID.replace("/", "_")
 
 
 
@@ -232,85 +233,6 @@ def render_ti(run_file: Path, *, project_root: Path | None = None, check_keys: b
 
 
 # ---- the derived base -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DerivedBase:
-    base: Path  # a diffusers folder kohya loads as it loads any base
-    tokenizer_cache_dir: Path  # kohya's --tokenizer_cache_dir: the CLIP tokenizer with the new tokens
-    sha256: str  # of the new text encoder and tokenizer files (unet/vae are the base's own)
-    token_ids: dict[str, list[int]]
-
-
-def read_embedding(path: Path) -> Any:
-    """kohya's TI file: {"emb_params": [vectors, 768]} (SD 1.5); returns the tensor."""
-    from safetensors.torch import load_file
-
-    data = load_file(str(path))
-    if "emb_params" not in data:
-        raise DermkohyaError(f"{path}: no `emb_params` tensor: not a kohya SD 1.5 textual-inversion file")
-    return data["emb_params"]
-
-
-def _link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """A hard link (no GBs copied), a copy where the base is on another file system."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple[list[str], Path]], dest: Path) -> DerivedBase:
-    """The base with the learned tokens: new rows appended to its text encoder, a tokenizer that knows them.
-
-    `embeddings` lists (token strings as kohya added them, kohya's .safetensors) in order; ids follow the
-    base vocabulary in that order, as kohya's phase-1 run gave them (each run alone adds its own at the end).
-    """
-    import torch
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    if not (base / "model_index.json").is_file():
-        raise DermkohyaError(f"{base}: phase 2 of ti_then_lora needs a diffusers-folder base (or random:sd15); "
-                             "convert a single-file checkpoint to a diffusers folder first")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "base").mkdir(parents=True)
-    for item in base.iterdir():
-        if item.name in ("text_encoder", "tokenizer"):
-            continue
-        target = tmp / "base" / item.name
-        if item.is_dir():
-            shutil.copytree(item, target, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(item, target)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_cache / CLIP_L_DIR))
-    encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder"))
-    token_ids: dict[str, list[int]] = {}
-    rows = []
-    for strings, path in embeddings:
-        vectors = read_embedding(path)
-        if vectors.shape[0] != len(strings):
-            raise DermkohyaError(f"{path}: {vectors.shape[0]} vectors for {len(strings)} token strings")
-        if tokenizer.add_tokens(strings) != len(strings):
-            raise DermkohyaError(f"{path}: token {strings[0]} is already in the tokenizer: choose another token_template")
-        token_ids[strings[0]] = tokenizer.convert_tokens_to_ids(strings)
-        rows.append(vectors)
-    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # every new row is set below
-    weight = encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for (first, ids), vectors in zip(token_ids.items(), rows):
-            weight[ids] = vectors.to(weight.dtype)
-    encoder.save_pretrained(str(tmp / "base" / "text_encoder"), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp / "base" / "tokenizer"))
-    tokenizer.save_pretrained(str(tmp / "tokenizers" / CLIP_L_DIR))
-    digest = hashlib.sha256()
-    for folder in (tmp / "base" / "text_encoder", tmp / "tokenizers" / CLIP_L_DIR):
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                digest.update(path.relative_to(tmp).as_posix().encode() + b"\0" + path.read_bytes())
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return DerivedBase(dest / "base", dest / "tokenizers", digest.hexdigest(), token_ids)
 
 
 # ---- training ---------------------------------------------------------------------------------------------
@@ -537,50 +459,3 @@ def train_result(run_file: Path, *, project_root: Path | None = None, resume: bo
         name=result.name, lora=(result.lora or last.log_path.parent) if ok else None,  # TI alone: the embeddings' folder returncode=result.returncode, interrupted=False,
         log_path=last.log_path, manifest_path=result.manifest_path, hint=last.hint, tail=last.tail,
         state=runstate.RunState.FINISHED if ok else runstate.RunState.FAILED)
-
-
-# ---- generate and inspect ---------------------------------------------------------------------------------
-
-
-def embedding_files(path: Path, token: str | None = None) -> list[tuple[Path, str]]:
-    """(file, token) for a plan's [[embedding]] entry: one file, or every .safetensors of a collected folder.
-    The token is the entry's, else the file's `dermkohya.token`, else `<file stem>`."""
-    from dermkohya import lora
-
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise DermkohyaError(f"[[embedding]] path {path}: no textual-inversion .safetensors there: "
-                             "give artifacts/<run>/<run>-embeddings or one of its files")
-    if token is not None and len(files) > 1:
-        raise DermkohyaError(f"[[embedding]] path {path}: `token` names one token but the folder holds {len(files)} files")
-    return [(f, token or lora.read_header(f).metadata.get("dermkohya.token") or f"<{f.stem}>") for f in files]
-
-
-def load_embeddings(pipe: Any, entries: list[Any]) -> list[str]:
-    """diffusers' load_textual_inversion for each file (kohya's `emb_params` format); returns the tokens."""
-    loaded = []
-    for entry in entries:
-        for path, token in embedding_files(Path(entry.path), entry.token):
-            pipe.load_textual_inversion(str(path), token=token)
-            loaded.append(token)
-    return loaded
-
-
-def describe_embedding(path: Path) -> dict[str, Any] | None:
-    """What `inspect` shows for a textual-inversion file (kohya/A1111 `emb_params`, or diffusers' one
-    key per token); None for anything else, e.g. a LoRA."""
-    from dermkohya import lora
-
-    sf = lora.read_header(path)
-    tensors = {name: entry for name, entry in sf.tensors.items()}
-    if not tensors or len(tensors) > 2 or not all(len(e.shape) in (1, 2) for e in tensors.values()):
-        return None
-    if not ("emb_params" in tensors or "clip_l" in tensors or len(tensors) == 1):
-        return None
-    return {
-        "kind": "textual inversion embedding",
-        "tensors": {name: {"shape": list(e.shape), "dtype": e.dtype} for name, e in tensors.items()},
-        "vectors": next(iter(tensors.values())).shape[0] if len(next(iter(tensors.values())).shape) == 2 else 1,
-        "token": sf.metadata.get("dermkohya.token"),
-        "dermkohya": {k: v for k, v in sf.metadata.items() if k.startswith("dermkohya.")},
-    }
