@@ -34,8 +34,10 @@ data_loader_workers = 0
 persistent_data_loader_workers = false
 """
 
-STAND_IN = '''
-import argparse, json, os, sys, time, tomllib
+# What every stand-in train_network.py shares: kohya's setup_parser() with the options of known_keys.json, and
+# the rendered --config_file read flat, as kohya's read_config_from_file merges its sections.
+STAND_IN_HEAD = '''
+import argparse, json, os, shutil, sys, time, tomllib, zipfile
 from pathlib import Path
 
 def setup_parser():
@@ -46,10 +48,16 @@ def setup_parser():
     parser.add_argument("--dataset_config")
     return parser
 
-if __name__ == "__main__":
-    args = setup_parser().parse_args()
+def read_config(lenient=False):
+    parser = setup_parser()
+    args = parser.parse_known_args()[0] if lenient else parser.parse_args()
     config = tomllib.loads(Path(args.config_file).read_text())
-    flat = {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+    return {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+'''
+
+STAND_IN = STAND_IN_HEAD + '''
+if __name__ == "__main__":
+    flat = read_config()
     out = Path(flat["output_dir"])
     (out / "stand-in.pid").write_text(str(os.getpid()))
     time.sleep(float(os.environ["STAND_IN_STARTUP_S"]))

@@ -22,27 +22,14 @@ from dermkohya.cli import main
 from dermkohya.errors import DermkohyaError, ProblemsError
 
 from _lora_fixture import write_kohya_lora
-from _stand_in import make_project
+from _stand_in import STAND_IN_HEAD, make_project
 
 pytest.importorskip("accelerate", reason="the stand-in is launched through accelerate, as kohya is")
 
 # train_network.py as far as the queue sees it: the LoRA in --output_dir, or exit 1 for STAND_IN_FAIL's run.
-STAND_IN = '''
-import argparse, json, os, shutil, sys, tomllib
-from pathlib import Path
-
-def setup_parser():
-    parser = argparse.ArgumentParser()
-    for key in json.loads((Path(__file__).parent / "known_keys.json").read_text()):
-        parser.add_argument("--" + key)
-    parser.add_argument("--config_file")
-    parser.add_argument("--dataset_config")
-    return parser
-
+STAND_IN = STAND_IN_HEAD + '''
 if __name__ == "__main__":
-    args = setup_parser().parse_args()
-    config = tomllib.loads(Path(args.config_file).read_text())
-    flat = {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+    flat = read_config()
     out, name = Path(flat["output_dir"]), flat["output_name"]
     (out / "cuda.txt").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
     if name == os.environ.get("STAND_IN_FAIL"):

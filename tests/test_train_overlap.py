@@ -22,7 +22,7 @@ from dermkohya import basemodel, kohya, render, train
 from dermkohya.errors import DermkohyaError, ProblemsError
 
 from _processes import running
-from _stand_in import base_checkpoint
+from _stand_in import STAND_IN_HEAD, base_checkpoint
 
 pytest.importorskip("accelerate", reason="the stand-in is launched through accelerate, as kohya is")
 
@@ -42,23 +42,10 @@ persistent_data_loader_workers = false
 
 # kohya's train_network.py as far as dermkohya sees it: setup_parser() with the options of known_keys.json,
 # a slow start-up, tqdm progress lines, the LoRA in --output_dir.
-STAND_IN = '''
-import argparse, json, os, sys, time, tomllib
-from pathlib import Path
-
-def setup_parser():
-    parser = argparse.ArgumentParser()
-    for key in json.loads((Path(__file__).parent / "known_keys.json").read_text()):
-        parser.add_argument("--" + key)
-    parser.add_argument("--config_file")
-    parser.add_argument("--dataset_config")
-    return parser
-
+STAND_IN = STAND_IN_HEAD + '''
 if __name__ == "__main__":
-    args = setup_parser().parse_args()
+    flat = read_config()
     Path(os.environ["STAND_IN_PID"]).write_text(str(os.getpid()))
-    config = tomllib.loads(Path(args.config_file).read_text())
-    flat = {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
     time.sleep(float(os.environ["STAND_IN_STARTUP_S"]))
     for step in (1, 2):
         sys.stderr.write(f"\\rsteps: {step * 50}%|##| {step}/2 [00:01<00:00, 2.00it/s, avr_loss=0.{step}]")

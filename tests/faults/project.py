@@ -28,6 +28,8 @@ from PIL import Image
 
 from dermkohya import basemodel, render
 
+from _stand_in import STAND_IN_HEAD
+
 RUN = """\
 [model]
 base = "models/base.safetensors"
@@ -44,18 +46,7 @@ data_loader_workers = 0
 persistent_data_loader_workers = false
 """
 
-STAND_IN = r'''
-import argparse, json, os, shutil, sys, time, tomllib, zipfile
-from pathlib import Path
-
-def setup_parser():
-    parser = argparse.ArgumentParser()
-    for key in json.loads((Path(__file__).parent / "known_keys.json").read_text()):
-        parser.add_argument("--" + key)
-    parser.add_argument("--config_file")
-    parser.add_argument("--dataset_config")
-    return parser
-
+STAND_IN = STAND_IN_HEAD + r'''
 def progress(loss):
     for step in (1, 2):
         sys.stderr.write(f"\rsteps: {step * 50}%|##| {step}/2 [00:01<00:00, 2.00it/s, avr_loss={loss}]")
@@ -73,9 +64,7 @@ def save_state(out, name, epoch):
     (state / "train_state.json").write_text(json.dumps({"current_epoch": epoch, "current_step": 2 * epoch}))
 
 if __name__ == "__main__":
-    args, _ = setup_parser().parse_known_args()
-    config = tomllib.loads(Path(args.config_file).read_text())
-    flat = {k: v for section in config.values() if isinstance(section, dict) for k, v in section.items()}
+    flat = read_config(lenient=True)  # --resume and the like: not in known_keys.json
     out, name = Path(flat["output_dir"]), flat["output_name"]
     (out / "stand-in.argv.json").write_text(json.dumps(sys.argv[1:]))
     (out / "stand-in.pid").write_text(str(os.getpid()))
