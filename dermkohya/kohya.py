@@ -406,15 +406,18 @@ def _kill_stragglers(group: int) -> None:
 _HUB_HINT = ("kohya tried to download {what} from the Hugging Face hub, which dermkohya keeps offline (HF_HUB_OFFLINE=1): "
              "give local paths in {file}, or pass --online")
 
+# The memory savers, as `train`'s pre-launch memory check names them (memory.py)
+_OOM_HINT = ("out of GPU memory: set [train] gradient_checkpointing = true and [network] module = \"networks.lora\" "
+             "(the memory saver: runs/derm-sdxl-24gb.toml for SDXL on 24 GB cards, 13 GiB; SD 1.5 then fits 12–16 GB cards), "
+             "keep cache_latents = true, or lower [train] batch_size or resolution")
+
 
 HINTS: tuple[tuple[str, str], ...] = (
     ("No space left on device", "the disk is full (kohya writes its LoRA, states and samples into output/<run>/): "
      "free space there, or lower [train] save_every_n_epochs / set save_state = false, then train again (--resume continues "
      "from the last complete state)"),
-    ("CUDA out of memory", "out of GPU memory: lower [train] batch_size or resolution, set gradient_checkpointing = true "
-     "(the memory saver for 12–16 GB cards; runs/derm-sd15.toml shows it), keep cache_latents = true"),
-    ("OutOfMemoryError", "out of GPU memory: lower [train] batch_size or resolution, set gradient_checkpointing = true "
-     "(the memory saver for 12–16 GB cards; runs/derm-sd15.toml shows it), keep cache_latents = true"),
+    ("CUDA out of memory", _OOM_HINT),
+    ("OutOfMemoryError", _OOM_HINT),
     ("avr_loss=nan", "the loss became NaN, so the LoRA is useless: with mixed_precision = \"fp16\" set [train] "
      "mixed_precision = \"bf16\" (GPUs since Ampere), or lower learning_rate; then train again with --new"),
     ("No data found", "kohya found no images: [dataset] must point at the parent of the `N_concept` folders"),

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dermkohya import basemodel, dataset, kohya, locks, manifests, render, runstate
+from dermkohya import basemodel, dataset, kohya, locks, manifests, memory, render, runstate
 from dermkohya.resume import _resume_done, check_resume, saved_states
 from dermkohya.errors import DermkohyaError, ProblemsError
 
@@ -45,6 +45,7 @@ class TrainResult:
     # kohya's final LoRA when kohya failed only after writing it (a crash while freeing the GPU): collect verifies it
     final_before_failure: Path | None = None
     note: str | None = None  # why nothing was launched (a --resume with nothing left to train)
+    memory: str | None = None  # the pre-launch memory check's verdict, or why it did not run (memory.py)
 
 
 def _set_aside(output_dir: Path) -> Path:
@@ -75,6 +76,7 @@ class PreparedLaunch:
     overlapped: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
     set_aside: Path | None = None  # where --new moved the previous outputs
     nothing_to_do: str | None = None  # --resume of a state at the run's last epoch or step: why nothing launches
+    memory: str | None = None  # the memory check's verdict (memory.py)
 
     def run_overlapped(self) -> None:
         """Run the overlapped checks side by side; the first failure is raised as soon as it happens."""
@@ -98,6 +100,7 @@ def prepare_launch(
     strict: bool = False,
     overlap: bool = True,
     gpu_ids: str | None = None,
+    skip_memory_check: bool = False,
 ) -> PreparedLaunch:
     """Everything before kohya starts. With overlap=False the slow checks run here too, before returning.
 
@@ -139,6 +142,10 @@ def prepare_launch(
         )
 
     _check_writable(output_dir)
+    # Will it fit the GPU? A refusal names the keys to change; kohya would fail only after loading the models.
+    room = (memory.Verdict(None, "memory: not checked (--skip-memory-check)") if skip_memory_check
+            else memory.check_before_launch(spec, run_file, gpu_ids=gpu_ids))
+    warnings += [room.line] if room.warning else []
     dataset_files = _stat_files(rendered.dataset_dir)  # what the checks below see; compared again just before the launch
 
     sd_scripts = kohya.find_sd_scripts(root)
@@ -195,7 +202,8 @@ def prepare_launch(
     def check_keys() -> list[str]:
         return render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, project_root=root)
 
-    prepared = PreparedLaunch(rendered, argv, manifest, warnings, nothing_to_do=nothing_to_do)
+    prepared = PreparedLaunch(rendered, argv, manifest, warnings, nothing_to_do=nothing_to_do,
+                              memory="; ".join([room.line, *room.notes]))
     known = kohya.cached_argument_names(spec.script, root)
     if known is not None:
         warnings += render.check_keys_against_kohya(spec.script, rendered.config_keys, rendered.run_file, known,
@@ -289,6 +297,7 @@ def train(
     on_line: Callable[[str], None] | None = None,
     break_lock: bool = False,
     gpu_ids: str | None = None,
+    skip_memory_check: bool = False,
 ) -> TrainResult:
     """Launch kohya for a run file and report what happened; never raises for a kohya failure.
 
@@ -305,7 +314,7 @@ def train(
                                break_lock=break_lock, gpu_ids=gpu_ids)
     with run_lock(run_file, project_root=root, break_lock=break_lock) as held:
         result = _train_locked(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online,
-                               on_line=on_line, lock_fd=held.fd, gpu_ids=gpu_ids)
+                               on_line=on_line, lock_fd=held.fd, gpu_ids=gpu_ids, skip_memory_check=skip_memory_check)
     result.warnings[:0] = held.warnings
     return result
 
@@ -321,6 +330,7 @@ def _train_locked(
     on_line: Callable[[str], None] | None = None,
     lock_fd: int = -1,
     gpu_ids: str | None = None,
+    skip_memory_check: bool = False,
 ) -> TrainResult:
     """`train` once the run's lock is held; kohya's watchdog holds it too, until kohya's group has gone.
 
@@ -329,7 +339,8 @@ def _train_locked(
     last save), collect; each outcome writes the launch manifest before it returns or raises."""
     started = time.monotonic()
     root = (project_root or Path.cwd()).resolve()
-    prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict, gpu_ids=gpu_ids)
+    prepared = prepare_launch(run_file, project_root=root, resume=resume, new=new, strict=strict, gpu_ids=gpu_ids,
+                              skip_memory_check=skip_memory_check)
     rendered, manifest = prepared.rendered, prepared.manifest
     output_dir = rendered.output_dir
     if prepared.nothing_to_do is not None:  # nothing launched, nothing rewritten
@@ -337,7 +348,7 @@ def _train_locked(
         return TrainResult(name=rendered.name, lora=final if final.exists() else None, returncode=0, interrupted=False,
                            log_path=output_dir / "train.log", manifest_path=output_dir / "manifest.json",
                            saved_states=saved_states(output_dir, rendered.name), warnings=prepared.warnings,
-                           state=runstate.RunState.FINISHED, note=prepared.nothing_to_do)
+                           state=runstate.RunState.FINISHED, note=prepared.nothing_to_do, memory=prepared.memory)
     manifest_path = output_dir / "manifest.json"
     log_path = output_dir / "train.log"
     manifest["started"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -424,6 +435,7 @@ def _train_locked(
         state=state,
         stopped=stopped,
         final_before_failure=final if final.exists() and result.returncode != 0 and stopped is None else None,
+        memory=prepared.memory,
     )
 
 

@@ -81,8 +81,11 @@ def adopt_cmd(source: Path | None, name: str, command: str | None, base: str | N
 @click.option("--online", is_flag=True, help="Let kohya reach the Hugging Face hub (default: HF_HUB_OFFLINE=1).")
 @click.option("--no-collect", is_flag=True, help="Leave the LoRA in output/<run>/ without collecting it.")
 @click.option("--break-lock", is_flag=True, help="Take the run's lock from a dermkohya on another host that no longer runs.")
+@click.option("--skip-memory-check", is_flag=True,
+              help="Launch even where the run's measured peak GPU memory exceeds the GPU's free memory.")
+@click.option("-v", "--verbose", is_flag=True, help="Say what the pre-launch checks found (the memory check's estimate).")
 def train_cmd(run_files: tuple[Path, ...], gpus: str | None, resume: bool, new: bool, strict: bool, online: bool,
-              no_collect: bool, break_lock: bool) -> None:
+              no_collect: bool, break_lock: bool, skip_memory_check: bool, verbose: bool) -> None:
     """check → render → accelerate launch kohya → collect, with one live progress bar.
 
     Several run files are a queue: trained one after another (or one per GPU of --gpus at a time), past
@@ -92,8 +95,8 @@ def train_cmd(run_files: tuple[Path, ...], gpus: str | None, resume: bool, new: 
     from dermkohya import collect, train  # collect needs only core dependencies: imported before kohya runs
 
     if len(run_files) > 1:
-        if resume or break_lock:
-            raise click.UsageError("--resume and --break-lock take one run file")
+        if resume or break_lock or skip_memory_check:
+            raise click.UsageError("--resume, --break-lock and --skip-memory-check take one run file")
         _train_queue(run_files, gpus, new=new, strict=strict, online=online, collect=not no_collect)
         return
     root, run_file = _in_project(run_files[0])
@@ -102,7 +105,9 @@ def train_cmd(run_files: tuple[Path, ...], gpus: str | None, resume: bool, new: 
 
     with _kohya_progress() as bar:
         result = train.train(run_file, project_root=root, resume=resume, new=new, strict=strict, online=online,
-                             on_line=bar.on_line, gpu_ids=gpus)
+                             on_line=bar.on_line, gpu_ids=gpus, skip_memory_check=skip_memory_check)
+    if verbose and result.memory:
+        console.print(escape(result.memory), highlight=False, soft_wrap=True)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if result.note is not None:
