@@ -359,6 +359,9 @@ def verdict(spec: RunSpec, run_file: Path | str, gpus: list[Gpu], table: MemoryT
     run = profile_of(spec)
     found = estimate(run, table)
     notes = [f"[kohya] options ({', '.join(sorted(spec.kohya))}) are not part of the estimate"] if spec.kohya else []
+    if run.network == "lora_fast+graphs" and spec.dataset.enable_bucket:
+        notes.append("measured with one image shape: with bucketing, every shape lora_fast captures (max_graphs) "
+                     "keeps its own activations")
     if found is None:
         return Verdict(None, f"memory: not checked: no {run.family} run was measured (bench/memory_table.py)", notes=notes)
     tightest = min(gpus, key=lambda g: g.free_gib)

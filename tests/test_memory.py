@@ -142,6 +142,7 @@ def test_a_module_never_measured_is_matched_to_the_nearest_and_only_warned_about
 def test_the_fast_sdxl_run_fits_an_h200() -> None:
     fits = memory.verdict(_shipped("derm-sdxl"), "runs/derm-sdxl.toml", [H200], TABLE)
     assert fits.fits is True and "needs ≈45.4 GiB" in fits.line and fits.line.endswith("fits")
+    assert any("one image shape" in note for note in fits.notes)  # graphs per bucket shape: said, not counted
 
 
 def test_the_fast_sdxl_run_on_a_24gb_card_is_refused_with_file_keys_and_the_24gb_run() -> None:
