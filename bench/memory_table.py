@@ -93,12 +93,14 @@ def measurement(variant: dict[str, Any], source: str, gpu: str) -> Measurement |
 
 def build(results: Path = RESULTS) -> MemoryTable:
     sources, best = [], {}
-    for path in sorted(results.glob("train-throughput*.json")):
+    for path in sorted([*results.glob("train-throughput*.json"), *results.glob("train-wall-*.json")]):
         report = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(report, dict) or "variants" not in report or "gpu" not in report.get("machine", {}):
+            continue  # not a harness report (e.g. a step profile)
         name, gpu = f"bench/results/{path.name}", report["machine"]["gpu"]
         found = [m for m in (measurement(v, name, gpu) for v in report.get("variants", [])) if m is not None]
         if found:
-            sources.append(Source(file=name, generated=report["generated"], gpu=gpu))
+            sources.append(Source(file=name, generated=report.get("generated", ""), gpu=gpu))
         for m in found:
             key = m.model_dump(exclude={"peak_gib", "source", "variant", "gpu", "lora_params"})
             frozen = json.dumps(key, sort_keys=True)

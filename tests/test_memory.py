@@ -41,10 +41,7 @@ def _gpu(free_gib: float) -> memory.Gpu:
 # --- the table ----------------------------------------------------------------------------------------
 
 def test_the_shipped_table_is_what_the_benchmark_results_give() -> None:
-    module_spec = importlib.util.spec_from_file_location("memory_table", PROJECT_ROOT / "bench" / "memory_table.py")
-    generator = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(generator)
-    assert generator.build().to_json() == (PROJECT_ROOT / "dermkohya" / memory.TABLE_FILE).read_text(encoding="utf-8"), \
+    assert _generator().build().to_json() == (PROJECT_ROOT / "dermkohya" / memory.TABLE_FILE).read_text(encoding="utf-8"), \
         "dermkohya/memory_table.json is stale: python bench/memory_table.py"
 
 
@@ -62,6 +59,33 @@ def test_the_table_holds_the_measured_sdxl_profiles() -> None:
     assert card.at_least and card.attention == "none" and not card.cache_latents
     two_gpus = next(m for m in TABLE.measurements if m.processes == 2)
     assert two_gpus.batch_size == 4 and two_gpus.network == "lora_fast"  # per process; graphs off under DDP
+
+
+def _generator():
+    module_spec = importlib.util.spec_from_file_location("memory_table", PROJECT_ROOT / "bench" / "memory_table.py")
+    generator = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(generator)
+    return generator
+
+
+def test_the_generator_reads_reports_as_the_harness_writes_them(tmp_path: Path) -> None:
+    import json
+
+    shipped = json.loads((PROJECT_ROOT / "bench" / "results" / "train-throughput-sdxl-h100.json").read_text())
+    variants = {v["name"]: v for v in shipped["variants"]}
+    again = dict(variants["sdxl-dermkohya-lora_fast"], peak_gpu_mem_gib=44.0)  # the same profile, measured higher
+    broken = dict(variants["sdxl-raw+sdpa"], ok=False, error="RuntimeError: something else")  # says nothing of memory
+    (tmp_path / "train-throughput-sdxl-h200.json").write_text(json.dumps(
+        shipped | {"variants": [variants["sdxl-card-raw"], again, broken]}))
+    (tmp_path / "train-throughput-h200-profile-default.json").write_text(json.dumps({"collapsed": []}))  # not a report
+    (tmp_path / "train-throughput-sdxl-h100.json").write_text(json.dumps(shipped))
+    table = _generator().build(tmp_path)
+    assert [s.file for s in table.sources] == ["bench/results/train-throughput-sdxl-h100.json",
+                                               "bench/results/train-throughput-sdxl-h200.json"]
+    fast = [m for m in table.measurements if m.network == "lora_fast+graphs"]
+    assert len(fast) == 1 and fast[0].peak_gib == 44.0 and fast[0].source.endswith("sdxl-h200.json")
+    assert [m.variant for m in table.measurements if m.at_least] == ["sdxl-card-raw"]
+    assert len(table.measurements) == len(shipped["variants"])  # the failure that was not memory left no entry
 
 
 def test_a_table_of_another_format_is_refused_with_the_command_that_rewrites_it(tmp_path: Path) -> None:
