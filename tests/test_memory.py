@@ -280,6 +280,15 @@ def test_train_refuses_before_the_launch_and_skip_memory_check_lets_it_through(t
         train.prepare_launch(Path("runs/derm-sdxl.toml"), project_root=root, skip_memory_check=True)
 
 
+def test_the_override_takes_one_run_file() -> None:
+    from click.testing import CliRunner
+
+    from dermkohya.cli import main
+
+    result = CliRunner().invoke(main, ["train", "runs/a.toml", "runs/b.toml", "--skip-memory-check"])
+    assert result.exit_code == 2 and "--skip-memory-check take one run file" in result.output
+
+
 def test_the_oom_hint_names_the_same_settings_and_the_24gb_run() -> None:
     hint = kohya.hint_for(["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 120.00 MiB"])
     assert "runs/derm-sdxl-24gb.toml" in hint
