@@ -174,7 +174,7 @@ def saved_files() -> dict[str, object]:
 
 def option_errors() -> list[str]:
     messages = []
-    for bad in ({"cuda_graph": "sometimes"}, {"max_graphs": "two"}, {"max_graphs": "0"}):
+    for bad in ({"cuda_graph": "sometimes"}, {"max_graphs": "two"}, {"max_graphs": "0"}, {"grad_sync": "sometimes"}):
         try:
             build(lora_fast, bad, None)
         except ValueError as exc:

@@ -72,8 +72,9 @@ def test_saved_file_is_a_networks_lora_file(result: dict) -> None:
 @pytest.mark.kohya
 def test_bad_options_name_the_argument(result: dict) -> None:
     errors = result["option_errors"]
-    assert len(errors) == 3
-    assert "cuda_graph" in errors[0] and all("max_graphs" in e for e in errors[1:])
+    assert len(errors) == 4
+    assert "cuda_graph" in errors[0] and all("max_graphs" in e for e in errors[1:3])
+    assert "grad_sync='sometimes'" in errors[3] and "bucket, kohya" in errors[3]
 
 
 @pytest.mark.kohya
@@ -101,3 +102,152 @@ def test_graph_replay_trains_like_the_eager_path(result: dict, case: str) -> Non
     assert r["weights_moved"] > 10 * r["weight_diff"]  # training moved the weights far more than the paths differ
     assert r["weight_diff"] <= tolerance * r["weight_scale"]
     assert all(abs(a - b) <= tolerance * max(abs(b), 1e-8) for a, b in zip(r["loss_on"], r["loss_off"]))
+
+
+# --- gradient sync over processes (dermkohya.networks.grad_sync; issue #18) ----------------------------
+
+DDP_HARNESS = Path(__file__).resolve().parent.parent / "bench" / "ddp_graphs.py"
+
+
+def _sync_rank(rank: int, store: str, out: str) -> None:
+    """One of 2 gloo processes: kohya's per-tensor mean (accelerate's reduce: clone, all_reduce, divide)
+    against all_reduce_grads, on fp32 and fp64 gradients and one parameter without a gradient."""
+    import torch
+    import torch.distributed as dist
+
+    from dermkohya.networks import grad_sync
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    shapes = [((3, 4), torch.float32), ((5,), torch.float64), ((2, 2, 3, 3), torch.float32), ((7,), torch.float32)]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in shapes]
+    for p in params[:3]:
+        p.grad = torch.randn(p.shape, dtype=p.dtype) * (rank + 1)
+    kohya_mean = []
+    for p in params[:3]:
+        reduced = p.grad.clone()
+        dist.all_reduce(reduced)
+        reduced /= 2
+        kohya_mean.append(reduced)
+    collectives = grad_sync.all_reduce_grads(params, 2)
+    fp32 = [p for p in params[:3] if p.dtype == torch.float32]
+    result = {
+        "collectives": collectives,
+        "equal": [torch.equal(p.grad, ref) for p, ref in zip(params[:3], kohya_mean)],
+        "dtypes_kept": [p.grad.dtype == p.dtype for p in params[:3]],
+        "none_kept": params[3].grad is None,
+        "fp32_one_buffer": fp32[0].grad.untyped_storage().data_ptr() == fp32[1].grad.untyped_storage().data_ptr(),
+    }
+    if rank == 0:
+        Path(out).write_text(json.dumps(result), encoding="utf-8")
+    dist.destroy_process_group()
+
+
+def test_grad_sync_is_kohyas_per_tensor_mean_bit_for_bit_over_two_processes(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.json"
+    mp.spawn(_sync_rank, args=(str(tmp_path / "store"), str(out)), nprocs=2)
+    r = json.loads(out.read_text(encoding="utf-8"))
+    assert r["collectives"] == 2  # one per dtype, not one per tensor
+    assert all(r["equal"]) and all(r["dtypes_kept"]) and r["none_kept"] and r["fp32_one_buffer"]
+
+
+def test_grad_sync_with_one_process_leaves_the_gradients_as_they_are() -> None:
+    import torch
+
+    from dermkohya.networks import grad_sync
+
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = grad = torch.full((3,), 2.0)
+    assert grad_sync.all_reduce_grads([p], 1) == 0 and p.grad is grad
+
+
+class _Accelerator:
+    num_processes = 1
+
+    def unwrap_model(self, model: object) -> object:
+        return model
+
+
+class _Trainer:
+    def __init__(self) -> None:
+        self.kohya_calls = 0
+
+    def all_reduce_network(self, accelerator: object, network: object) -> None:
+        self.kohya_calls += 1
+
+    def train(self, network: object) -> object:  # kohya's train() calls network.prepare_network(args)
+        return network.prepare_network()
+
+
+class _Ours:
+    def prepare_network(self) -> object:
+        from dermkohya.networks import grad_sync
+
+        return grad_sync.calling_trainer()
+
+
+def test_grad_sync_installs_on_the_calling_trainer_for_its_network_type_only() -> None:
+    import torch
+
+    from dermkohya.networks import grad_sync
+
+    trainer = _Trainer()
+    assert trainer.train(_Ours()) is trainer  # found through the frame of kohya's method
+    assert _Ours().prepare_network() is None  # not called from a trainer: nothing to install on
+    assert grad_sync.install(trainer, _Ours) and grad_sync.install(trainer, _Ours)
+    installed = trainer.all_reduce_network
+    assert getattr(installed, grad_sync.MARK)
+    trainer.all_reduce_network(_Accelerator(), torch.nn.Linear(2, 2))  # another network: kohya's method
+    assert trainer.kohya_calls == 1
+    ours = _Ours()
+    ours.parameters = lambda: iter(())  # type: ignore[attr-defined]
+    trainer.all_reduce_network(_Accelerator(), ours)
+    assert trainer.kohya_calls == 1 and trainer.all_reduce_network is installed  # installed once
+    assert not grad_sync.install(object(), _Ours)  # no all_reduce_network: left alone
+
+
+def _ddp_check(tmp_path: Path, *extra: str) -> dict:
+    env = kohya.kohya_env()
+    root = str(DDP_HARNESS.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["SD_SCRIPTS_DIR"] = str(kohya.find_sd_scripts())
+    out = tmp_path / "ddp.json"
+    done = subprocess.run([str(kohya.find_python()), str(DDP_HARNESS), "--out", str(out), *extra], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert out.is_file(), done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))["check"]
+    assert done.returncode == 0 and report["ok"], report.get("error") or done.stderr[-3000:]
+    return report
+
+
+@pytest.mark.kohya
+def test_ddp_harness_smoke_bucket_sync_trains_as_kohyas_sync_on_two_gloo_processes(tmp_path: Path) -> None:
+    """bench/ddp_graphs.py --smoke: 2 processes, accelerate's DDP, kohya's trainer and step order."""
+    r = _ddp_check(tmp_path, "--smoke")
+    assert r["world_size"] == 2 and r["backend"] == "gloo" and r["model"] == "tiny"
+    kohya_run, bucket = r["modes"]["eager+kohya-sync"], r["modes"]["eager+bucket"]
+    assert kohya_run["synced_by"] == "kohya" and bucket["synced_by"] == "bucket"  # installed by prepare_network
+    for run in (kohya_run, bucket):
+        assert run["ddp_type"] == "DistributedDataParallel"
+        assert min(run["pre_sync_rank_diff"]) > 0  # DDP itself averaged nothing: kohya never calls its forward
+        assert max(run["post_sync_rank_diff"]) == 0.0 and max(run["sync_vs_mean_of_ranks"]) == 0.0
+    assert r["vs_eager_kohya_sync"]["eager+bucket"] == {"grad_max_rel_diff": 0.0, "loss_max_rel_diff": 0.0,
+                                                         "weight_max_abs_diff": 0.0}
+
+
+@pytest.mark.kohya
+@pytest.mark.gpu
+def test_ddp_graphs_train_like_eager_ddp_on_two_gpus(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("gpu: needs 2 CUDA GPUs")
+    r = _ddp_check(tmp_path, "--no-throughput", "--model", "tiny")
+    for mode in ("graphs+bucket", "graphs+kohya-sync"):
+        run = r["modes"][mode]
+        assert run["off_reason"] is None and run["replays"] == r["steps"] and run["eager_calls"] == 0
+        assert max(run["post_sync_rank_diff"]) == 0.0
+        assert r["vs_eager_kohya_sync"][mode]["grad_max_rel_diff"] <= 2e-3
+        assert r["vs_eager_kohya_sync"][mode]["loss_max_rel_diff"] <= 2e-3

@@ -16,19 +16,22 @@ defines the result kohya's own and changes only how a step is issued:
   signature as a pair of CUDA graphs (`torch.cuda.make_graphed_callables`) and replayed: a step
   launches two graphs instead of thousands of kernels. Whatever a graph cannot stand for runs
   kohya's eager path unchanged: no grad (sampling, validation), a signature beyond `max_graphs`,
-  gradient checkpointing, gradient accumulation (graph gradients live in static buffers), several
-  processes, no CUDA, or a failed capture (logged once, then eager for the rest of the run).
+  gradient checkpointing, gradient accumulation (graph gradients live in static buffers), no CUDA,
+  or a failed capture (logged once, then eager for the rest of the run).
+* Several processes (`[launch] processes`): each captures its own graphs; no collective runs inside
+  them. kohya never calls the DDP wrapper's forward, so DDP's reducer averages nothing, and kohya
+  averages the gradients after backward, tensor by tensor (`all_reduce_network`). With
+  `grad_sync=bucket` (the default) the trainer does that in one collective instead (`grad_sync.py`).
 
 Options, through `[network] args`: `cuda_graph=auto|on|off` (auto: kohya's SD 1.x/2.x U-Net only,
 the one measured; on: any U-Net), `max_graphs=N` (default 2, one per bucket resolution; each holds
-its activations). Every other networks.lora argument (conv_dim, block_dims, dropouts, loraplus…)
-passes through to kohya.
+its activations), `grad_sync=bucket|kohya` (kohya: its own per-tensor loop). Every other
+networks.lora argument (conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dermkohya.networks import grad_sync
 from networks import lora as kohya_lora  # sd-scripts' networks/lora.py: kohya runs with its folder first on sys.path
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ FILE_NETWORK_MODULE = "networks.lora"
 TRAINED_WITH_KEY = "dermkohya.trained_with"
 LOG_PREFIX = "dermkohya lora_fast:"
 GRAPH_MODES = ("auto", "on", "off")
+GRAD_SYNC_MODES = ("bucket", "kohya")
 # kohya's library/original_unet.py (SD 1.x/2.x) and library/sdxl_original_unet.py: graphs on in "auto".
 # SDXL verified on an H100 (bench/results/train-throughput-sdxl-h100.json): captured in 4.1 s, losses within
 # 8e-6 of networks.lora over 36 steps, same file layout.
@@ -176,10 +181,6 @@ def why_not_graph(unet: torch.nn.Module) -> str | None:
     """Why this process cannot replay the U-Net as a graph, or None."""
     if not torch.cuda.is_available():
         return "no CUDA device"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
-        torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    ):
-        return "several processes (DDP): not verified with graphs"
     if unet.training and any(getattr(m, "gradient_checkpointing", False) is True for m in unet.modules()):
         return "gradient checkpointing"
     return None
@@ -191,11 +192,20 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     # Class-level defaults: instances become this class by `_adopt`, after kohya built them.
     dk_cuda_graph: str = "auto"
     dk_max_graphs: int = 2
+    dk_grad_sync: str = "bucket"
     dk_off_reason: str | None = None
     dk_unet_graphs: UNetGraphs | None = None
 
     def prepare_network(self, args: Any) -> None:
-        """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour."""
+        """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour, and
+        the calling trainer's gradient sync."""
+        if self.dk_grad_sync == "bucket":
+            trainer = grad_sync.calling_trainer()
+            if trainer is not None and grad_sync.install(trainer, FastLoRANetwork):
+                logger.info("%s gradients averaged over processes in one collective per dtype (grad_sync=bucket)",
+                            LOG_PREFIX)
+            else:
+                logger.warning("%s no kohya trainer called prepare_network: kohya's own gradient sync", LOG_PREFIX)
         if getattr(args, "gradient_accumulation_steps", 1) > 1:
             self.dk_off_reason = "gradient accumulation"
         elif getattr(args, "gradient_checkpointing", False):
@@ -247,7 +257,10 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("network_args max_graphs must be a whole number (e.g. max_graphs=2)") from None
     if max_graphs < 1:
         raise ValueError("network_args max_graphs must be at least 1")
-    return {"cuda_graph": mode, "max_graphs": max_graphs}
+    sync = str(kwargs.pop("grad_sync", "bucket")).lower()
+    if sync not in GRAD_SYNC_MODES:
+        raise ValueError(f"network_args grad_sync={sync!r}: use one of {', '.join(GRAD_SYNC_MODES)}")
+    return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": sync}
 
 
 def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRANetwork:
@@ -260,6 +273,7 @@ def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRA
     network.__class__ = FastLoRANetwork
     network.dk_cuda_graph = options["cuda_graph"]
     network.dk_max_graphs = options["max_graphs"]
+    network.dk_grad_sync = options["grad_sync"]
     return network  # type: ignore[return-value]
 
 
