@@ -9,7 +9,13 @@
 Both figures are steady state: images/s after the first image (plain) or the first batch (engine), model
 loading excluded (reported separately). Writes JSON (default bench/results/generate-h100.json).
 
+`--suite levers` (bench/generate_levers.py; bench/gpu_generate.sh on one GPU → generate-h200.json) instead
+measures, in one call within `--budget`, a plain batched StableDiffusionPipeline vs the engine at the same
+batch and compile settings, each engine lever alone, and a timed breakdown of one engine batch.
+
 GPU (the lead's run): python bench/generate_throughput.py --model <diffusers SD 1.5 folder> --random-lora
+CPU smoke (levers): python bench/generate_throughput.py --suite levers --model random:sd15 --random-lora \
+             --size 64 --steps 2 --batch 3 --timed-batches 1 --e2e-count 6 --out generate-cpu.json
 CPU smoke: python bench/generate_throughput.py --model random:sd15 --random-lora --size 64 --steps 2 \
              --count 6 --plain-count 2 --batch-sizes 3 --compile no --out generate-cpu.json
 Needs dermkohya's `ml` extra (diffusers 0.32.1, transformers 4.54.1, peft, accelerate, scipy) and its base deps.
@@ -152,7 +158,6 @@ def engine_run(
     """One engine configuration. If a random-weight model's images fail the quality filter (e.g. NaN in
     fp16), the configuration is measured again with the filter off and both outcomes are recorded."""
     from dermkohya.errors import DermkohyaError
-    from dermkohya.generate import generate
 
     name = f"bench-b{batch}-{'compiled' if compile_ else 'eager'}-p{processes}{'' if filter_ else '-nofilter'}"
     plan = work / f"{name}.toml"
@@ -165,7 +170,7 @@ def engine_run(
     )  # fmt: skip
     record: dict[str, Any] = {"batch_size": batch, "compile": compile_, "processes": processes, "filter": filter_}
     try:
-        result = generate(plan, out=work / "synthetic" / name, processes=processes, show_progress=False)
+        return record | generate_record(plan, work / "synthetic" / name, processes)
     except DermkohyaError as exc:
         if filter_ and "was rejected" in str(exc):
             return engine_run(model, lora, args, work, batch, compile_, processes, False) | {"filter_on_error": str(exc)}
@@ -174,7 +179,14 @@ def engine_run(
         return record | {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     finally:
         _free()
-    return record | {
+
+
+def generate_record(plan: Path, out: Path, processes: int = 1) -> dict[str, Any]:
+    """`dermkohya generate` on a plan, as a benchmark record (steady state: after the first batch)."""
+    from dermkohya.generate import generate
+
+    result = generate(plan, out=out, processes=processes, show_progress=False)
+    return {
         "images": result.finished,
         "made": result.made,
         "steady_images_per_s": result.steady_images_per_s,
@@ -220,6 +232,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "generate-h100.json")
+    parser.add_argument("--suite", choices=("grid", "levers"), default="grid",
+                        help="grid: `generate` per batch size × compile × processes (above); levers: plain batched pipeline vs "
+                        "the engine, each lever alone, a timed breakdown of one batch (bench/generate_levers.py)")  # fmt: skip
+    levers = parser.add_argument_group("--suite levers")
+    levers.add_argument("--batch", type=int, default=16, help="batch size of the plain pipeline and every engine variant")
+    levers.add_argument("--timed-batches", type=int, default=2, help="timed batches per variant, after one warm-up batch")
+    levers.add_argument("--e2e-count", type=int, default=48, help="images of the end-to-end `generate` run (the headline)")
+    levers.add_argument("--budget", type=float, default=420, help="seconds for the suite; what does not fit is skipped and listed")
+    levers.add_argument("--batch-estimate", type=float, default=6.5, help="seconds per batch assumed until one is measured")
+    levers.add_argument("--variants", help="only these measurements, comma-separated (names as printed; default: all)")
+    levers.add_argument("--compile-estimate", type=float, default=70, help="seconds per compile assumed until one is measured")
     args = parser.parse_args(argv)
 
     import diffusers
@@ -246,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "note": "steady-state images/s: after one warm-up image (plain) or the first batch (engine); loading excluded",
     }
+    if args.suite == "levers":
+        return _write(args.out, _levers_suite(results, model, lora, args, work))
     if not args.skip_plain:
         results["plain"] = plain_loop(model, lora, args, work / "plain")
         _free()
@@ -278,12 +303,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "images_per_s": r["steady_images_per_s"], "vs_one_process": r["steady_images_per_s"] / base[(r["batch_size"], r["compile"])]}
             for r in multi if (r["batch_size"], r["compile"]) in base
         ]  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    _write(args.out, results)
     summary = f"engine {results['engine']['steady_images_per_s']:.3f} images/s" if "engine" in results else "engine: no result"
     if "speedup" in results:
         summary += f", {results['speedup']:.2f}× the plain loop"
     print(f"{summary} → {args.out}", flush=True)
+    return results
+
+
+def _levers_suite(results: dict[str, Any], model: Path, lora: Path | None, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import generate_levers
+
+    def e2e(plan: Path, name: str) -> dict[str, Any]:
+        return generate_record(plan, work / "synthetic" / name)
+
+    header = dict(results)
+    results = header | generate_levers.run(model, lora, args, work, e2e, lambda partial: _write(args.out, header | partial))
+    results["complete"] = True
+    engine = results.get("engine", {})
+    ratio = results.get("engine_vs_plain_batched")
+    print(f"engine (generate, batch {args.batch}, compile {engine.get('compile_mode') or 'none'}): "
+          f"{engine.get('steady_images_per_s') or engine.get('error', 'no result')} images/s; vs plain batched: {ratio}", flush=True)  # fmt: skip
+    return results
+
+
+def _write(out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return results
 
 

@@ -347,6 +347,51 @@ def test_benchmark_harness_runs_tiny_on_cpu(tmp_path: Path, tiny: dict[str, Path
     assert len(list((tmp_path / "work" / "plain").glob("*.png"))) == 3
 
 
+def test_benchmark_levers_suite_runs_tiny_on_cpu(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    """The one-GPU suite (bench/gpu_generate.sh) on the CPU: plain batched pipeline, the engine's call, the
+    breakdown and the end-to-end generate; what needs CUDA is listed as skipped, with why."""
+    out = tmp_path / "levers.json"
+    args = ["--suite", "levers", "--model", str(tiny["model"]), "--lora", str(tiny["lora"]), "--size", "32", "--steps", "2", "--batch", "3",
+            "--timed-batches", "1", "--e2e-count", "6", "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    results = load_bench().main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results)) and results["complete"]
+    plain = results["plain_batched"]["eager"]
+    assert plain["batch_size"] == 3 and plain["images"] == 3 and plain["images_per_s"] > 0
+    (call,) = [v for v in results["engine_variants"] if v["name"] == "engine-eager"]
+    assert call["images"] == 3 and call["images_per_s"] > 0 and not call["fuse_qkv"] and not call["channels_last"]
+    engine = results["engine"]
+    assert engine["images"] == 6 and engine["compile_mode"] is None and engine["steady_images_per_s"] > 0
+    assert results["engine_vs_plain_batched"] == pytest.approx(engine["steady_images_per_s"] / plain["images_per_s"])
+    assert results["engine_call_vs_plain_batched"]["eager"] == pytest.approx(call["images_per_s"] / plain["images_per_s"])
+    parts = results["breakdown"]
+    assert parts["unet_calls"] == 3 and parts["text_encoder_s"] > 0 and parts["vae_decode_s"] > 0 and parts["png_s"] > 0
+    assert sum(parts["share_of_serial_batch"].values()) == pytest.approx(1.0)
+    skipped = {s["name"]: s["reason"] for s in results["skipped"]}
+    assert "CUDA only" in skipped["plain-reduce-overhead"] and "CUDA only" in skipped["engine-eager-no-fuse-qkv"]
+    measured = {lever["lever"] for lever in results["levers"] if lever["measured"]}
+    assert "host post-processing (checks, phash, PNG) off the batch loop" in measured
+
+
+def test_benchmark_levers_budget_skips_what_does_not_fit() -> None:
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import generate_levers
+
+    budget = generate_levers.Budget(80, batch_s=5.0, compile_s=60.0)
+    assert budget.fits("eager", budget.estimate(3, 0)) and not budget.fits("compiled", budget.estimate(3, 1))
+    assert budget.skipped == [{"name": "compiled", "estimate_s": 85.0, "left_s": pytest.approx(80, abs=1), "reason": "does not fit the budget"}]
+    budget.learn({"batch_s": 2.0, "compile_mode": "reduce-overhead", "first_batch_s": 32.0})
+    assert (budget.batch_s, budget.compile_s) == (2.0, 30.0)
+    budget.learn({"batch_s": 3.0})
+    assert budget.batch_s == 3.0
+    saved: list[dict[str, Any]] = []
+    args = argparse.Namespace(budget=0.0, batch_estimate=5.0, compile_estimate=60.0, timed_batches=2, batch=16, e2e_count=48, variants=None)
+    results = generate_levers.run(Path("unused"), None, args, Path("unused"), lambda plan, name: {}, saved.append)
+    assert not saved and results["plain_batched"] == {} and results["engine_variants"] == []
+    assert {"plain-eager", "engine-eager", "generate-e2e"} <= {s["name"] for s in results["skipped"]}
+
+
 # --- the issue's done-when: smoke model + a LoRA kohya trained, killed halfway, rerun -----------------------
 
 

@@ -159,7 +159,7 @@ class Engine:
                 pipe.unet.to(memory_format=torch.channels_last)
                 pipe.vae.to(memory_format=torch.channels_last)
             if plan.engine.compile:
-                pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+                pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=plan.engine.compile_mode)
         self.pipe = pipe
         self.classifier = None
         if plan.filter.classifier:

@@ -121,6 +121,9 @@ class EngineSection(_Section):
     batch_size: int = Field(default=8, ge=1, le=512)
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        default="default", description="torch.compile mode of the U-Net (CUDA only); reduce-overhead replays CUDA graphs"
+    )
     channels_last: bool = True
     fuse_qkv: bool = True
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On one GPU (nvidia-h200), with .device/ and .whl/ carried (bench/gpu_prepare.sh): where generation time
+# goes, in one call of at most ~8 minutes — a plain batched diffusers pipeline vs the engine at the same
+# batch and compile settings, each engine lever alone, a timed breakdown of one batch, and the headline
+# `dermkohya generate` run (bench/generate_throughput.py --suite levers). Writes $OUT/generate-h200.json
+# (or bench/results/), after every measurement, so a call cut short still returns what it measured.
+# Knobs: GEN_BUDGET (seconds for the suite, default 380), GEN_BATCH (16), GEN_VARIANTS (default all),
+# NAME (result name, default generate-h200). Extra arguments go to bench/generate_throughput.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST="${OUT:-bench/results}"
+NAME="${NAME:-generate-h200}"
+SITE="$(mktemp -d)"  # the carried wheels, installed beside the image's torch
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DERMKOHYA_CACHE="$SITE/cache"
+python3 -c "import accelerate.commands.launch" 2>/dev/null || rm -rf "$SITE"/accelerate "$SITE"/accelerate-*
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+mkdir -p "$DEST"
+start=$(date +%s)
+timeout "${GEN_TIMEOUT:-450}" python3 bench/generate_throughput.py --suite levers --model random:sd15 --random-lora \
+  --batch "${GEN_BATCH:-16}" --budget "${GEN_BUDGET:-380}" ${GEN_VARIANTS:+--variants "$GEN_VARIANTS"} \
+  --out "$DEST/$NAME.json" "$@" 2>&1 | grep -v "Loading pipeline" | tail -60
+echo "generate levers: $(( $(date +%s) - start )) s → $DEST/$NAME.json"
