@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On a 2-GPU machine (nvidia-h200-x2), from the repository root, with .device/ and .whl/ carried
+# (bench/gpu_prepare.sh): CUDA graphs under DDP (issue #18) in one call of ≤ 5 minutes —
+# bench/ddp_graphs.py's check (graphs vs eager DDP on kohya's SD 1.5 U-Net, 2 processes), then
+# `dermkohya train` on 1 GPU vs `[launch] processes = 2`. Writes $OUT/train-throughput-h200x2.json
+# (`scaling_2gpu_vs_1gpu_default`) and -kohya.log. DDP_BUDGET=540 (a 9-minute call) adds the lever
+# variants (2 GPUs with kohya's per-tensor sync, 2 GPUs eager).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEST="${OUT:-bench/results}"
+BUDGET="${DDP_BUDGET:-285}"
+SITE="$(mktemp -d)"  # the carried wheels, installed beside the image's torch
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DERMKOHYA_CACHE="$SITE/cache"
+# multi-GPU hosts here: NVLink multicast stays off
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -c "import accelerate.commands.launch" 2>/dev/null || rm -rf "$SITE"/accelerate "$SITE"/accelerate-*
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout "$((${BUDGET%.*} + 25))" python3 bench/ddp_graphs.py --budget "$BUDGET" \
+  --out "$DEST/train-throughput-h200x2.json" --log "$DEST/train-throughput-h200x2-kohya.log" "$@" 2>&1 | tail -60
