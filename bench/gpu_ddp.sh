@@ -9,12 +9,6 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench/results}"
 BUDGET="${DDP_BUDGET:-285}"
-SITE="$(mktemp -d)"  # the carried wheels, installed beside the image's torch
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DERMKOHYA_CACHE="$SITE/cache"
-# multi-GPU hosts here: NVLink multicast stays off
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "import accelerate.commands.launch" 2>/dev/null || rm -rf "$SITE"/accelerate "$SITE"/accelerate-*
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+. bench/gpu_env.sh
 timeout "$((${BUDGET%.*} + 25))" python3 bench/ddp_graphs.py --budget "$BUDGET" \
   --out "$DEST/train-throughput-h200x2.json" --log "$DEST/train-throughput-h200x2-kohya.log" "$@" 2>&1 | tail -60
