@@ -16,11 +16,19 @@ from dermkohya.errors import DermkohyaError
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1), help="Processes (one per GPU); the files do not depend on it.")
 @click.option("--limit", type=click.IntRange(1), help="Stop after about this many new images; rerun to continue.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress bar.")
-def generate_cmd(plan_file: Path, out: Path | None, processes: int, limit: int | None, progress: bool) -> None:
-    """Generate a plan's images, balanced over diagnosis × Fitzpatrick type; resumable."""
-    from dermkohya import generate
+@click.option("--break-lock", is_flag=True, help="Take over the output folder's lock left by a generate on another host that no longer runs.")
+def generate_cmd(plan_file: Path, out: Path | None, processes: int, limit: int | None, progress: bool, break_lock: bool) -> None:
+    """Generate a plan's images, balanced over diagnosis × Fitzpatrick type; resumable.
 
-    result = generate.generate(plan_file, out=out, processes=processes, limit=limit, show_progress=progress)
+    Under torchrun or accelerate launch (WORLD_SIZE > 1) each process is one rank, on cuda:LOCAL_RANK,
+    across nodes that share the output folder; rank 0 prints the summary."""
+    from dermkohya import generate
+    from dermkohya.generate.dist import launch_from_env
+
+    result = generate.generate(plan_file, out=out, processes=processes, limit=limit, show_progress=progress, break_lock=break_lock)
+    launch = launch_from_env()
+    if launch is not None and launch.rank > 0:
+        return
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     rejected = ", ".join(f"{k} ×{v}" for k, v in sorted(result.rejected.items())) or "none"

@@ -1,10 +1,11 @@
-"""Running a job: one process or N (one per GPU, gloo barriers), each making candidates for the whole
-batches it owns; between rounds process 0 settles them (filter.settle) until every image is finished or
+"""Running a job: one process or N ranks (spawned, one per GPU, or started by a launcher across nodes:
+dist.py), each making candidates for the whole batches it owns; between rounds process 0 settles them (filter.settle) until every image is finished or
 the limit is reached; a progress bar over all processes; the summary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -13,17 +14,20 @@ import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from dermkohya import locks, metrics
+from dermkohya import locks
 from dermkohya.errors import DermkohyaError
 from dermkohya.files import write_atomic
+from dermkohya.generate import dist
+from dermkohya.generate.candidates import Attempt, Finisher, Outcome
 from dermkohya.generate.engine import Engine, device_for
-from dermkohya.generate.filter import image_reasons, settle, too_many
-from dermkohya.generate.job import REJECTED, Job, prepare_job
-from dermkohya.generate.output import Writers, image_record, png_bytes, read_json, read_record, write_candidate, write_rejection
-from dermkohya.generate.plan import Item, image_seed, load_plan, quotas
+from dermkohya.generate.filter import settle, too_many
+from dermkohya.generate.job import REJECTED, STAGING, Job, prepare_job
+from dermkohya.generate.output import read_json, read_record
+from dermkohya.generate.plan import image_seed, load_plan, quotas
 
 
 @dataclasses.dataclass
@@ -71,127 +75,105 @@ def _produce(
     job: Job, engine: Engine, rank: int, world: int, progress: _Progress, limit: int | None, report: Callable[[], None]
 ) -> bool:
     """Make a candidate that passes the per-image checks for every image this process owns that has
-    none yet. Returns False when `limit` stopped it early."""
+    none yet. Each batch's host work (checks, hash, PNG, files: candidates.Finisher) runs on worker
+    threads while the engine makes the next batch; a rejected image goes back into its own slot once its
+    outcome is in (a later batch: its pixels depend only on its slot and seed). Returns False when
+    `limit` stopped it early."""
     plan = job.plan
-    staging = job.staging
-    precision = str(engine.dtype).removeprefix("torch.")
     size = plan.engine.batch_size
-    slots: list[deque[tuple[Item, int]]] = [deque() for _ in range(size)]
-    sides: dict[int, dict[str, Any]] = {}
+    slots: list[deque[Attempt]] = [deque() for _ in range(size)]
     for item in job.items:
         if _owner(item.n, size, world) != rank or (job.out / item.path).exists():
             continue
-        side = read_json(staging / f"{item.n}.json") or {"rejected": [], "candidate": None}
+        side = read_json(job.staging / f"{item.n}.json") or {"rejected": [], "candidate": None}
         cand = side.get("candidate")
-        if cand and (staging / f"{item.n}-{cand['attempt']}.png").is_file():
+        if cand and (job.staging / f"{item.n}-{cand['attempt']}.png").is_file():
             continue
-        side["candidate"] = None
-        sides[item.n] = side
-        slots[item.n % size].append((item, len(side["rejected"])))
-    writers = Writers(min(4, max(1, (os.cpu_count() or 1) // world)), max_pending=2 * size)
+        attempt = len(side["rejected"])
+        slots[item.n % size].append(Attempt(item, attempt, image_seed(plan.sampler.seed, item.n, attempt), side | {"candidate": None}))
+
+    def take_outcomes(futures: list[Future[Outcome]]) -> None:
+        for outcome in Finisher.outcomes(futures):
+            done = outcome.attempt
+            if outcome.accepted:
+                progress.made += 1
+                continue
+            progress.rejected += 1
+            if done.attempt + 1 >= plan.filter.max_attempts:
+                raise too_many(job, done.item, outcome.side["rejected"])
+            seed = image_seed(plan.sampler.seed, done.item.n, done.attempt + 1)
+            slots[done.item.n % size].append(Attempt(done.item, done.attempt + 1, seed, outcome.side))
+        progress.batches += 1
+        if progress.batches == 1:
+            progress.made_at_first_batch = progress.made
+        report()
+
+    precision = str(engine.dtype).removeprefix("torch.")
+    finisher = Finisher(job, engine.classifier, precision, min(8, max(1, (os.cpu_count() or 1) // world - 1)))
+    in_flight: list[Future[Outcome]] | None = None
     try:
-        while any(slots):
-            if limit is not None and progress.made >= limit:
+        while True:
+            launch = any(slots) and (limit is None or progress.made < limit)
+            if launch:
+                batch = [queue.popleft() if queue else None for queue in slots]
+                images, nans = engine([(entry.item.prompt, entry.seed) if entry else None for entry in batch])
+                if progress.first_batch_end is None:  # steady state: after the first batch's GPU work
+                    progress.first_batch_end = time.perf_counter()
+            if in_flight is not None:
+                take_outcomes(in_flight)
+                in_flight = None
+            if launch:
+                in_flight = finisher.submit(batch, images, nans)
+            elif not any(slots):
+                return True
+            elif limit is not None and progress.made >= limit:
                 return False
-            batch = [queue.popleft() if queue else None for queue in slots]
-            seeds = [image_seed(plan.sampler.seed, entry[0].n, entry[1]) if entry else 0 for entry in batch]
-            images, nans = engine([(entry[0].prompt, seed) if entry else None for entry, seed in zip(batch, seeds)])
-            for entry, seed, image, nan in zip(batch, seeds, images, nans):
-                if entry is None:
-                    continue
-                item, attempt = entry
-                side = sides[item.n]
-                reasons = image_reasons(plan, engine.classifier, image, item.diagnosis, bool(nan))
-                phash = metrics.phash(image)
-                record = image_record(job, item, attempt, seed, phash, list(side["rejected"]), precision)
-                if reasons:
-                    side["rejected"].append({"attempt": attempt, "seed": seed, "reasons": reasons})
-                    record["rejected_for"] = reasons
-                    writers.submit(item.n, write_rejection, job.out, item.n, attempt, png_bytes(image, record), json.loads(json.dumps(side)))
-                    progress.rejected += 1
-                    if attempt + 1 >= plan.filter.max_attempts:
-                        raise too_many(job, item, side["rejected"])
-                    slots[item.n % size].append((item, attempt + 1))
-                else:
-                    side["candidate"] = {"attempt": attempt, "seed": seed, "phash": f"{phash:016x}"}
-                    writers.submit(item.n, write_candidate, staging, item.n, attempt, png_bytes(image, record), json.loads(json.dumps(side)))
-                    progress.made += 1
-            progress.batches += 1
-            if progress.first_batch_end is None:
-                progress.first_batch_end = time.perf_counter()
-                progress.made_at_first_batch = progress.made
-            report()
     finally:
-        writers.close()
-    return True
+        finisher.close()
 
 
-class _Dist:
-    """Barriers and a shared stop flag over torch.distributed (gloo); no-ops for one process."""
-
-    def __init__(self, rank: int, world: int, init_file: Path | None) -> None:
-        self.rank, self.world = rank, world
-        if world > 1:
-            import datetime
-
-            import torch.distributed as dist
-
-            dist.init_process_group(
-                "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(hours=24)
-            )
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def any(self, flag: bool) -> bool:
-        if self.world == 1:
-            return flag
-        import torch
-        import torch.distributed as dist
-
-        value = torch.tensor([int(flag)])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _run_rank(job: Job, rank: int, world: int, init_file: Path | None, limit: int | None, show_progress: bool) -> None:
-    """One process: load the engine, then rounds of (make candidates → rank 0 settles duplicates) until
-    every image is finished or `limit` images were made. Writes its timings for the parent. (On a CPU
+def _run_rank(job: Job, group: dist.Group, limit: int | None, show_progress: bool) -> None:
+    """One rank: load the engine, then rounds of (make candidates → rank 0 settles duplicates) until every
+    image is finished or `limit` images were made. Writes its timings for rank 0's summary. (On a CPU
     every process keeps torch's full thread count: fewer threads would change the pixels' rounding.)"""
-    dist = _Dist(rank, world, init_file)
-    try:
-        progress = _Progress()
-        engine = Engine(job, device_for(rank))
-        progress.load_s = time.perf_counter() - progress.start
-        cache: dict[int, dict[str, Any]] = {}
-        with _ProgressBar(job, rank, world, progress, show_progress and rank == 0) as bar:
-            while True:
-                per_rank = None if limit is None else -(-limit // world)
-                finished_early = not _produce(job, engine, rank, world, progress, per_rank, bar.update)
-                stop = dist.any(finished_early)
-                dist.barrier()
-                if rank == 0:
-                    done = settle(job, cache)
-                    bar.update()
-                    write_atomic(job.staging / "round.json", json.dumps({"finished": done}))
-                dist.barrier()
-                done = (read_json(job.staging / "round.json") or {}).get("finished", 0)
-                if stop or done == len(job.items):
-                    break
-        end = time.perf_counter()
-        timing = dataclasses.asdict(progress) | {"end": end, "device": engine.device}
-        write_atomic(job.staging / f"timing-{rank}.json", json.dumps(timing))
-    finally:
-        dist.close()
+    rank, world = group.rank, group.world
+    progress = _Progress()
+    engine = Engine(job, group.device)
+    progress.load_s = time.perf_counter() - progress.start
+    cache: dict[int, dict[str, Any]] = {}
+    done_before = -1
+    with _ProgressBar(job, rank, world, progress, show_progress and rank == 0) as bar:
+        while True:
+            per_rank = None if limit is None else -(-limit // world)
+            tried_before = progress.made + progress.rejected
+            finished_early = not _produce(job, engine, rank, world, progress, per_rank, bar.update)
+            stop = group.any(finished_early)
+            worked = group.any(progress.made + progress.rejected > tried_before)
+            done = group.share(group.lead(lambda: _settle(job, cache, bar)))
+            if stop or done == len(job.items):
+                break
+            if not worked and done == done_before:
+                raise _not_shared(job, done)
+            done_before = done
+    end = time.perf_counter()
+    timing = dataclasses.asdict(progress) | {"end": end, "device": engine.device}
+    write_atomic(job.staging / f"timing-{rank}.json", json.dumps(timing))
+
+
+def _settle(job: Job, cache: dict[int, dict[str, Any]], bar: _ProgressBar) -> int:
+    done = settle(job, cache)
+    bar.update()
+    return done
+
+
+def _not_shared(job: Job, done: int) -> DermkohyaError:
+    """A round in which no rank had anything to make and nothing more was finished: the ranks' files in
+    the staging folder do not reach rank 0 (a node-local folder, or a filesystem that caches names)."""
+    return DermkohyaError(
+        f"{job.staging}: no rank has an image left to make, yet {done} of {len(job.items)} are finished: the "
+        "ranks do not see each other's files there; put the output folder on a filesystem every node sees "
+        "the same (NFS mounted with lookupcache=none, Lustre, GPFS), then run again to continue"
+    )
 
 
 class _ProgressBar:
@@ -245,15 +227,27 @@ def _disk_full(out: Path, exc: OSError) -> DermkohyaError:
 
 def _worker(rank: int, job: Job, world: int, init_file: Path, limit: int | None, show_progress: bool) -> None:
     try:
+        with dist.Group.spawned(rank, world, device_for(rank), init_file) as group:
+            _run_reporting(job, group, limit, show_progress)
+    except DermkohyaError:
+        raise SystemExit(1) from None
+
+
+def _run_reporting(job: Job, group: dist.Group, limit: int | None, show_progress: bool) -> None:
+    """`_run_rank`, with a full disk said in one line and this rank's error left for the other ranks."""
+    group.staging = job.staging
+    try:
         try:
-            _run_rank(job, rank, world, init_file, limit, show_progress)
+            _run_rank(job, group, limit, show_progress)
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             raise _disk_full(job.out, exc) from None
+    except dist.RanksLost:
+        raise
     except DermkohyaError as exc:
-        write_atomic(job.staging / f"error-{rank}.txt", str(exc))
-        raise SystemExit(1) from None
+        group.leave_word(str(exc))
+        raise
 
 
 def generate(
@@ -263,14 +257,50 @@ def generate(
     processes: int = 1,
     limit: int | None = None,
     show_progress: bool = True,
+    break_lock: bool = False,
 ) -> Result:
     """Make (or finish) the plan's images. `processes` > 1 shards them over that many GPUs (or CPU
-    processes), with the same files as one process. `limit` stops after about that many new images.
+    processes), with the same files as one process. Under a launcher (torchrun, accelerate launch:
+    WORLD_SIZE > 1 in the environment) this process is one rank of the launch, possibly on another node
+    sharing the output's filesystem; same files again. `limit` stops after about that many new images.
     A second generate into the same output folder meanwhile is refused at once (locks.py)."""
     folder = Path(out) if out is not None else Path("synthetic") / load_plan(plan_path)[1]
-    with locks.holding(locks.folder_lock(folder), f"generate output {folder}", "generate") as held:
+    launch = dist.launch_from_env()
+    if launch is not None:
+        if processes > 1:
+            raise DermkohyaError(f"--processes {processes} under a launcher ({launch.where}): the launcher starts the "
+                                 "processes; leave --processes out and set torchrun's --nproc_per_node (accelerate "
+                                 "launch's --num_processes) instead")
+        return _generate_launched(plan_path, folder, launch, limit=limit, show_progress=show_progress, break_lock=break_lock)
+    with locks.holding(locks.folder_lock(folder), f"generate output {folder}", "generate", break_lock=break_lock) as held:
         result = _generate_locked(plan_path, out=folder, processes=processes, limit=limit, show_progress=show_progress)
     result.warnings[:0] = held.warnings  # a dead generate's lock, taken over
+    return result
+
+
+def _generate_launched(
+    plan_path: Path, folder: Path, launch: dist.Launch, *, limit: int | None, show_progress: bool, break_lock: bool
+) -> Result:
+    """One rank of a launcher's job. The ranks of one launch are one writer: rank 0 holds the folder's
+    lock for all of them (so a second generate into the folder is still refused) and prepares the folder
+    while the others wait; each rank checks the plan against it on its own node and makes its share;
+    rank 0 settles, summarises and hands every rank the result."""
+    start = time.perf_counter()
+    what = f"generate output {folder}"
+    with dist.Group.launched_from(launch) as group, contextlib.ExitStack() as stack:
+        taken = group.lead(lambda: stack.enter_context(locks.holding(locks.folder_lock(folder), what, "generate", break_lock=break_lock)))
+        job = group.lead(lambda: _prepare(plan_path, folder))
+        group.staging = folder / STAGING
+        if job is None:
+            try:
+                job = prepare_job(plan_path, folder, write=False)
+            except DermkohyaError as exc:
+                group.leave_word(f"{plan_path} on this node: {exc}")
+                raise
+        _run_reporting(job, group, limit, show_progress)
+        group.barrier()  # every rank's timing file is written
+        result = group.share(group.lead(lambda: _summarise(job, group.world, time.perf_counter() - start)))
+    result.warnings[:0] = taken.warnings if taken is not None else []
     return result
 
 
@@ -283,13 +313,19 @@ def _generate_locked(plan_path: Path, *, out: Path, processes: int, limit: int |
         raise _disk_full(out, exc) from None
 
 
-def _generate_in(plan_path: Path, *, out: Path, processes: int, limit: int | None, show_progress: bool) -> Result:
-    start = time.perf_counter()
+def _prepare(plan_path: Path, out: Path) -> Job:
+    """The job, its plan.json checked or written, and the staging folder cleared of a previous run's notes."""
     job = prepare_job(plan_path, out)
     job.staging.mkdir(parents=True, exist_ok=True)
     (job.out / REJECTED).mkdir(exist_ok=True)
     for stale in [*job.staging.glob("timing-*.json"), *job.staging.glob("progress-*.json"), *job.staging.glob("error-*.txt")]:
         stale.unlink()
+    return job
+
+
+def _generate_in(plan_path: Path, *, out: Path, processes: int, limit: int | None, show_progress: bool) -> Result:
+    start = time.perf_counter()
+    job = _prepare(plan_path, out)
     if processes > 1:
         import torch
 
@@ -308,7 +344,7 @@ def _generate_in(plan_path: Path, *, out: Path, processes: int, limit: int | Non
         finally:
             init_file.unlink(missing_ok=True)
     else:
-        _run_rank(job, 0, 1, None, limit, show_progress)
+        _run_rank(job, dist.Group.single(device_for(0)), limit, show_progress)
     return _summarise(job, processes, time.perf_counter() - start)
 
 
