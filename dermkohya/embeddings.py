@@ -1,5 +1,6 @@
 """Textual-inversion embeddings: kohya's phase-1 files, the derived base that carries them into a LoRA
-run (phase 2 of ti_then_lora), and loading or describing them for generate and inspect."""
+run (phase 2 of ti_then_lora), loading or describing them for generate and inspect, and filing them
+(collect) from the run's ti-manifest.json."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 from dermkohya import basemodel
 from dermkohya.errors import DermkohyaError
+from dermkohya.manifests import TIManifest
+from dermkohya.names import slug
 
 CLIP_L_DIR = basemodel.CLIP_L_TOKENIZER_ID.replace("/", "_")
 
@@ -140,3 +143,62 @@ def describe_embedding(path: Path) -> dict[str, Any] | None:
         "token": sf.metadata.get("dermkohya.token"),
         "dermkohya": {k: v for k, v in sf.metadata.items() if k.startswith("dermkohya.")},
     }
+
+
+# ---- collect --------------------------------------------------------------------------------------------
+
+
+def read_ti_manifest(root: Path, name: str) -> TIManifest | None:
+    """output/<run>/ti-manifest.json through its record (an old or foreign file is refused, naming the fix);
+    None when the run has none (a LoRA run)."""
+    path = root / "output" / name / "ti-manifest.json"
+    return TIManifest.read(path) if path.exists() else None
+
+
+def embeddings_only(root: Path, name: str) -> bool:
+    """A `method = "textual_inversion"` run: collect files its embeddings and no LoRA."""
+    manifest = read_ti_manifest(root, name)
+    return manifest is not None and manifest.method == "textual_inversion"
+
+
+def collect_embeddings(root: Path, name: str) -> Path:
+    """File phase 1's embeddings as artifacts/<run>/<run>-embeddings/<token-slug>.safetensors.
+
+    One file per token, in kohya's own format (`emb_params`, [vectors, 768]): diffusers'
+    `load_textual_inversion` and A1111 load exactly that, while neither reads a bundle of several tokens.
+    The header gains `dermkohya.*` keys (token, its cell, init word, phase hashes); the tensors are copied
+    unchanged. A file already filed with the same bytes is kept; a different one is never replaced.
+    """
+    from dermkohya import lora
+
+    manifest = read_ti_manifest(root, name)
+    if manifest is None or manifest.returncode != 0 or not manifest.embeddings:
+        raise DermkohyaError(f"{root / 'output' / name / 'ti-manifest.json'}: no finished textual inversion to collect; "
+                             f"train the run first (`dermkohya train runs/{name}.toml`)")
+    folder = root / "artifacts" / name / f"{name}-embeddings"
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = {t.token: t for t in manifest.tokens}
+    derived = manifest.derived_base
+    for token, entry in sorted(manifest.embeddings.items()):
+        sf = lora.read_header(root / entry.path)
+        metadata = {
+            "dermkohya.run_name": name, "dermkohya.method": manifest.method, "dermkohya.token": token,
+            "dermkohya.diagnosis": cells[token].diagnosis, "dermkohya.fst": cells[token].fst or "",
+            "dermkohya.token_scope": str(manifest.textual_inversion["token_scope"]),
+            "dermkohya.init_word": manifest.init_word or "",
+            "dermkohya.num_vectors_per_token": str(manifest.textual_inversion["num_vectors_per_token"]),
+            "dermkohya.phase1_sha256": entry.sha256,
+            "dermkohya.derived_base_sha256": derived.text_encoder_tokenizer_sha256 if derived else "",
+        }
+        dest = folder / f"{slug(token) or 'token'}.safetensors"
+        tmp = folder / f".{dest.name}.tmp-{os.getpid()}"
+        lora.write_with_metadata(sf, {**sf.metadata, **metadata}, tmp)
+        if dest.exists():
+            same = dest.read_bytes() == tmp.read_bytes()
+            tmp.unlink()
+            if not same:
+                raise DermkohyaError(f"{dest}: already holds a different embedding for {token}; it is never replaced: "
+                                     f"move artifacts/{name} aside to collect this one")
+            continue
+        lora.publish(tmp, dest)
+    return folder

@@ -1,8 +1,9 @@
-"""The three manifests, as typed records (records.py): what render, train and collect each write down.
+"""The manifests, as typed records (records.py): what render, train and collect each write down.
 
 - `RunManifest`       runs/<run>/manifest.json       (render: everything the run will use; no clocks, committed)
 - `LaunchManifest`    output/<run>/manifest.json     (train: the run manifest + base sha256, command, times, state)
 - `ArtifactManifest`  artifacts/<run>/manifest.json  (collect: the launch manifest + what was filed and checked)
+- `TIManifest`        output/<run>/ti-manifest.json  (train, textual inversion: tokens, phases, embeddings, derived base)
 
 Each stage's record extends the previous one's, so a later file holds every fact of an earlier one and a
 reader finds each fact under one name. Parts that are open-ended by nature (the run-file dump, counts
@@ -161,6 +162,58 @@ class ArtifactManifest(LaunchManifest):
     REMEDY: ClassVar[str] = "run `dermkohya collect RUN` to file the run again (a new version with --new-version)"
 
     collect: CollectPart
+
+
+class TIToken(_Part):
+    token: str
+    diagnosis: str
+    fst: str | None  # None for token_scope = "diagnosis"
+    images: int
+
+
+class TIPhase(_Part):
+    label: str
+    token: str | None  # None for the LoRA phase
+    exit_code: int
+    interrupted: bool = False
+    kept: bool = False  # a phase-1 run of an earlier launch whose embedding a --resume kept
+    output: str | None
+    log: str | None
+    rendered_sha256: str  # of the phase's rendered files: a kept phase-1 embedding must come from the same ones
+
+
+class TIEmbedding(_Part):
+    path: str
+    sha256: str
+    rendered_sha256: str  # the phase-1 files it was trained from (a --resume keeps it only while they are unchanged)
+
+
+class DerivedBasePart(_Part):
+    path: str
+    tokenizer_cache_dir: str
+    text_encoder_tokenizer_sha256: str
+    token_ids: dict[str, list[int]]
+
+
+class TIManifest(Record):
+    """output/<run>/ti-manifest.json: written by `dermkohya train` for a textual-inversion run after each phase."""
+
+    KIND: ClassVar[str] = "ti-manifest"
+    REMEDY: ClassVar[str] = (
+        "written by an older dermkohya or not by `dermkohya train`: re-run `dermkohya train RUN --new` (the "
+        "old outputs are kept as output/<run>.N)"
+    )
+
+    run_name: str
+    method: str  # textual_inversion | ti_then_lora
+    textual_inversion: dict[str, Any]  # the run file's [textual_inversion], as spec.py dumps it
+    init_word: str | None
+    tokens: list[TIToken]
+    returncode: int = 0
+    finished: bool = False  # every phase of the method ended with exit code 0
+    phases: list[TIPhase] = []  # this launch's phases, in order (a kept phase-1 run is listed as kept)
+    embeddings: dict[str, TIEmbedding] = {}  # token → kohya's phase-1 file
+    derived_base: DerivedBasePart | None = None
 
 
 def launch_from(run: RunManifest | dict[str, Any], **launch: Any) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class Subset:
     image_dir: str
     repeats: int
     concept: str
+    metadata_file: str | None = None  # a kohya fine-tuning subset: captions from this JSON (ti.py's phase captions)
 
 
 @dataclass

@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from dermkohya import basemodel, dataset, kohya, manifests, render
+from dermkohya import basemodel, dataset, kohya, manifests, render, runstate
 from dermkohya.dataset.sidecar import read_metadata
 from dermkohya.errors import DermkohyaError
-from dermkohya.files import write_atomic
+from dermkohya.files import sha256_file, write_atomic
+from dermkohya.manifests import DerivedBasePart, TIEmbedding, TIManifest, TIPhase, TIToken
+from dermkohya.resume import _resume_done, check_resume, saved_states
 from dermkohya.spec import RunSpec, load_run
 from dermkohya.names import slug
 from dermkohya.templating import text_template
 from dermkohya.embeddings import (  # noqa: F401 (re-exported for collect, generate and tests)
-    CLIP_L_DIR, DerivedBase, build_derived_base, describe_embedding, embedding_files, load_embeddings, read_embedding,
+    CLIP_L_DIR, DerivedBase, build_derived_base, collect_embeddings, describe_embedding, embedding_files,
+    embeddings_only, load_embeddings, read_embedding,
 )
 
 TI_SCRIPTS: dict[str, str] = {"sd15": "train_textual_inversion.py", "sdxl": "sdxl_train_textual_inversion.py"}
@@ -149,10 +151,11 @@ class TIRun:
     data_dir: Path = Path()
 
 
-def _fine_tuning_dataset(spec: RunSpec, entries: list[tuple[Path, int, str]], folder: Path, root: Path,
-                         resolution: int, batch_size: int, vectors: int, tokens: list[Token]) -> str:
-    """A --dataset_config of kohya fine-tuning subsets (one per image folder and repeat count) whose
-    captions come from metadata files written into `folder`, never from the user's caption files."""
+def _fine_tuning_dataset(spec: RunSpec, entries: list[tuple[Path, int, str]], folder: Path, root: Path, *,
+                         what: str, batch_size: int, validation_split: float, vectors: int, tokens: list[Token]) -> str:
+    """A --dataset_config of kohya fine-tuning subsets (one per image folder and repeat count), rendered by
+    render's one dataset renderer; the captions come from metadata files written into `folder`, never from
+    the user's caption files."""
     groups: dict[tuple[Path, int], dict[str, dict[str, str]]] = {}
     for image, repeats, caption in entries:
         for token in tokens:  # kohya's train_network.py does not expand multi-vector tokens itself
@@ -165,19 +168,10 @@ def _fine_tuning_dataset(spec: RunSpec, entries: list[tuple[Path, int, str]], fo
         text = json.dumps(metadata, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
         if not meta.exists() or meta.read_text(encoding="utf-8") != text:
             write_atomic(meta, text)
-        subsets.append({"image_dir": render.project_path(image_dir, root), "metadata_file": render.project_path(meta, root),
-                        "num_repeats": repeats})
-    ds = spec.dataset
-    general: dict[str, Any] = {"resolution": resolution, "batch_size": batch_size, "enable_bucket": ds.enable_bucket,
-                               "shuffle_caption": ds.shuffle_caption, "keep_tokens": ds.keep_tokens, "flip_aug": ds.flip_aug}
-    if ds.enable_bucket:
-        general |= {"min_bucket_reso": ds.min_bucket_reso or max(64, resolution // 2),
-                    "max_bucket_reso": ds.max_bucket_reso or resolution * 2,
-                    "bucket_reso_steps": ds.bucket_reso_steps, "bucket_no_upscale": True}
-    import tomli_w
-
-    header = "# kohya --dataset_config rendered by dermkohya (ti.py): fine-tuning subsets, captions in captions-*.json\n"
-    return header + tomli_w.dumps({"general": general, "datasets": [{"subsets": subsets}]})
+        subsets.append(render.Subset(render.project_path(image_dir, root), repeats, "", render.project_path(meta, root)))
+    return render.dataset_config(spec.dataset, what=what, source=render.project_path(folder, root),
+                                 resolution=spec.resolution, batch_size=batch_size, validation_split=validation_split,
+                                 subsets=subsets)
 
 
 def render_ti(run_file: Path, *, project_root: Path | None = None, check_keys: bool = True) -> TIRun:
@@ -214,8 +208,9 @@ def render_ti(run_file: Path, *, project_root: Path | None = None, check_keys: b
         }
         config = env.get_template("ti_config.toml.j2").render(context)
         texts = {"config.toml": config,
-                 "dataset.toml": _fine_tuning_dataset(spec, list(token.images), folder, root, spec.resolution,
-                                                      ti.batch_size or spec.train.batch_size, 1, [])}
+                 "dataset.toml": _fine_tuning_dataset(
+                     spec, list(token.images), folder, root, what=f"phase 1 of run `{name}` (textual inversion of {token.string})",
+                     batch_size=ti.batch_size or spec.train.batch_size, validation_split=0.0, vectors=1, tokens=[])}
         for filename, text in texts.items():
             path = folder / filename
             if not path.exists() or path.read_text(encoding="utf-8") != text:
@@ -232,9 +227,6 @@ def render_ti(run_file: Path, *, project_root: Path | None = None, check_keys: b
     return run
 
 
-# ---- the derived base -------------------------------------------------------------------------------------
-
-
 # ---- training ---------------------------------------------------------------------------------------------
 
 
@@ -247,16 +239,20 @@ class PhaseResult:
     hint: str | None = None
     tail: list[str] = field(default_factory=list)
     argv: list[str] = field(default_factory=list)
+    interrupted: bool = False
 
 
 @dataclass
 class TIResult:
     name: str
     phases: list[PhaseResult]
-    embeddings: dict[str, Path]  # token → kohya's phase-1 file
+    embeddings: dict[str, Path]  # token → kohya's phase-1 file (kept or trained now)
     lora: Path | None
     derived: DerivedBase | None
     manifest_path: Path
+    lora_manifest: Path | None = None  # output/<run>/manifest.json, once phase 2 was launched
+    warnings: list[str] = field(default_factory=list)
+    note: str | None = None  # why nothing was launched (a --resume with nothing left)
 
     @property
     def returncode(self) -> int:
@@ -274,7 +270,8 @@ def _launch(run: TIRun, phase: Phase, on_line: Any, lock_fd: int) -> PhaseResult
     code, hint = result.returncode, kohya.hint_for(result.tail)
     if code == 0 and not output.is_file():
         code, hint = 1, hint or f"kohya exited 0 but wrote no {output.name}: read {log_path}"
-    return PhaseResult(phase.label, code, output if code == 0 else None, log_path, hint, list(result.tail), argv)
+    return PhaseResult(phase.label, code, output if code == 0 else None, log_path, hint, list(result.tail), argv,
+                       result.interrupted)
 
 
 def derived_key(run: TIRun, embeddings: dict[str, Path]) -> str:
@@ -291,171 +288,212 @@ def render_lora_phase(run: TIRun, derived: DerivedBase, *, check_keys: bool = Tr
     folder.mkdir(parents=True, exist_ok=True)
     entries = [entry for token in run.tokens for entry in token.images]
     vectors = spec.textual_inversion.num_vectors_per_token
-    text = _fine_tuning_dataset(spec, entries, folder, root, spec.resolution, spec.train.batch_size, vectors, run.tokens)
+    text = _fine_tuning_dataset(spec, entries, folder, root, what=f"phase 2 of run `{run.name}` (LoRA with the learned tokens)",
+                                batch_size=spec.train.batch_size, validation_split=spec.validation.split, vectors=vectors,
+                                tokens=run.tokens)
     return render.render(run.run_file, project_root=root, out_dir=folder, check_keys=check_keys,
                          phase2={"base_path": derived.base, "tokenizer_cache_dir": derived.tokenizer_cache_dir,
                                  "dataset.toml": text})
 
 
+def phase_sha256(phase: Phase, base_sha256: str) -> str:
+    """What a phase-1 embedding depends on: its rendered files, its images' bytes and the base. A --resume
+    keeps an embedding only while this is unchanged."""
+    digest = hashlib.sha256(base_sha256.encode())
+    for path in sorted(phase.out_dir.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for image, repeats, _ in phase.token.images if phase.token else ():
+        digest.update(f"{image.name}\0{repeats}\0{sha256_file(image)}".encode())
+    return digest.hexdigest()
+
+
+def _previous(run: TIRun, output_dir: Path, *, resume: bool, new: bool) -> TIManifest | None:
+    """The record of the launch a --resume continues; refusals for a run that holds outputs without it."""
+    path = output_dir / "ti-manifest.json"
+    rerun = f"`dermkohya train {render.project_path(run.run_file, run.root)}"
+    if resume:
+        if not path.exists():
+            raise DermkohyaError(f"--resume: no {path}: nothing of this run was trained yet; start it with {rerun}`")
+        previous = TIManifest.read(path)
+        if previous.finished:
+            raise DermkohyaError(f"--resume: {path} says every phase finished: nothing left to resume; `dermkohya "
+                                 f"collect {run.name}` it, or train afresh with {rerun} --new`")
+        return previous
+    if new or not (path.exists() or (output_dir / f"{run.name}.safetensors").exists()):
+        return None
+    if path.exists() and not TIManifest.read(path).finished:
+        raise DermkohyaError(f"{output_dir} holds an unfinished run: pass --resume to continue it (finished phase-1 "
+                             "tokens are kept, phase 2 continues from kohya's saved state) or --new to keep it aside "
+                             "and start afresh")
+    raise DermkohyaError(f"{output_dir} holds a finished run: `dermkohya collect {run.name}` it, or pass --new to keep "
+                         "it as output/<run>.N and start afresh")
+
+
+def _kept(previous: TIManifest | None, token: str, rendered_sha256: str, root: Path) -> TIEmbedding | None:
+    """A phase-1 embedding of the interrupted launch that a --resume keeps: same inputs, same file."""
+    entry = previous.embeddings.get(token) if previous else None
+    if entry is None or entry.rendered_sha256 != rendered_sha256:
+        return None
+    path = root / entry.path
+    return entry if path.is_file() and sha256_file(path) == entry.sha256 else None
+
+
+def _new_record(run: TIRun) -> TIManifest:
+    ti = run.spec.textual_inversion
+    return TIManifest(run_name=run.name, method=run.spec.method, textual_inversion=ti.model_dump(mode="json"),
+                      init_word=ti.init_word, tokens=[TIToken(token=t.string, diagnosis=t.diagnosis, fst=t.fst,
+                                                              images=len(t.images)) for t in run.tokens])
+
+
+def _phase_record(run: TIRun, outcome: PhaseResult, token: str | None, rendered_sha256: str) -> TIPhase:
+    return TIPhase(label=outcome.label, token=token, exit_code=outcome.returncode, interrupted=outcome.interrupted,
+                   output=render.project_path(outcome.output, run.root) if outcome.output else None,
+                   log=render.project_path(outcome.log_path, run.root), rendered_sha256=rendered_sha256)
+
+
 def train_ti(run_file: Path, *, project_root: Path | None = None, on_line: Any = None, new: bool = False,
-             break_lock: bool = False) -> TIResult:
+             resume: bool = False, break_lock: bool = False, gpu_ids: str | None = None) -> TIResult:
     """Phase 1 (one kohya TI run per token), then, for ti_then_lora, the derived base and the LoRA.
 
-    Phase-1 files already in output/<run>/ti/ from the same rendered config are kept (a re-run after a
-    failed phase 2 does not retrain them); --new sets the whole output folder aside first.
+    output/<run>/ti-manifest.json is written after every phase. --resume continues an interrupted launch:
+    a phase-1 embedding from the same inputs is kept, an interrupted token is trained again (phase-1 runs
+    save no state), and phase 2 continues from kohya's last saved state when there is one. --gpus gives
+    every phase the queue's GPU(s). --new sets the whole output folder aside first.
     """
     from dermkohya import train
 
     root = (project_root or Path.cwd()).resolve()
     with train.run_lock(run_file, project_root=root, break_lock=break_lock) as held:
         run = render_ti(run_file, project_root=root)
+        if gpu_ids is not None:
+            run.launch_args = train._with_gpu_ids(run.launch_args, gpu_ids,
+                                                  run.spec.launch.processes * run.spec.launch.machines, run.run_file)
         output_dir = root / "output" / run.name
-        if (output_dir / f"{run.name}.safetensors").exists() or (output_dir / "ti-manifest.json").exists():
-            if not new:
-                raise DermkohyaError(f"{output_dir} holds a finished run: `dermkohya collect {run_file}` it, or pass "
-                                     "--new to keep it as output/<run>.N and start afresh")
+        previous = _previous(run, output_dir, resume=resume, new=new)
+        if new and not resume and output_dir.exists():
             train._set_aside(output_dir)
         if run.spec.model.base.startswith("random:"):
             basemodel.ensure_smoke_model(run.spec.model.family, cache_root=root / render.SMOKE_MODELS_DIR)
         basemodel.build_tokenizer_cache(basemodel.tokenizer_cache_dir(root))
+        base_sha256 = basemodel.sha256_path(run.base_path)
+        record, path = _new_record(run), output_dir / "ti-manifest.json"
         results: list[PhaseResult] = []
-        embeddings: dict[str, Path] = {}
-        manifest: dict[str, Any] = {"run_name": run.name, "method": run.spec.method,
-                                    "textual_inversion": run.spec.textual_inversion.model_dump(mode="json"),
-                                    "tokens": [{"token": t.string, "diagnosis": t.diagnosis, "fst": t.fst,
-                                                "images": len(t.images)} for t in run.tokens]}
-        manifest_path = output_dir / "ti-manifest.json"
         for phase in run.phases:
-            outcome = _launch(run, phase, on_line, held.fd)
-            results.append(outcome)
-            if outcome.returncode != 0:
-                return _finish(run, results, embeddings, None, None, manifest, manifest_path)
-            assert phase.token is not None and outcome.output is not None
-            embeddings[phase.token.string] = outcome.output
+            assert phase.token is not None
+            digest = phase_sha256(phase, base_sha256)
+            kept = _kept(previous, phase.token.string, digest, root)
+            if kept is None:
+                outcome = _launch(run, phase, on_line, held.fd)
+                results.append(outcome)
+                record.phases.append(_phase_record(run, outcome, phase.token.string, digest))
+                if outcome.returncode != 0:
+                    return _finish(run, record, path, results)
+                assert outcome.output is not None
+                kept = TIEmbedding(path=render.project_path(outcome.output, root), sha256=sha256_file(outcome.output),
+                                   rendered_sha256=digest)
+            else:
+                record.phases.append(TIPhase(label=phase.label, token=phase.token.string, exit_code=0, kept=True,
+                                             output=kept.path, log=None, rendered_sha256=digest))
+            record.embeddings[phase.token.string] = kept
+            record.write(path)  # a finished token is on record before the next one starts
         if run.spec.method == "textual_inversion":
-            return _finish(run, results, embeddings, None, None, manifest, manifest_path)
-        vectors = run.spec.textual_inversion.num_vectors_per_token
-        dest = basemodel.models_dir(root) / "derived" / derived_key(run, embeddings)
-        derived = build_derived_base(run.base_path, basemodel.tokenizer_cache_dir(root),
-                                     [(t.strings(vectors), embeddings[t.string]) for t in run.tokens], dest)
-        rendered = render_lora_phase(run, derived)
-        phase = Phase("LoRA", run.spec.script, rendered.out_dir, rendered.output_dir, run.name, rendered.script_args,
-                      rendered.config_keys)
-        outcome = _launch(run, phase, on_line, held.fd)
-        results.append(outcome)
-        result = _finish(run, results, embeddings, outcome.output, derived, manifest, manifest_path)
-        write_lora_manifest(run, rendered, outcome, manifest)
-        return result
+            return _finish(run, record, path, results)
+        return _lora_phase(run, record, path, results, on_line=on_line, lock_fd=held.fd, resume=resume, gpu_ids=gpu_ids)
 
 
-def write_lora_manifest(run: TIRun, rendered: render.RenderedRun, outcome: PhaseResult, ti_manifest: dict[str, Any]) -> Path:
+def _lora_phase(run: TIRun, record: TIManifest, path: Path, results: list[PhaseResult], *, on_line: Any,
+                lock_fd: int, resume: bool, gpu_ids: str | None) -> TIResult:
+    """Phase 2: the derived base, the LoRA's files on it, and its launch (continuing kohya's saved state on
+    a --resume)."""
+    root = run.root
+    embeddings = {t: root / e.path for t, e in record.embeddings.items()}
+    vectors = run.spec.textual_inversion.num_vectors_per_token
+    dest = basemodel.models_dir(root) / "derived" / derived_key(run, embeddings)
+    derived = build_derived_base(run.base_path, basemodel.tokenizer_cache_dir(root),
+                                 [(t.strings(vectors), embeddings[t.string]) for t in run.tokens], dest)
+    record.derived_base = DerivedBasePart(path=render.project_path(derived.base, root),
+                                          tokenizer_cache_dir=render.project_path(derived.tokenizer_cache_dir, root),
+                                          text_encoder_tokenizer_sha256=derived.sha256, token_ids=derived.token_ids)
+    rendered = render_lora_phase(run, derived)
+    phase = Phase("LoRA", run.spec.script, rendered.out_dir, rendered.output_dir, run.name, list(rendered.script_args),
+                  rendered.config_keys)
+    warnings: list[str] = []
+    state = _lora_state(run, rendered, warnings) if resume else None
+    if state is not None:
+        done = _resume_done(rendered, state)
+        if done is not None:
+            result = _finish(run, record, path, results)
+            result.note, result.warnings = done, warnings
+            return result
+        phase.script_args += ["--resume", render.project_path(state, root)]
+    outcome = _launch(run, phase, on_line, lock_fd)
+    results.append(outcome)
+    record.phases.append(_phase_record(run, outcome, None, rendered.manifest["rendered_sha256"].get("config.toml", "")))
+    lora_manifest = write_lora_manifest(run, rendered, outcome, record, resumed_from=state, gpu_ids=gpu_ids)
+    result = _finish(run, record, path, results, lora=outcome.output, derived=derived)
+    result.lora_manifest, result.warnings = lora_manifest, warnings
+    return result
+
+
+def _lora_state(run: TIRun, rendered: render.RenderedRun, warnings: list[str]) -> Path | None:
+    """kohya's last saved state of phase 2, checked as `train --resume` checks a LoRA run's (the base compared
+    is the one the tokens were added to); None: phase 2 starts from its beginning."""
+    states = saved_states(rendered.output_dir, run.name)
+    if not states:
+        warnings.append(f"--resume: no saved kohya state of phase 2 in {rendered.output_dir}: phase 2 starts from its "
+                        "beginning (states are saved when [train] save_state = true)")
+        return None
+    warnings += check_resume(replace(rendered, base_path=run.base_path), states[-1])
+    return states[-1]
+
+
+def write_lora_manifest(run: TIRun, rendered: render.RenderedRun, outcome: PhaseResult, record: TIManifest, *,
+                        resumed_from: Path | None = None, gpu_ids: str | None = None) -> Path:
     """output/<run>/manifest.json for the LoRA phase, as train writes it for a LoRA run (collect reads it),
     with the base it was derived from and the tokens (the card's trigger words)."""
     manifest = manifests.launch_from(json.loads(json.dumps(rendered.manifest)))
     manifest["dataset"]["trigger_words"] = [t.string for t in run.tokens]
     manifest["base_model"] |= {"derived_from": render.project_path(run.base_path, run.root),
                                "sha256": basemodel.sha256_path(run.base_path)}
-    manifest |= {"exit_code": outcome.returncode, "command": outcome.argv,
-                 "textual_inversion": {k: ti_manifest[k] for k in ("tokens", "embeddings", "init_word", "derived_base")}
-                 | {"token_scope": run.spec.textual_inversion.token_scope}}
+    facts = record.model_dump(mode="json", include={"tokens", "embeddings", "init_word", "derived_base"})
+    manifest |= {"exit_code": outcome.returncode, "command": outcome.argv, "interrupted": outcome.interrupted,
+                 "state": runstate.ended(outcome.returncode, outcome.output is not None, None).value,
+                 "resumed_from": render.project_path(resumed_from, run.root) if resumed_from else None,
+                 "gpu_override": None if gpu_ids is None else {"gpu_ids": gpu_ids, "run_file_gpu_ids": run.spec.launch.gpu_ids,
+                                                               "by": "--gpus"},
+                 "textual_inversion": facts | {"token_scope": run.spec.textual_inversion.token_scope}}
     path = rendered.output_dir / "manifest.json"
     manifests.LaunchManifest.model_validate(manifest).write(path)
     return path
 
 
-def _finish(run: TIRun, results: list[PhaseResult], embeddings: dict[str, Path], lora: Path | None,
-            derived: DerivedBase | None, manifest: dict[str, Any], path: Path) -> TIResult:
-    """Record what the phases did in output/<run>/ti-manifest.json (collect reads it)."""
-    manifest |= {
-        "returncode": next((r.returncode for r in results if r.returncode != 0), 0),
-        "phases": [{"label": r.label, "exit_code": r.returncode, "output": render.project_path(r.output, run.root) if r.output else None,
-                    "log": render.project_path(r.log_path, run.root)} for r in results],
-        "embeddings": {t: {"path": render.project_path(p, run.root), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-                       for t, p in embeddings.items()},
-        "init_word": run.spec.textual_inversion.init_word,
-        "derived_base": None if derived is None else {
-            "path": render.project_path(derived.base, run.root),
-            "tokenizer_cache_dir": render.project_path(derived.tokenizer_cache_dir, run.root),
-            "text_encoder_tokenizer_sha256": derived.sha256, "token_ids": derived.token_ids},
-    }
+def _finish(run: TIRun, record: TIManifest, path: Path, results: list[PhaseResult], *, lora: Path | None = None,
+            derived: DerivedBase | None = None) -> TIResult:
+    """Record how the phases ended in output/<run>/ti-manifest.json (collect reads it)."""
+    record.returncode = next((r.returncode for r in results if r.returncode != 0), 0)
+    record.finished = record.returncode == 0 and (run.spec.method == "textual_inversion" or lora is not None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    record.write(path)
+    embeddings = {t: run.root / e.path for t, e in record.embeddings.items()}
     return TIResult(run.name, results, embeddings, lora, derived, path)
-
-
-# ---- collect --------------------------------------------------------------------------------------------
-
-
-def _ti_manifest(root: Path, name: str) -> dict[str, Any] | None:
-    path = root / "output" / name / "ti-manifest.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def embeddings_only(root: Path, name: str) -> bool:
-    """A `method = "textual_inversion"` run: collect files its embeddings and no LoRA."""
-    manifest = _ti_manifest(root, name)
-    return manifest is not None and manifest.get("method") == "textual_inversion"
-
-
-def collect_embeddings(root: Path, name: str) -> Path:
-    """File phase 1's embeddings as artifacts/<run>/<run>-embeddings/<token-slug>.safetensors.
-
-    One file per token, in kohya's own format (`emb_params`, [vectors, 768]): diffusers'
-    `load_textual_inversion` and A1111 load exactly that, while neither reads a bundle of several tokens.
-    The header gains `dermkohya.*` keys (token, its cell, init word, phase hashes); the tensors are copied
-    unchanged. A file already filed with the same bytes is kept; a different one is never replaced.
-    """
-    from dermkohya import lora
-
-    manifest = _ti_manifest(root, name)
-    if manifest is None or manifest.get("returncode", 0) != 0 or not manifest.get("embeddings"):
-        raise DermkohyaError(f"{root / 'output' / name / 'ti-manifest.json'}: no finished textual inversion to collect; "
-                             f"train the run first (`dermkohya train runs/{name}.toml`)")
-    folder = root / "artifacts" / name / f"{name}-embeddings"
-    folder.mkdir(parents=True, exist_ok=True)
-    cells = {t["token"]: t for t in manifest["tokens"]}
-    derived = manifest.get("derived_base") or {}
-    for token, entry in sorted(manifest["embeddings"].items()):
-        source = root / entry["path"]
-        sf = lora.read_header(source)
-        metadata = {
-            "dermkohya.run_name": name, "dermkohya.method": manifest["method"], "dermkohya.token": token,
-            "dermkohya.diagnosis": cells[token]["diagnosis"], "dermkohya.fst": cells[token]["fst"] or "",
-            "dermkohya.token_scope": manifest["textual_inversion"]["token_scope"],
-            "dermkohya.init_word": manifest.get("init_word") or "",
-            "dermkohya.num_vectors_per_token": str(manifest["textual_inversion"]["num_vectors_per_token"]),
-            "dermkohya.phase1_sha256": entry["sha256"],
-            "dermkohya.derived_base_sha256": derived.get("text_encoder_tokenizer_sha256") or "",
-        }
-        dest = folder / f"{slug(token) or 'token'}.safetensors"
-        tmp = folder / f".{dest.name}.tmp-{os.getpid()}"
-        lora.write_with_metadata(sf, {**sf.metadata, **metadata}, tmp)
-        if dest.exists():
-            same = dest.read_bytes() == tmp.read_bytes()
-            tmp.unlink()
-            if not same:
-                raise DermkohyaError(f"{dest}: already holds a different embedding for {token}; it is never replaced: "
-                                     f"move artifacts/{name} aside to collect this one")
-            continue
-        lora.publish(tmp, dest)
-    return folder
 
 
 def train_result(run_file: Path, *, project_root: Path | None = None, resume: bool = False, new: bool = False,
                  on_line: Any = None, break_lock: bool = False, gpu_ids: str | None = None) -> Any:
     """`train.train` for a TI method: the phases' outcome as the TrainResult the CLI and the queue print."""
-    from dermkohya import runstate, train
+    from dermkohya import train
 
-    if resume or gpu_ids is not None:
-        raise DermkohyaError(f"{run_file}: --resume and --gpus are not supported for textual inversion yet: train it "
-                             "with `dermkohya train` alone (finished phase-1 runs are quick to redo)")
-    result = train_ti(run_file, project_root=project_root, on_line=on_line, new=new, break_lock=break_lock)
-    last = result.phases[-1]
+    result = train_ti(run_file, project_root=project_root, on_line=on_line, new=new, resume=resume,
+                      break_lock=break_lock, gpu_ids=gpu_ids)
+    last = result.phases[-1] if result.phases else None
     ok = result.returncode == 0
+    output_dir = result.manifest_path.parent
     return train.TrainResult(
-        name=result.name, lora=(result.lora or last.log_path.parent) if ok else None,  # TI alone: the embeddings' folder returncode=result.returncode, interrupted=False,
-        log_path=last.log_path, manifest_path=result.manifest_path, hint=last.hint, tail=last.tail,
-        state=runstate.RunState.FINISHED if ok else runstate.RunState.FAILED)
+        name=result.name, lora=(result.lora or output_dir / "ti") if ok else None,  # TI alone: the embeddings' folder
+        returncode=result.returncode, interrupted=bool(last and last.interrupted),
+        log_path=last.log_path if last else output_dir / "train.log",
+        manifest_path=result.lora_manifest or result.manifest_path, hint=last.hint if last else None,
+        tail=last.tail if last else [], warnings=result.warnings, note=result.note,
+        saved_states=saved_states(output_dir, result.name),
+        state=runstate.ended(result.returncode, ok, None) if last else runstate.RunState.FINISHED)

@@ -116,11 +116,15 @@ def test_collect_files_one_embedding_per_token_with_provenance_and_inspect_reads
     out = root / "output" / "r" / "ti"
     out.mkdir(parents=True)
     emb = _embedding(out / "scaly-plaque.safetensors", np.ones((1, 768)))
-    manifest = {"run_name": "r", "method": "textual_inversion", "returncode": 0, "init_word": "skin",
-                "textual_inversion": {"token_scope": "diagnosis", "num_vectors_per_token": 1},
-                "tokens": [{"token": "<scaly-plaque>", "diagnosis": "scaly plaque", "fst": None, "images": 6}],
-                "embeddings": {"<scaly-plaque>": {"path": "output/r/ti/scaly-plaque.safetensors", "sha256": "0" * 64}}}
-    (root / "output" / "r" / "ti-manifest.json").write_text(json.dumps(manifest))
+    from dermkohya.manifests import TIManifest
+
+    TIManifest.model_validate({
+        "run_name": "r", "method": "textual_inversion", "returncode": 0, "finished": True, "init_word": "skin",
+        "textual_inversion": {"token_scope": "diagnosis", "num_vectors_per_token": 1},
+        "tokens": [{"token": "<scaly-plaque>", "diagnosis": "scaly plaque", "fst": None, "images": 6}],
+        "embeddings": {"<scaly-plaque>": {"path": "output/r/ti/scaly-plaque.safetensors", "sha256": "0" * 64,
+                                          "rendered_sha256": "1" * 64}},
+    }).write(root / "output" / "r" / "ti-manifest.json")
     folder = collect.collect("r", project_root=root)
     filed = folder / "scaly-plaque.safetensors"
     assert folder == root / "artifacts" / "r" / "r-embeddings" and filed.is_file()
@@ -148,6 +152,31 @@ def test_shipped_ti_run_files_render_keys_kohyas_own_parser_accepts(tmp_path: Pa
     from dermkohya import kohya
 
     assert kohya.cached_argument_names(rendered.phases[0].script, root) is not None  # the check ran, not skipped
+
+
+@pytest.mark.kohya
+def test_phase_dataset_configs_are_fine_tuning_subsets_kohya_reads(tmp_path: Path, repo_kohya: None) -> None:
+    """Both phases' dataset.toml come from render's one renderer; kohya's own dataset group (tests/kohya_datasets.py)
+    reads them as fine-tuning subsets whose captions are the metadata files, with every image."""
+    from dermkohya import kohya
+
+    root = _project(tmp_path / "p")
+    run = ti.render_ti(Path("runs/demo-ti.toml"), project_root=root, check_keys=False)
+    ti.render_lora_phase(run, ti.DerivedBase(root / "models" / "derived", root / "models" / "tokenizers", "", {}),
+                         check_keys=False)
+    configs = [run.phases[0].out_dir / "dataset.toml", run.out_dir / "lora" / "dataset.toml"]
+    assert all("rendered by dermkohya" in c.read_text() and "metadata_file" in c.read_text() for c in configs)
+    sd_scripts = kohya.find_sd_scripts(REPO)
+    env = kohya.kohya_env(project_root=root)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(sd_scripts), env.get("PYTHONPATH")]))
+    out = subprocess.run([str(kohya.find_python(REPO)), str(REPO / "tests" / "kohya_datasets.py"), *map(str, configs)],
+                         cwd=root, env=env, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("DERMKOHYA-DATASETS ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    phase1, phase2 = json.loads(lines[-1].removeprefix("DERMKOHYA-DATASETS "))
+    assert [(s["metadata_file"], s["images"]) for d in phase1 for s in d["subsets"]] == [
+        ("runs/demo-ti/ti/erythema-patch/captions-0.json", 6)]
+    assert [(s["metadata_file"], s["images"]) for d in phase2 for s in d["subsets"]] == [("runs/demo-ti/lora/captions-0.json", 18)]
 
 
 # ---- end to end with the real kohya ----------------------------------------------------------------------
