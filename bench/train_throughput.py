@@ -28,6 +28,7 @@ CPU at 64 px.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -52,6 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import gpu_name  # noqa: E402
+import step_profile  # noqa: E402
 from dermkohya import kohya, render  # noqa: E402
 from plot_train_throughput import failure_cause  # noqa: E402
 
@@ -106,9 +109,34 @@ VARIANTS: list[Variant] = [
     Variant("raw+sdpa+cache_latents+compile", "raw", "the card + --sdpa --cache_latents --torch_compile --dynamo_backend "
             "inductor: compile time (start-up minus the same flags without compile) and the compiled step rate",
             raw_flags=["--sdpa", "--cache_latents", "--torch_compile", "--dynamo_backend", "inductor"]),
+    # levers that need no change to lora_fast (issue #18): each is the default with one change, its it/s
+    # against the default's in the same call (`levers` in the report)
+    Variant("dermkohya-fused-adamw", "dermkohya", "the default + optimizer_args fused=True (torch AdamW's fused "
+            "multi-tensor kernel: one launch for all LoRA tensors)", overrides={"train": {"optimizer_args": ["fused=True"]}}),
+    Variant("dermkohya-unet-only", "dermkohya", "the default + network_train_unet_only (what training the text "
+            "encoder's LoRA costs; not the card's training)", overrides={"network": {"train_unet_only": True}}),
+    Variant("dermkohya-no-clip", "dermkohya", "the default + max_grad_norm = 0 (what gradient clipping costs; not "
+            "the card's training)", overrides={"kohya": {"max_grad_norm": 0.0}}),
+    Variant("dermkohya-no-save-state", "dermkohya", "the default + save_state = false (no optimizer state at each "
+            "epoch end: what --resume's state costs)", overrides={"train": {"save_state": False}}),
+    Variant("dermkohya-workers-0", "dermkohya", "the default with data_loader_workers = 0 (captions and cached "
+            "latents read in the training process)", overrides={"train": {"data_loader_workers": 0,
+                                                                          "persistent_data_loader_workers": False}}),
+    Variant("dermkohya-workers-8", "dermkohya", "the default with data_loader_workers = 8",
+            overrides={"train": {"data_loader_workers": 8}}),
+    Variant("dermkohya-lowram", "dermkohya", "the default + kohya's --lowram (models loaded onto the GPU directly)",
+            overrides={"kohya": {"lowram": True}}),
+    Variant("dermkohya-vae-batch-16", "dermkohya", "the default + vae_batch_size = 16 (latent caching in batches of "
+            "16: start-up)", overrides={"kohya": {"vae_batch_size": 16}}),
+    Variant("dermkohya-fused+vae16", "dermkohya", "the default + fused AdamW + vae_batch_size = 16 (the levers that "
+            "keep the card's training)", overrides={"train": {"optimizer_args": ["fused=True"]},
+                                                    "kohya": {"vae_batch_size": 16}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
+LEVERS = ("dermkohya-fused-adamw", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+          "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-vae-batch-16",
+          "dermkohya-fused+vae16")
 
 # SDXL: few variants, each ~1 min of kohya start-up (7 GB model) before its first step. The card as typed has
 # kohya's naive attention: at 1024 px and batch 4 its saved attention maps alone are ~66 GiB (fp32 softmax +
@@ -121,19 +149,48 @@ SDXL_VARIANTS: list[Variant] = [
             "no latent cache, kohya's defaults"),
     Variant("sdxl-raw+sdpa", "raw", "the card + --sdpa: run only if sdxl-card-raw failed (the raw reference then)",
             raw_flags=["--sdpa"], only_if_failed="sdxl-card-raw"),
-    Variant("sdxl-dermkohya-default", "dermkohya", "dermkohya render of runs/derm-sdxl.toml (gradient checkpointing, "
-            "networks.lora), launched by dermkohya train"),
-    Variant("sdxl-dermkohya-lora_fast", "dermkohya", "the default without gradient checkpointing, with "
-            "dermkohya.networks.lora_fast and network_args cuda_graph=on (U-Net step as CUDA graphs)",
+    Variant("sdxl-dermkohya-default", "dermkohya", "dermkohya render of runs/derm-sdxl.toml (the fast settings: "
+            "lora_fast with CUDA graphs, no gradient checkpointing), launched by dermkohya train"),
+    # Every override below states both settings, so each variant means the same whatever runs/derm-sdxl.toml holds.
+    Variant("sdxl-dermkohya-lora_fast", "dermkohya", "without gradient checkpointing, with "
+            "dermkohya.networks.lora_fast and network_args cuda_graph=on (U-Net step as CUDA graphs): "
+            "runs/derm-sdxl.toml's own settings since issue #18",
             overrides={"train": {"gradient_checkpointing": False},
                        "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on"]}}),
-    Variant("sdxl-dermkohya-lora_fast-gc", "dermkohya", "the default (gradient checkpointing) with "
+    Variant("sdxl-dermkohya-lora_fast-gc", "dermkohya", "gradient checkpointing with "
             "dermkohya.networks.lora_fast: fused LoRA layers, eager U-Net (graphs stay off with checkpointing)",
-            overrides={"network": {"module": "dermkohya.networks.lora_fast", "args": []}}),
-    Variant("sdxl-dermkohya-no-gc", "dermkohya", "the default without gradient checkpointing (kohya's networks.lora): "
+            overrides={"train": {"gradient_checkpointing": True},
+                       "network": {"module": "dermkohya.networks.lora_fast", "args": []}}),
+    Variant("sdxl-dermkohya-no-gc", "dermkohya", "without gradient checkpointing, kohya's networks.lora: "
             "the loss and speed reference of lora_fast",
-            overrides={"train": {"gradient_checkpointing": False}}),
+            overrides={"train": {"gradient_checkpointing": False}, "network": {"module": "networks.lora", "args": []}}),
+    Variant("sdxl-dermkohya-24gb", "dermkohya", "runs/derm-sdxl-24gb.toml's settings (gradient checkpointing, "
+            "kohya's networks.lora): the memory saver for 24 GB cards",
+            overrides={"train": {"gradient_checkpointing": True}, "network": {"module": "networks.lora", "args": []}}),
 ]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named call: which variants in which order, profiled or not, and the run's size."""
+
+    name: str
+    variants: tuple[str, ...] = ()
+    profile: bool = False
+    images: int | None = None  # None: the bench's 72
+    epochs: int | None = None
+    variant_timeout: float | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    "none": Preset(""),
+    # the pairs first (back to back), then levers while the budget lasts (~85 s each on an H200)
+    "pairs": Preset("pairs", ("card-raw", "dermkohya-default", "card-raw-repeat", "dermkohya-default-repeat",
+                              "dermkohya-fused-adamw", "dermkohya-unet-only"), profile=True),
+    # the default first: if card-raw then runs out of time, its time so far is still a lower bound of the ratio
+    "wall-1000": Preset("wall-1000", ("dermkohya-default", "card-raw"), images=1000, epochs=3, variant_timeout=520),
+}
+WALL_TARGET = 2.0  # issue #18: a whole 3-epoch run on 1,000 images, start-up included, in half card-raw's time
 
 
 @dataclass(frozen=True)
@@ -156,26 +213,30 @@ class FamilySetup:
     variant_timeout: float
     min_slot: float  # a variant is started only with this many seconds left
     warmup: int
-    out_name: str  # bench/results/<out_name>.json, -kohya.log, .png
+    out_stem: str  # bench/results/<out_stem>-<gpu>.json, -kohya.log, .png
 
 
 FAMILIES: dict[str, FamilySetup] = {
     "sd15": FamilySetup("sd15", "SD 1.5", "train_network.py", "derm-sd15.toml", CARD, STEP_TFLOP_CACHED, STEP_TFLOP_VAE,
                         VARIANTS, "card-raw", "dermkohya-default", ("dermkohya-default", "dermkohya-networks.lora"),
                         epochs=4, budget=540, variant_timeout=170, min_slot=90, warmup=WARMUP_STEPS,
-                        out_name="train-throughput-h100"),
+                        out_stem="train-throughput"),
     # 2 epochs of 18 steps: ~30 timed steps a variant, so 3–4 variants and the model build fit one 600 s call
     "sdxl": FamilySetup("sdxl", "SDXL", "sdxl_train_network.py", "derm-sdxl.toml", CARD | {"resolution": 1024},
                         SDXL_STEP_TFLOP_CACHED, SDXL_STEP_TFLOP_VAE, SDXL_VARIANTS, "sdxl-card-raw",
                         "sdxl-dermkohya-default", ("sdxl-dermkohya-lora_fast", "sdxl-dermkohya-no-gc"),
                         epochs=2, budget=540, variant_timeout=200, min_slot=110, warmup=6,
-                        out_name="train-throughput-sdxl-h100"),
+                        out_stem="train-throughput-sdxl"),
 }
 
 
-def results_path(family: str, suffix: str = ".json", folder: Path | None = None) -> Path:
-    """bench/results/train-throughput-h100.json for SD 1.5 (as before), train-throughput-sdxl-h100.json for SDXL."""
-    name = FAMILIES[family].out_name + ("-kohya.log" if suffix == ".log" else suffix)
+def results_path(family: str, suffix: str = ".json", folder: Path | None = None, gpu: str | None = None,
+                 mode: str = "") -> Path:
+    """bench/results/train-throughput-<gpu>.json for SD 1.5, train-throughput-sdxl-<gpu>.json for SDXL, where
+    <gpu> is the short name of the GPU it ran on (`h200`, `h100`: bench/gpu_name.py); `mode` `wall-1000` gives
+    train-wall-1000-<gpu>.json. The files of earlier GPUs stay beside them as history."""
+    stem = "train-wall-1000" if mode == "wall-1000" else FAMILIES[family].out_stem
+    name = f"{stem}-{gpu or gpu_name.slug()}" + ("-kohya.log" if suffix == ".log" else suffix)
     return (folder or ROOT / "bench" / "results") / name
 
 
@@ -342,6 +403,74 @@ def tensorboard_losses(log_dir: Path) -> list[list[float]] | None:
     return None
 
 
+# --- profiling kohya's process --------------------------------------------------------------------------
+
+
+PROFILE_SITE = ROOT / "bench" / "profile_site"  # its sitecustomize.py starts bench/step_profile.py in kohya
+
+
+@dataclass(frozen=True)
+class Profiling:
+    """Which variants run with bench/step_profile.py in kohya's process, its window, and where files go."""
+
+    folder: Path
+    stem: str  # <stem>-profile-<variant>.json and .collapsed.txt in folder; bundled beside the report
+    names: frozenset[str]
+    steps: str = "20:60"
+    interval_ms: float = 5.0
+
+    def path(self, variant: str) -> Path | None:
+        return self.folder / f"{self.stem}-profile-{variant}.json" if variant in self.names else None
+
+    def bundle(self, dest: Path) -> list[Path]:
+        """Every profile written so far, as two files beside the report (the device returns at most 8 files):
+        <stem>-profile.json ({variant: its whole profile}) and <stem>-profile.collapsed.txt.gz (each line
+        `variant;phase;frame;… count`)."""
+        found = {p.name.removeprefix(f"{self.stem}-profile-").removesuffix(".json"): p
+                 for p in sorted(self.folder.glob(f"{self.stem}-profile-*.json"))}
+        if not found:
+            return []
+        profiles = {name: json.loads(p.read_text(encoding="utf-8")) for name, p in found.items()}
+        bundle = dest / f"{self.stem}-profile.json"
+        bundle.write_text(json.dumps(profiles, indent=1) + "\n", encoding="utf-8")
+        stacks = dest / f"{self.stem}-profile.collapsed.txt.gz"
+        with gzip.open(stacks, "wt", encoding="utf-8") as out:
+            for name, path in found.items():
+                collapsed = path.with_suffix(".collapsed.txt")
+                if collapsed.is_file():
+                    for line in collapsed.read_text(encoding="utf-8").splitlines():
+                        out.write(f"{name};{line}\n")
+        return [bundle, stacks]
+
+
+class profiling:  # noqa: N801 — a context manager, read as a clause
+    """While a profiled variant runs: the env that bench/profile_site/sitecustomize.py reads, the folder first on
+    PYTHONPATH (kohya's launches copy os.environ, dermkohya's train_command.sh keeps PYTHONPATH); undone after."""
+
+    def __init__(self, path: Path | None, setup: Profiling | None) -> None:
+        self.path, self.setup = path, setup
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> profiling:
+        if self.path is None or self.setup is None:
+            return self
+        self.path.unlink(missing_ok=True)
+        env = {step_profile.ENV_OUT: str(self.path), step_profile.ENV_STEPS: self.setup.steps,
+               step_profile.ENV_MS: str(self.setup.interval_ms),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(PROFILE_SITE), os.environ.get("PYTHONPATH")]))}
+        for key, value in env.items():
+            self.saved[key] = os.environ.get(key)
+            os.environ[key] = value
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 # --- the variants -----------------------------------------------------------------------------------
 
 
@@ -358,6 +487,7 @@ class Bench:
     log: Path
     warmup: int = WARMUP_STEPS
     family: str = "sd15"
+    profile: Profiling | None = None
 
     @property
     def setup(self) -> FamilySetup:
@@ -407,10 +537,11 @@ class Bench:
 
         result: dict[str, Any] = {"name": variant.name, "kind": variant.kind, "about": variant.about, "ok": False}
         progress = Progress()
+        profile_path = self.profile.path(variant.name) if self.profile else None
         self.sampler.start()
         started = time.monotonic()
         try:
-            with Watchdog(timeout) as watchdog:
+            with Watchdog(timeout) as watchdog, profiling(profile_path, self.profile):
                 if variant.kind == "raw":
                     out_dir = self.work / "output" / variant.name
                     shutil.rmtree(out_dir, ignore_errors=True)
@@ -484,10 +615,64 @@ class Bench:
                                    "layout_sha256": layout_digest(header)}
         if not result["ok"]:
             result["error"] = "timed out" if watchdog.fired else "\n".join(tail[-15:])
+        if profile_path is not None:
+            result["profiled"] = True
+            result["step_profile"] = step_profile.summarise(profile_path) or {
+                "error": f"no profile written ({profile_path.name}): kohya's process did not start the sampler"}
+            result["step_profile_files"] = [f"{self.profile.stem}-profile.json ({variant.name})",
+                                            f"{self.profile.stem}-profile.collapsed.txt.gz (lines {variant.name};…)"]
         return result
 
 
+def replicate_dataset(source: Path, dest: Path, count: int) -> Path:
+    """`count` images (with captions) in dest/<the same concept folder>, the source's copied round in order:
+    kohya reads and caches each as its own image, so the work per image is the source's."""
+    concept = next(p for p in sorted(source.iterdir()) if p.is_dir())
+    images = sorted(concept.glob("*.png"))
+    if not images:
+        raise FileNotFoundError(f"{concept}: no .png images to copy (bench/train_throughput.py --images)")
+    folder = dest / concept.name
+    shutil.rmtree(dest, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image = images[i % len(images)]
+        shutil.copyfile(image, folder / f"img_{i:05d}.png")
+        shutil.copyfile(image.with_suffix(".txt"), folder / f"img_{i:05d}.txt")
+    return dest
+
+
 # --- the summary ---------------------------------------------------------------------------------------
+
+
+def wall_summary(wall: dict[str, Any], by: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Whole runs, launch to exit: card-raw's wall time over the default's (and any other variant's). When card-raw
+    ran out of time the ratio is a lower bound, said so."""
+    out = {k: v for k, v in wall.items() if k in ("what", "images", "epochs", "target")}
+    raw = by.get("card-raw")
+    runs = {}
+    for name, v in by.items():
+        runs[name] = {"wall_s": v.get("wall_s"), "finished": bool(v.get("ok")), "steps": v.get("steps"),
+                      "total_steps": v.get("total_steps"), "startup_s": v.get("startup_s"), "it_per_s": v.get("it_per_s")}
+    out["runs"] = runs
+    if not raw or not raw.get("wall_s"):
+        return out
+    ratios = {}
+    for name, v in by.items():
+        if name == "card-raw" or not v.get("ok") or not v.get("wall_s"):
+            continue
+        ratio = round(raw["wall_s"] / v["wall_s"], 2)
+        ratios[name] = {"speedup_wall": ratio} if raw.get("ok") else {
+            "speedup_wall_at_least": ratio,
+            "why": f"card-raw had not finished after {raw['wall_s']} s ({raw.get('steps')} of {raw.get('total_steps')} "
+                   "steps): its whole run is longer, so the ratio is at least this"}
+    out["vs_card_raw"] = ratios
+    default = ratios.get("dermkohya-default", {})
+    got = default.get("speedup_wall", default.get("speedup_wall_at_least"))
+    if got is not None:
+        out["meets_target"] = got >= WALL_TARGET
+    return out
+
+
 
 
 def _by_name(variants: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -541,9 +726,63 @@ def torch_compile_summary(compiled: dict[str, Any], eager: dict[str, Any] | None
     return out
 
 
+PAIRS = (("card-raw", "dermkohya-default"), ("card-raw-repeat", "dermkohya-default-repeat"))
+PAIR_TARGET = 4.0  # issue #18: the default at ≥ 4× card-raw's it/s, the lower of two back-to-back pairs
+DEFAULTS = ("dermkohya-default", "dermkohya-default-repeat")
+
+
+def pairs_summary(by: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """card-raw then the default, twice in one call: each pair's ratio, and the lower one (the one that counts)."""
+    pairs = []
+    for raw_name, default_name in PAIRS:
+        raw, default = by.get(raw_name, {}), by.get(default_name, {})
+        if raw.get("it_per_s") and default.get("it_per_s"):
+            pairs.append({"card_raw": raw_name, "default": default_name, "card_raw_it_per_s": raw["it_per_s"],
+                          "default_it_per_s": default["it_per_s"],
+                          "speedup": round(default["it_per_s"] / raw["it_per_s"], 2),
+                          "profiled": bool(raw.get("profiled") or default.get("profiled"))})
+    if not pairs:
+        return None
+    lower = min(p["speedup"] for p in pairs)
+    return {"what": "it/s of the default over card-raw's, each pair launched back to back in this call; the lower "
+                    "pair counts", "pairs": pairs, "speedup_lower": lower, "target": PAIR_TARGET,
+            "meets_target": lower >= PAIR_TARGET and len(pairs) == len(PAIRS)}
+
+
+def levers_summary(report: dict[str, Any], by: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Each lever variant (the default with one change) against the default measured the same way (profiled or
+    not) in the same call: it/s ratio and start-up difference."""
+    out: dict[str, Any] = {}
+    for variant in report["variants"]:
+        if variant["name"] not in LEVERS or not variant.get("it_per_s"):
+            continue
+        refs = [by[n] for n in DEFAULTS if by.get(n, {}).get("it_per_s")]
+        same = [r for r in refs if bool(r.get("profiled")) == bool(variant.get("profiled"))] or refs
+        if not same:
+            continue
+        ref_rate = statistics.fmean(r["it_per_s"] for r in same)
+        entry: dict[str, Any] = {"it_per_s": variant["it_per_s"], "default_it_per_s": round(ref_rate, 3),
+                                 "ratio_vs_default": round(variant["it_per_s"] / ref_rate, 3),
+                                 "reference": [r["name"] for r in same]}
+        starts = [r["startup_s"] for r in same if r.get("startup_s") is not None]
+        if variant.get("startup_s") is not None and starts:
+            entry["startup_s"] = variant["startup_s"]
+            entry["startup_s_minus_default"] = round(variant["startup_s"] - statistics.fmean(starts), 1)
+        step = (variant.get("step_profile") or {}).get("step_timing", {})
+        if step.get("step_ms_median") is not None:
+            entry["step_ms_median_profiled"] = step["step_ms_median"]
+        out[variant["name"]] = entry
+    return out or None
+
+
 def summarise(report: dict[str, Any]) -> None:
     setup = FAMILIES[report.get("family", "sd15")]
     by = _by_name(report["variants"])
+    if setup.family == "sd15":
+        report["pairs"] = pairs_summary(by)
+        report["levers"] = levers_summary(report, by)
+        if report.get("wall_1000"):
+            report["wall_1000"] = wall_summary(report["wall_1000"], by)
     raw, default = by.get(setup.raw), by.get(setup.default)
     if raw and default and raw.get("it_per_s") and default.get("it_per_s"):
         report["speedup_default_vs_card_raw"] = round(default["it_per_s"] / raw["it_per_s"], 2)
@@ -664,14 +903,38 @@ def main() -> int:
     parser.add_argument("--variant-timeout", type=float, help="seconds per variant: SD 1.5 170, SDXL 200")
     parser.add_argument("--variants", help="comma-separated names (default: all of the family's, in order)")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 64 px, fp32, 1 epoch of 18 images")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="SD 1.5: `pairs` (the default without --variants: "
+                        "card-raw/default twice back to back, the first pair and any lever profiled, then levers as "
+                        "time allows) or `wall-1000` (a whole 3-epoch run on 1,000 images, start-up included)")
+    parser.add_argument("--wall-1000", dest="preset", action="store_const", const="wall-1000",
+                        help="same as --preset wall-1000")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
+                        help="run bench/step_profile.py inside kohya's process for every variant but the -repeat ones "
+                             "(on with --preset pairs); files <out>-profile.json and <out>-profile.collapsed.txt.gz")
+    parser.add_argument("--profile-steps", default=None, help="first:last steps of the profiled window (20:60)")
+    parser.add_argument("--images", type=int, help="train on this many images (the bench's 72 copied round); "
+                        "wall-1000: 1000")
+    parser.add_argument("--gpu", help="the GPU's short name in file names (default: bench/gpu_name.py, e.g. h200)")
+    parser.add_argument("--merge", type=Path, nargs="+", help="no run: join these reports' variants (e.g. two wall-1000 "
+                        "calls, one variant each) into --out and summarise them")
     args = parser.parse_args()
+    if args.merge:
+        if not args.out:
+            parser.error("--merge needs --out")
+        _write(args.out, merge_reports(args.merge))
+        return 0
     t0 = time.monotonic()
     family = FAMILIES[args.family]
-    args.out = args.out or results_path(family.family)
-    args.epochs = args.epochs or family.epochs
+    if family.family != "sd15" and args.preset:
+        parser.error(f"--preset {args.preset}: SD 1.5 only")
+    preset = PRESETS[args.preset or ("pairs" if family.family == "sd15" and not args.variants else "none")]
+    args.out = args.out or results_path(family.family, gpu=args.gpu or ("cpu" if args.smoke else None),
+                                        mode=preset.name)
+    args.epochs = args.epochs or preset.epochs or family.epochs
+    args.images = args.images or preset.images
     args.budget = args.budget or family.budget
-    args.variant_timeout = args.variant_timeout or family.variant_timeout
-    names = args.variants.split(",") if args.variants else [v.name for v in family.variants]
+    args.variant_timeout = args.variant_timeout or preset.variant_timeout or family.variant_timeout
+    names = args.variants.split(",") if args.variants else list(preset.variants) or [v.name for v in family.variants]
     unknown = sorted(set(names) - {v.name for v in family.variants})
     if unknown:
         parser.error(f"--variants {','.join(unknown)}: not one of the {family.label} variants; choose from "
@@ -706,6 +969,9 @@ def main() -> int:
         started = time.monotonic()
         per_cell, size = (1, 64) if args.smoke else (4, family.card["resolution"])
         data_dir = demo.make_demo_dataset(work / "data", seed=0, per_cell=per_cell, size=size)
+        source_images = len(list(data_dir.glob("*/*.png")))
+        if args.images:
+            data_dir = replicate_dataset(data_dir, work / f"data-{args.images}", args.images)
         images = len(list(data_dir.glob("*/*.png")))
         data_s = time.monotonic() - started
     except Exception as exc:  # the JSON still says what broke
@@ -713,8 +979,12 @@ def main() -> int:
         raise
     sampler = GpuSampler()
     epochs = 1 if args.smoke else args.epochs
+    profile = args.profile if args.profile is not None else preset.profile
+    steps = args.profile_steps or ("1:4" if args.smoke else "20:60")
+    profiling_setup = Profiling(work / "profiles", args.out.stem, frozenset(
+        n for n in names if not n.endswith("-repeat")), steps) if profile else None
     bench = Bench(root, work, data_dir, model_dir, tokenizers, epochs, args.smoke, sampler, log,
-                  warmup=1 if args.smoke else family.warmup, family=family.family)
+                  warmup=1 if args.smoke else family.warmup, family=family.family, profile=profiling_setup)
 
     sd_scripts = kohya.find_sd_scripts()
     report: dict[str, Any] = {
@@ -730,8 +1000,9 @@ def main() -> int:
         "setup": {
             "model": "random:sd15 — full-size SD 1.5 architecture, random fp16 weights (speed does not depend on values)",
             "model_build_s": round(model_s, 1),
-            "dataset": {"generator": "dermkohya.demo.make_demo_dataset", "images": images, "size": size, "repeats": 1,
-                        "build_s": round(data_s, 1)},
+            "dataset": {"generator": "dermkohya.demo.make_demo_dataset"
+                        + (f" (its {source_images} images copied round to {images})" if args.images else ""),
+                        "images": images, "size": size, "repeats": 1, "build_s": round(data_s, 1)},
             "epochs": epochs,
             "warmup_steps_skipped": bench.warmup,
             "progress": "kohya's tqdm lines, one per step (TQDM_MININTERVAL=0), time-stamped on arrival",
@@ -739,6 +1010,7 @@ def main() -> int:
             "mfu": f"it/s × {STEP_TFLOP_CACHED} TFLOP (+{STEP_TFLOP_VAE} without cached latents) × batch/4 ÷ {PEAK_TFLOPS} TFLOP/s",
             "smoke": args.smoke,
         },
+        "preset": preset.name or None,
         "variants": [],
         "skipped": [],
         "torch_compile": {"measured": False, "reason": "issue #6 measured no step within 330 s with --torch_compile "
@@ -746,6 +1018,17 @@ def main() -> int:
         "sdxl": {"measured": False, "reason": "measured by its own call: bench/gpu_run.sh --family sdxl "
                  "(train-throughput-sdxl-h100.json)"},
     }
+    if profiling_setup:
+        report["setup"]["profile"] = {
+            "how": "bench/step_profile.py in kohya's training process (bench/profile_site/sitecustomize.py on its "
+                   "PYTHONPATH): the main thread's Python stack sampled every 5 ms (GIL switch interval 0.5 ms), "
+                   "torch.cuda.synchronize() timed at each step's end; start-up = before step 1",
+            "steps": steps, "variants": sorted(profiling_setup.names),
+            "unprofiled": "the -repeat variants: the second pair is measured without the profiler"}
+    if preset.name == "wall-1000":
+        report["wall_1000"] = {"what": f"whole {epochs}-epoch runs on {images} images, launch to exit (start-up, "
+                               "latent caching, saves and dermkohya's own time included), measured, one after the other",
+                               "images": images, "epochs": epochs, "target": WALL_TARGET}
     if family.family == "sd15":
         try:
             report["multi_gpu"] = {"measured": False,
@@ -778,14 +1061,29 @@ def main() -> int:
               + ("" if result["ok"] else f"\n  error: {str(result.get('error'))[-600:]}"), flush=True)
         summarise(report)
         _write(args.out, report, places)
+        if profiling_setup:
+            profiling_setup.bundle(args.out.parent)
     report["harness_seconds"] = round(time.monotonic() - t0, 1)
     summarise(report)
     _write(args.out, report, places)
-    headline = ["speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall", "mfu_default_pct", "loss_equivalence",
-                "overhead"]
+    headline = ["speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall", "pairs", "levers", "wall_1000",
+                "mfu_default_pct", "loss_equivalence", "overhead"]
     headline += [k for k in report if k.startswith(("speedup_vs", "speedup_default_vs_sdxl", "card_raw_failed"))]
     print(json.dumps({k: report.get(k) for k in headline}, indent=1))
     return 0
+
+
+def merge_reports(paths: list[Path]) -> dict[str, Any]:
+    """One report from several calls' (their variants in the given order, the first's setup), marked as merged."""
+    reports = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    merged = dict(reports[0])
+    merged["variants"] = [v | {"call": p.name} for p, r in zip(paths, reports) for v in r["variants"]]
+    merged["merged_from"] = [{"file": p.name, "generated": r.get("generated"), "gpu": r.get("machine", {}).get("gpu")}
+                             for p, r in zip(paths, reports)]
+    for key in ("pairs", "levers", "speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall"):
+        merged.pop(key, None)
+    summarise(merged)
+    return merged
 
 
 def skip_reason(variant: Variant, done: list[dict[str, Any]], left: float, min_slot: float) -> str | None:

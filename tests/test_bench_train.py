@@ -5,10 +5,14 @@ The GPU run itself is `bench/gpu_run.sh` on a device; here: what can be checked 
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -32,6 +36,8 @@ def _load(name: str):
 
 tt = _load("train_throughput")
 plot = _load("plot_train_throughput")
+gpu_name = _load("gpu_name")
+step_profile = _load("step_profile")
 
 
 def _points(rates: list[float]) -> dict[int, tuple[float, float | None]]:
@@ -272,7 +278,8 @@ def test_sdxl_run_files_are_derm_sdxl_on_the_random_model_without_its_vae(tmp_pa
     assert fast["train"]["gradient_checkpointing"] is False
     assert fast["network"]["module"] == "dermkohya.networks.lora_fast" and fast["network"]["args"] == ["cuda_graph=on"]
     reference = tomllib.loads(runs["sdxl-dermkohya-no-gc"].read_text(encoding="utf-8"))
-    assert reference["train"] == fast["train"] and "module" not in reference["network"]
+    assert reference["train"] == fast["train"] and reference["network"]["module"] == "networks.lora"
+    assert reference["network"]["args"] == []
     for path in runs.values():
         rendered = render.render(path, project_root=PROJECT_ROOT, check_keys=False)
         config = tomllib.loads(rendered.files["config.toml"].read_text(encoding="utf-8"))
@@ -294,16 +301,28 @@ def test_sdxl_fallback_runs_only_after_the_card_failed() -> None:
     assert tt.skip_reason(tt.VARIANTS[0], [], 100, tt.FAMILIES["sd15"].min_slot) is None  # SD 1.5: 90 s, as before
 
 
-def test_results_are_named_by_family() -> None:
-    assert tt.results_path("sd15").name == "train-throughput-h100.json"  # unchanged
-    assert tt.results_path("sdxl").name == "train-throughput-sdxl-h100.json"
-    assert tt.results_path("sdxl", ".log").name == "train-throughput-sdxl-h100-kohya.log"
-    assert tt.results_path("sdxl", ".png").name == "train-throughput-sdxl-h100.png"
+def test_results_are_named_by_family_and_gpu() -> None:
+    assert tt.results_path("sd15", gpu="h100").name == "train-throughput-h100.json"  # the H100 files stay as history
+    assert tt.results_path("sd15", gpu="h200").name == "train-throughput-h200.json"
+    assert tt.results_path("sdxl", gpu="h200").name == "train-throughput-sdxl-h200.json"
+    assert tt.results_path("sdxl", ".log", gpu="h200").name == "train-throughput-sdxl-h200-kohya.log"
+    assert tt.results_path("sdxl", ".png", gpu="h100").name == "train-throughput-sdxl-h100.png"
+    assert tt.results_path("sd15", gpu="h200", mode="wall-1000").name == "train-wall-1000-h200.json"
     script = (BENCH / "gpu_run.sh").read_text(encoding="utf-8")
+    assert 'GPU="$(python3 bench/gpu_name.py)"' in script
     for family in ("sd15", "sdxl"):
-        assert f"NAME={tt.results_path(family).stem} " in script
+        assert f"NAME={tt.results_path(family, gpu='GPU').stem.replace('-GPU', '-$GPU')} " in script
+    assert "NAME=train-wall-1000-$GPU" in script
     refused = subprocess.run(["bash", str(BENCH / "gpu_run.sh"), "--family", "sd3"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--family sd3: use sd15 or sdxl" in refused.stderr
+
+
+@pytest.mark.parametrize(("name", "slug"), [
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA GeForce RTX 4090", "4090"), ("NVIDIA L40S", "l40s"), ("NVIDIA GH200 480GB", "gh200"),
+    ("Tesla V100-SXM2-16GB", "v100"), ("Some Accelerator", "some-accelerator")])
+def test_gpu_short_names(name: str, slug: str) -> None:
+    assert gpu_name.from_name(name) == slug
 
 
 def test_flop_constants_are_plausible() -> None:
@@ -428,3 +447,228 @@ def test_torch_compile_summary_charges_the_compile_against_a_three_epoch_run() -
     assert out["dermkohya_default_vs_compiled"] == 1.5
     stalled = tt.torch_compile_summary({"name": "c", "ok": False, "error": "timed out", "startup_s": None}, eager, None)
     assert stalled["ok"] is False and stalled["error"] == "timed out" and "compile_s" not in stalled
+
+
+# --- issue #18: where the step goes (bench/step_profile.py), pairs, levers, whole runs ----------------
+
+STAND_IN_LOOP = """
+import time
+from tqdm import tqdm
+
+def host_work():  # pure Python, like kohya's per-step bookkeeping
+    total = 0
+    for i in range(60000):
+        total += i * i
+    return total
+
+def gpu_wait():  # a call that releases the GIL, like a CUDA sync
+    time.sleep(0.006)
+
+bar = tqdm(range(30), desc="steps")
+other = tqdm(range(3), desc="caching latents")
+for _ in range(3):
+    other.update(1)  # another bar's updates are not steps
+for _ in range(30):
+    host_work()
+    gpu_wait()
+    bar.update(1)
+"""
+
+
+def _run_stand_in(tmp_path: Path, script_name: str, steps: str = "5:25") -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    script = tmp_path / script_name
+    script.write_text(STAND_IN_LOOP, encoding="utf-8")
+    out = tmp_path / "prof" / "p.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCH / "profile_site"), step_profile.ENV_OUT: str(out),
+           step_profile.ENV_STEPS: steps, step_profile.ENV_MS: "1"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_step_profile_samples_the_step_loop_of_kohyas_process(tmp_path: Path) -> None:
+    out = _run_stand_in(tmp_path, "train_network.py")
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["complete"] and data["script"] == "train_network.py" and data["sampler_errors"] == {}
+    assert [s["step"] for s in data["steps"]][:25] == list(range(1, 26))  # the steps bar only, not the other bar
+    timing = data["step_timing"]
+    assert timing["steps_timed"] == 20 and timing["step_ms_median"] >= 6.0
+    steady = data["phases"]["steady"]
+    assert steady["samples"] > 20
+    selves = {row[0].split(":")[1]: row for row in steady["top_self"]}
+    # both the GIL-holding Python work and the GIL-releasing wait are seen, each with its source line
+    assert "host_work" in selves and "gpu_wait" in selves
+    assert selves["gpu_wait"][3] == "time.sleep(0.006)"
+    assert selves["host_work"][2] > 0.05
+    inclusive = dict((row[0], row[2]) for row in steady["top_inclusive"])
+    assert inclusive[next(k for k in inclusive if k.endswith(":<module>"))] == 1.0
+    collapsed = out.with_suffix(".collapsed.txt").read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith("steady;") and "host_work" in line for line in collapsed)
+    assert all(line.rsplit(" ", 1)[1].isdigit() for line in collapsed)
+    assert sum(int(line.rsplit(" ", 1)[1]) for line in collapsed if line.startswith("steady;")) == steady["samples"]
+    summary = step_profile.summarise(out)
+    assert summary["step_timing"] == timing and set(summary["phases"]) == {"startup", "steady"}
+
+
+def test_step_profile_stays_out_of_other_processes_and_writes_a_partial_profile_at_exit(tmp_path: Path) -> None:
+    assert not _run_stand_in(tmp_path, "accelerate_launcher.py").exists()  # not kohya's training script
+    partial = json.loads(_run_stand_in(tmp_path, "sdxl_train_network.py", steps="20:90").read_text(encoding="utf-8"))
+    assert partial["complete"] is False and len(partial["steps"]) == 30
+    with pytest.raises(ValueError, match="first:last"):
+        step_profile.parse_window("60:20")
+
+
+def test_step_profile_categories() -> None:
+    def stack(*funcs: str) -> tuple:
+        return tuple((f, f + ":1") for f in funcs)
+
+    assert step_profile.categorise(stack("train_network.py:train", "torch/optim/adamw.py:AdamW.step")) == "optimizer step"
+    assert step_profile.categorise(stack("train_network.py:train", "accelerate/accelerator.py:Accelerator.clip_grad_norm_",
+                                         "torch/nn/utils/clip_grad.py:clip_grad_norm_")) == "grad clipping"
+    assert step_profile.categorise(stack("train_network.py:train", "somewhere.py:f")) == "other"
+
+
+def test_profiling_sets_kohyas_env_only_while_a_profiled_variant_runs(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.delenv(step_profile.ENV_OUT, raising=False)
+    setup = tt.Profiling(tmp_path, "train-throughput-h200", frozenset({"card-raw"}))
+    assert setup.path("card-raw-repeat") is None
+    path = setup.path("card-raw")
+    assert path.name == "train-throughput-h200-profile-card-raw.json"
+    with tt.profiling(path, setup):
+        assert os.environ[step_profile.ENV_OUT] == str(path) and os.environ[step_profile.ENV_STEPS] == "20:60"
+        assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(BENCH / "profile_site"), "/elsewhere"]
+        # kohya's environment (both launch paths build it from os.environ) carries it
+        assert kohya.kohya_env()["PYTHONPATH"].split(os.pathsep)[1] == str(BENCH / "profile_site")
+    assert os.environ["PYTHONPATH"] == "/elsewhere" and step_profile.ENV_OUT not in os.environ
+
+
+def test_lever_variants_render_their_one_change(tmp_path: Path, data_dir: Path) -> None:
+    bench = _bench(tmp_path, data_dir)
+    default = tomllib.loads(render.render(bench.run_file(tt.VARIANTS[1]), project_root=PROJECT_ROOT,
+                                          check_keys=False).files["config.toml"].read_text(encoding="utf-8"))
+    expected = {
+        "dermkohya-fused-adamw": ("optimizer", "optimizer_args", ["fused=True"]),
+        "dermkohya-unet-only": ("network", "network_train_unet_only", True),
+        "dermkohya-no-clip": ("kohya", "max_grad_norm", 0.0),
+        "dermkohya-no-save-state": ("saving", "save_state", False),
+        "dermkohya-workers-0": ("training", "max_data_loader_n_workers", 0),
+        "dermkohya-lowram": ("kohya", "lowram", True),
+        "dermkohya-vae-batch-16": ("kohya", "vae_batch_size", 16),
+    }
+    assert set(expected) <= set(tt.LEVERS) and set(tt.LEVERS) <= {v.name for v in tt.VARIANTS}
+    for name, (section, key, value) in expected.items():
+        variant = next(v for v in tt.VARIANTS if v.name == name)
+        config = tomllib.loads(render.render(bench.run_file(variant), project_root=PROJECT_ROOT,
+                                             check_keys=False).files["config.toml"].read_text(encoding="utf-8"))
+        assert config[section][key] == value, name
+        assert default.get(section, {}).get(key) != value, name  # a change from the default
+        assert config["network"]["network_module"] == default["network"]["network_module"]
+
+
+def test_pairs_count_the_lower_and_levers_compare_like_with_like() -> None:
+    report = _report()
+    report["variants"] = [
+        _variant("card-raw", 3.0, profiled=True), _variant("dermkohya-default", 13.5, profiled=True),
+        _variant("card-raw-repeat", 3.2), _variant("dermkohya-default-repeat", 12.0, startup_s=30.0),
+        _variant("dermkohya-fused-adamw", 14.85, profiled=True, startup_s=21.0),
+        _variant("dermkohya-vae-batch-16", 12.0, startup_s=25.0),
+    ]
+    tt.summarise(report)
+    pairs = report["pairs"]
+    assert [p["speedup"] for p in pairs["pairs"]] == [4.5, 3.75]
+    assert pairs["speedup_lower"] == 3.75 and pairs["meets_target"] is False
+    assert pairs["pairs"][0]["profiled"] and not pairs["pairs"][1]["profiled"]
+    levers = report["levers"]
+    assert levers["dermkohya-fused-adamw"]["reference"] == ["dermkohya-default"]  # profiled, like the lever
+    assert levers["dermkohya-fused-adamw"]["ratio_vs_default"] == pytest.approx(1.1)
+    assert levers["dermkohya-fused-adamw"]["startup_s_minus_default"] == 1.0
+    assert levers["dermkohya-vae-batch-16"]["reference"] == ["dermkohya-default-repeat"]
+    assert levers["dermkohya-vae-batch-16"]["startup_s_minus_default"] == -5.0
+    report["variants"][3]["it_per_s"] = 13.0
+    tt.summarise(report)
+    assert report["pairs"]["speedup_lower"] == 4.06 and report["pairs"]["meets_target"] is True
+
+
+def test_wall_1000_ratio_and_its_lower_bound_when_card_raw_runs_out_of_time(tmp_path: Path) -> None:
+    base = _report() | {"wall_1000": {"what": "whole runs", "images": 1000, "epochs": 3, "target": 2.0}}
+    finished = base | {"variants": [_variant("dermkohya-default", 7.0, wall_s=150.0, steps=750, total_steps=750),
+                                    _variant("card-raw", 3.0, wall_s=320.0, steps=750, total_steps=750)]}
+    tt.summarise(finished)
+    wall = finished["wall_1000"]
+    assert wall["vs_card_raw"]["dermkohya-default"] == {"speedup_wall": 2.13} and wall["meets_target"] is True
+    assert wall["runs"]["card-raw"]["finished"] and wall["images"] == 1000
+    cut = base | {"variants": [_variant("dermkohya-default", 7.0, wall_s=200.0),
+                               {**_variant("card-raw", 3.0, wall_s=290.0, steps=700, total_steps=750), "ok": False,
+                                "timed_out": True}]}
+    tt.summarise(cut)
+    bound = cut["wall_1000"]["vs_card_raw"]["dermkohya-default"]
+    assert bound["speedup_wall_at_least"] == 1.45 and "700 of 750" in bound["why"]
+    assert cut["wall_1000"]["meets_target"] is False
+    # two calls (one variant each) joined into one report
+    one, two = tmp_path / "a.json", tmp_path / "b.json"
+    one.write_text(json.dumps(base | {"variants": [finished["variants"][0]]}), encoding="utf-8")
+    two.write_text(json.dumps(base | {"variants": [finished["variants"][1]]}), encoding="utf-8")
+    merged = tt.merge_reports([one, two])
+    assert merged["wall_1000"]["vs_card_raw"]["dermkohya-default"] == {"speedup_wall": 2.13}
+    assert [v["call"] for v in merged["variants"]] == ["a.json", "b.json"]
+
+
+def test_replicate_dataset_copies_images_and_captions_round(tmp_path: Path, data_dir: Path) -> None:
+    dest = tt.replicate_dataset(data_dir, tmp_path / "many", 5)
+    images = sorted((dest / "1_derm").glob("*.png"))
+    assert len(images) == 5 and len(list((dest / "1_derm").glob("*.txt"))) == 5
+    assert images[2].read_bytes() == (data_dir / "1_derm" / "img0.png").read_bytes()
+    assert images[3].read_bytes() == (data_dir / "1_derm" / "img1.png").read_bytes()
+
+
+def test_presets() -> None:
+    pairs = tt.PRESETS["pairs"]
+    assert pairs.variants[:4] == ("card-raw", "dermkohya-default", "card-raw-repeat", "dermkohya-default-repeat")
+    assert pairs.profile and set(pairs.variants) <= {v.name for v in tt.VARIANTS}
+    wall = tt.PRESETS["wall-1000"]
+    assert wall.images == 1000 and wall.epochs == 3 and set(wall.variants) == {"card-raw", "dermkohya-default"}
+
+
+def test_profiles_are_bundled_into_two_files_for_the_device(tmp_path: Path) -> None:
+    setup = tt.Profiling(tmp_path / "profiles", "train-throughput-h200", frozenset({"card-raw", "dermkohya-default"}))
+    for name in ("card-raw", "dermkohya-default"):
+        source = _run_stand_in(tmp_path / name, "train_network.py")
+        setup.folder.mkdir(exist_ok=True)
+        shutil.copyfile(source, setup.path(name))
+        shutil.copyfile(source.with_suffix(".collapsed.txt"), setup.path(name).with_suffix(".collapsed.txt"))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    files = setup.bundle(dest)
+    assert [p.name for p in files] == ["train-throughput-h200-profile.json", "train-throughput-h200-profile.collapsed.txt.gz"]
+    bundle = json.loads(files[0].read_text(encoding="utf-8"))
+    assert set(bundle) == {"card-raw", "dermkohya-default"} and bundle["card-raw"]["complete"]
+    with gzip.open(files[1], "rt", encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    assert {line.split(";", 1)[0] for line in lines} == {"card-raw", "dermkohya-default"}
+    assert any(line.startswith("dermkohya-default;steady;") for line in lines)
+
+
+def test_step_profile_is_written_when_kohyas_main_thread_ends_but_shutdown_hangs(tmp_path: Path) -> None:
+    """A stopped kohya (SIGINT: KeyboardInterrupt) whose shutdown waits on a thread that never ends is killed by
+    the harness's watchdog: the profile must already be on disk by then."""
+    script = tmp_path / "train_network.py"
+    script.write_text(STAND_IN_LOOP.replace("for _ in range(30):", "import threading\n"
+                      "threading.Thread(target=threading.Event().wait).start()  # non-daemon, never ends\n"
+                      "for _ in range(10):"), encoding="utf-8")
+    out = tmp_path / "p.json"
+    env = {**os.environ, "PYTHONPATH": str(BENCH / "profile_site"), step_profile.ENV_OUT: str(out),
+           step_profile.ENV_STEPS: "2:50", step_profile.ENV_MS: "1"}
+    process = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.is_file() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process.poll() is None  # still hanging in shutdown
+    finally:
+        process.kill()
+        process.wait()
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["complete"] is False and len(data["steps"]) == 10
