@@ -7,6 +7,7 @@ files as one process; the folder's lock held once for a launch; a killed rank na
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -150,12 +151,19 @@ def test_torchrun_two_processes_make_the_files_of_one_process(setup: dict[str, A
 
 
 @pytest.mark.slow
-def test_two_launches_of_one_process_make_the_files_of_one_process(setup: dict[str, Any]) -> None:
-    """As two nodes: `--nnodes 2 --node_rank 0|1`, started separately (the benchmark's own runner)."""
-    out = setup["root"] / "nodes"
-    ranks = setup["bench"].two_launches(setup["plan"], out, False, "1", 600)
+def test_the_ranks_benchmark_runs_two_launches_on_cpu(setup: dict[str, Any], tmp_path: Path) -> None:
+    """bench/generate_ranks.py's CPU smoke: two launches of one process each (`--nnodes 2 --node_rank 0|1`,
+    as two nodes) and one process, the same files, images/s of each."""
+    out = tmp_path / "ranks.json"
+    args = ["--model", str(setup["root"] / "model"), "--random-lora", "--size", "64", "--steps", "2", "--count", "8",
+            "--batch-size", "2", "--threads", "1", "--budget", "900", "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    results = setup["bench"].main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    ranks, one = results["ranks"], results["one_process"]
     assert ranks["exit_codes"] == [0, 0] and ranks["processes"] == 2 and ranks["made"] == 8, ranks
-    assert setup["bench"].file_hashes(out) == setup["reference"]
+    assert one["exit_codes"] == [0] and one["processes"] == 1 and one["made"] == 8, one
+    assert results["identical_files"] is True and results["files"]["images"] == 8 and results["files"]["differing"] == []
+    assert results["scaling_2_ranks_vs_1_process"] == ranks["steady_images_per_s"] / one["steady_images_per_s"]
 
 
 @pytest.mark.slow

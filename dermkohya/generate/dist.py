@@ -97,8 +97,8 @@ def launch_device(launch: Launch) -> str:
 class Group:
     """The ranks of one generate. For a single process every call is a no-op that returns at once."""
 
-    def __init__(self, rank: int, world: int, device: str, *, launched: bool = False) -> None:
-        self.rank, self.world, self.device, self.launched = rank, world, device, launched
+    def __init__(self, rank: int, world: int, device: str) -> None:
+        self.rank, self.world, self.device = rank, world, device
         self.staging: Path | None = None  # where each rank leaves error-<rank>.txt, once the job is known
 
     @classmethod
@@ -129,7 +129,7 @@ class Group:
                 "--master_addr/--master_port and that this node can reach it"
             ) from None
         try:
-            yield cls(launch.rank, launch.world, device, launched=True)
+            yield cls(launch.rank, launch.world, device)
         finally:
             _leave()
 
