@@ -112,6 +112,7 @@ class StepProfiler:
         self.switch_interval = sys.getswitchinterval()  # restored when the window ends
         self._gc_started: float | None = None
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
 
     # -- phases and steps ------------------------------------------------------------------------------
 
@@ -194,10 +195,13 @@ class StepProfiler:
 
     def write(self) -> None:
         """At exit (or when the main thread is gone): writing during the run would cost the steps it times."""
-        with self._lock:
-            if self.written:
-                return
-            self.written = True
+        with self._write_lock:  # held throughout: atexit waits for the sampler thread's write, never cuts it off
+            if not self.written:
+                with self._lock:
+                    self.written = True
+                self._write_files()
+
+    def _write_files(self) -> None:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             lines = [f"{phase};" + ";".join(label for _, label in stack) + f" {count}"
