@@ -5,6 +5,7 @@ run (phase 2 of ti_then_lora), loading or describing them for generate and inspe
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -55,8 +56,8 @@ def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if not (base / "model_index.json").is_file():
-        raise DermkohyaError(f"{base}: phase 2 of ti_then_lora needs a diffusers-folder base (or random:sd15); "
-                             "convert a single-file checkpoint to a diffusers folder first")
+        raise DermkohyaError(f"{base}: not a diffusers folder: the derived base is built from one "
+                             "(diffusers_from_single_file makes one from a single-file checkpoint)")
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "base").mkdir(parents=True)
@@ -96,6 +97,39 @@ def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return DerivedBase(dest / "base", dest / "tokenizers", digest.hexdigest(), token_ids)
+
+
+def diffusers_from_single_file(base: Path, family: str, models: Path) -> Path:
+    """A single-file checkpoint as the diffusers folder phase 2's derived base is built from, offline:
+    diffusers' `from_single_file` with the family's weightless config folder (as generate loads one), saved
+    in the checkpoint's own precision (a conversion, not a cast). Built once per checkpoint (named by its
+    sha256) into models/diffusers/; kohya then reads it as any diffusers base."""
+    from dermkohya.files import atomic_folder
+
+    dest = Path(models) / "diffusers" / f"{base.stem}-{basemodel.sha256_path(base)[:12]}"
+    if (dest / "model_index.json").is_file():
+        return dest
+    return atomic_folder(dest, lambda tmp: _convert(base, family, Path(models), tmp))
+
+
+def _convert(base: Path, family: str, models: Path, out: Path) -> None:
+    import diffusers
+    import torch
+
+    from dermkohya import tensorfile
+
+    config = basemodel.ensure_pipeline_config(family, models)
+    index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
+    dtypes = [entry.dtype for entry in tensorfile.read_header(base).tensors.values()]
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(max(set(dtypes), key=dtypes.count), torch.float32)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+    try:
+        pipe = getattr(diffusers, index["_class_name"]).from_single_file(
+            str(base), config=str(config), local_files_only=True, torch_dtype=dtype, **extra)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise DermkohyaError(f"{base}: diffusers cannot read this {family} checkpoint to build phase 2's base "
+                             f"({str(exc).splitlines()[0]}); check that [model] base is a full checkpoint") from None
+    pipe.save_pretrained(str(out), safe_serialization=True)
 
 
 # ---- generate and inspect ---------------------------------------------------------------------------------

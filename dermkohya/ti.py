@@ -12,28 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from dermkohya import basemodel, dataset, kohya, manifests, render, runstate
+from dermkohya import basemodel, dataset, kohya, manifests, render, runstate, ti_resume
 from dermkohya.dataset.sidecar import read_metadata
 from dermkohya.errors import DermkohyaError
 from dermkohya.files import sha256_file, write_atomic
 from dermkohya.manifests import DerivedBasePart, TIEmbedding, TIManifest, TIPhase, TIToken
-from dermkohya.resume import _resume_done, check_resume, saved_states
+from dermkohya.resume import _resume_done, saved_states
 from dermkohya.spec import RunSpec, load_run
 from dermkohya.names import slug
 from dermkohya.templating import text_template
 from dermkohya.embeddings import (  # noqa: F401 (re-exported for collect, generate and tests)
-    CLIP_L_DIR, DerivedBase, build_derived_base, collect_embeddings, describe_embedding, embedding_files,
-    embeddings_only, load_embeddings, read_embedding,
+    CLIP_L_DIR, DerivedBase, build_derived_base, collect_embeddings, describe_embedding, diffusers_from_single_file,
+    embedding_files, embeddings_only, load_embeddings, read_embedding,
 )
 
 TI_SCRIPTS: dict[str, str] = {"sd15": "train_textual_inversion.py", "sdxl": "sdxl_train_textual_inversion.py"}
-
 
 
 @dataclass(frozen=True)
@@ -296,49 +295,6 @@ def render_lora_phase(run: TIRun, derived: DerivedBase, *, check_keys: bool = Tr
                                  "dataset.toml": text})
 
 
-def phase_sha256(phase: Phase, base_sha256: str) -> str:
-    """What a phase-1 embedding depends on: its rendered files, its images' bytes and the base. A --resume
-    keeps an embedding only while this is unchanged."""
-    digest = hashlib.sha256(base_sha256.encode())
-    for path in sorted(phase.out_dir.iterdir()):
-        if path.is_file():
-            digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    for image, repeats, _ in phase.token.images if phase.token else ():
-        digest.update(f"{image.name}\0{repeats}\0{sha256_file(image)}".encode())
-    return digest.hexdigest()
-
-
-def _previous(run: TIRun, output_dir: Path, *, resume: bool, new: bool) -> TIManifest | None:
-    """The record of the launch a --resume continues; refusals for a run that holds outputs without it."""
-    path = output_dir / "ti-manifest.json"
-    rerun = f"`dermkohya train {render.project_path(run.run_file, run.root)}"
-    if resume:
-        if not path.exists():
-            raise DermkohyaError(f"--resume: no {path}: nothing of this run was trained yet; start it with {rerun}`")
-        previous = TIManifest.read(path)
-        if previous.finished:
-            raise DermkohyaError(f"--resume: {path} says every phase finished: nothing left to resume; `dermkohya "
-                                 f"collect {run.name}` it, or train afresh with {rerun} --new`")
-        return previous
-    if new or not (path.exists() or (output_dir / f"{run.name}.safetensors").exists()):
-        return None
-    if path.exists() and not TIManifest.read(path).finished:
-        raise DermkohyaError(f"{output_dir} holds an unfinished run: pass --resume to continue it (finished phase-1 "
-                             "tokens are kept, phase 2 continues from kohya's saved state) or --new to keep it aside "
-                             "and start afresh")
-    raise DermkohyaError(f"{output_dir} holds a finished run: `dermkohya collect {run.name}` it, or pass --new to keep "
-                         "it as output/<run>.N and start afresh")
-
-
-def _kept(previous: TIManifest | None, token: str, rendered_sha256: str, root: Path) -> TIEmbedding | None:
-    """A phase-1 embedding of the interrupted launch that a --resume keeps: same inputs, same file."""
-    entry = previous.embeddings.get(token) if previous else None
-    if entry is None or entry.rendered_sha256 != rendered_sha256:
-        return None
-    path = root / entry.path
-    return entry if path.is_file() and sha256_file(path) == entry.sha256 else None
-
-
 def _new_record(run: TIRun) -> TIManifest:
     ti = run.spec.textual_inversion
     return TIManifest(run_name=run.name, method=run.spec.method, textual_inversion=ti.model_dump(mode="json"),
@@ -370,7 +326,7 @@ def train_ti(run_file: Path, *, project_root: Path | None = None, on_line: Any =
             run.launch_args = train._with_gpu_ids(run.launch_args, gpu_ids,
                                                   run.spec.launch.processes * run.spec.launch.machines, run.run_file)
         output_dir = root / "output" / run.name
-        previous = _previous(run, output_dir, resume=resume, new=new)
+        previous = ti_resume.previous_launch(run, output_dir, resume=resume, new=new)
         if new and not resume and output_dir.exists():
             train._set_aside(output_dir)
         if run.spec.model.base.startswith("random:"):
@@ -381,8 +337,8 @@ def train_ti(run_file: Path, *, project_root: Path | None = None, on_line: Any =
         results: list[PhaseResult] = []
         for phase in run.phases:
             assert phase.token is not None
-            digest = phase_sha256(phase, base_sha256)
-            kept = _kept(previous, phase.token.string, digest, root)
+            digest = ti_resume.phase_sha256(phase, base_sha256)
+            kept = ti_resume.kept_embedding(previous, phase.token.string, digest, root)
             if kept is None:
                 outcome = _launch(run, phase, on_line, held.fd)
                 results.append(outcome)
@@ -410,7 +366,7 @@ def _lora_phase(run: TIRun, record: TIManifest, path: Path, results: list[PhaseR
     embeddings = {t: root / e.path for t, e in record.embeddings.items()}
     vectors = run.spec.textual_inversion.num_vectors_per_token
     dest = basemodel.models_dir(root) / "derived" / derived_key(run, embeddings)
-    derived = build_derived_base(run.base_path, basemodel.tokenizer_cache_dir(root),
+    derived = build_derived_base(phase2_base(run), basemodel.tokenizer_cache_dir(root),
                                  [(t.strings(vectors), embeddings[t.string]) for t in run.tokens], dest)
     record.derived_base = DerivedBasePart(path=render.project_path(derived.base, root),
                                           tokenizer_cache_dir=render.project_path(derived.tokenizer_cache_dir, root),
@@ -419,7 +375,7 @@ def _lora_phase(run: TIRun, record: TIManifest, path: Path, results: list[PhaseR
     phase = Phase("LoRA", run.spec.script, rendered.out_dir, rendered.output_dir, run.name, list(rendered.script_args),
                   rendered.config_keys)
     warnings: list[str] = []
-    state = _lora_state(run, rendered, warnings) if resume else None
+    state = ti_resume.lora_state(run, rendered, warnings) if resume else None
     if state is not None:
         done = _resume_done(rendered, state)
         if done is not None:
@@ -436,16 +392,12 @@ def _lora_phase(run: TIRun, record: TIManifest, path: Path, results: list[PhaseR
     return result
 
 
-def _lora_state(run: TIRun, rendered: render.RenderedRun, warnings: list[str]) -> Path | None:
-    """kohya's last saved state of phase 2, checked as `train --resume` checks a LoRA run's (the base compared
-    is the one the tokens were added to); None: phase 2 starts from its beginning."""
-    states = saved_states(rendered.output_dir, run.name)
-    if not states:
-        warnings.append(f"--resume: no saved kohya state of phase 2 in {rendered.output_dir}: phase 2 starts from its "
-                        "beginning (states are saved when [train] save_state = true)")
-        return None
-    warnings += check_resume(replace(rendered, base_path=run.base_path), states[-1])
-    return states[-1]
+def phase2_base(run: TIRun) -> Path:
+    """The diffusers folder the derived base is built from: the base itself, or a single-file checkpoint
+    converted once (phase 1 trained on the same weights: kohya reads the single file)."""
+    if (run.base_path / "model_index.json").is_file():
+        return run.base_path
+    return diffusers_from_single_file(run.base_path, run.spec.model.family, basemodel.models_dir(run.root))
 
 
 def write_lora_manifest(run: TIRun, rendered: render.RenderedRun, outcome: PhaseResult, record: TIManifest, *,

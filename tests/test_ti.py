@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _smoke import smoke_sd15_model  # noqa: F401  (session fixture: the shared smoke model)
+from test_single_file import single_file_sd15  # noqa: F401  (session fixture: the smoke model as one checkpoint)
+
 from dermkohya import basemodel, collect, demo, ti
 from dermkohya.errors import DermkohyaError
 from dermkohya.lora import read_header
@@ -107,7 +110,7 @@ def test_derived_base_holds_the_learned_rows_and_a_tokenizer_that_knows_the_toke
     tokenizer = CLIPTokenizer.from_pretrained(str(derived.tokenizer_cache_dir / ti.CLIP_L_DIR))
     ids = tokenizer("<a> on skin, <b> <b>1").input_ids
     assert ids[1] == 49408 and ids[-3:-1] == [49409, 49410]
-    with pytest.raises(DermkohyaError, match="diffusers-folder base"):
+    with pytest.raises(DermkohyaError, match="not a diffusers folder"):
         ti.build_derived_base(tmp_path / "a.safetensors", cache, [], tmp_path / "x")
 
 
@@ -177,6 +180,44 @@ def test_phase_dataset_configs_are_fine_tuning_subsets_kohya_reads(tmp_path: Pat
     assert [(s["metadata_file"], s["images"]) for d in phase1 for s in d["subsets"]] == [
         ("runs/demo-ti/ti/erythema-patch/captions-0.json", 6)]
     assert [(s["metadata_file"], s["images"]) for d in phase2 for s in d["subsets"]] == [("runs/demo-ti/lora/captions-0.json", 18)]
+
+
+@pytest.mark.kohya
+@pytest.mark.slow
+def test_phase_two_on_a_single_file_base_reads_the_learned_rows_in_kohya(tmp_path: Path, single_file_sd15: Path,
+                                                                          repo_kohya: None) -> None:
+    """A single-file checkpoint (the smoke model converted by sd-scripts' own tool) becomes, once, a diffusers
+    folder with the same weights; the derived base is built on it, and kohya's phase-2 loader sees the rows."""
+    from safetensors.torch import load_file
+
+    from dermkohya import kohya
+
+    root = _project(tmp_path / "p")
+    run_file = root / "runs" / "demo-ti.toml"
+    run_file.write_text(run_file.read_text().replace('base = "random:sd15"', 'base = "models/v1-5-pruned.safetensors"'))
+    (root / "models").mkdir()
+    (root / "models" / "v1-5-pruned.safetensors").symlink_to(single_file_sd15)
+    run = ti.render_ti(Path("runs/demo-ti.toml"), project_root=root, check_keys=False)
+    folder = ti.phase2_base(run)
+    assert folder.parent == root / "models" / "diffusers" and ti.phase2_base(run) == folder  # built once
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    rows = load_file(str(folder / "text_encoder" / "model.safetensors"))["text_model.embeddings.token_embedding.weight"]
+    assert rows.dtype == load_file(str(single_file_sd15))[key].dtype and rows.equal(load_file(str(single_file_sd15))[key])
+
+    rng = np.random.default_rng(1)
+    embeddings = {t.string: _embedding(tmp_path / f"{t.slug}.safetensors", rng.normal(size=(1, 768))) for t in run.tokens}
+    basemodel.build_tokenizer_cache(basemodel.tokenizer_cache_dir(root))
+    derived = ti.build_derived_base(folder, basemodel.tokenizer_cache_dir(root),
+                                    [([token], path) for token, path in embeddings.items()], root / "models" / "derived" / "x")
+    ti.render_lora_phase(run, derived, check_keys=False)
+    lora_dir = root / "runs" / "demo-ti" / "lora"
+    pairs = [str(x) for token, path in embeddings.items() for x in (token, path)]
+    check = subprocess.run([str(kohya.find_python(root)), str(REPO / "tests" / "_ti_check.py"), str(kohya.find_sd_scripts(root)),
+                            str(lora_dir / "config.toml"), str(lora_dir / "dataset.toml"), str(lora_dir / "captions-0.json"), *pairs],
+                           cwd=root, env=kohya.kohya_env(project_root=root), capture_output=True, text=True)
+    lines = [line for line in check.stdout.splitlines() if line.startswith("TI-CHECK ")]
+    assert check.returncode == 0 and lines, check.stdout[-2000:] + check.stderr[-2000:]
+    assert json.loads(lines[-1].removeprefix("TI-CHECK "))["vocab"] == 49408 + 3
 
 
 # ---- end to end with the real kohya ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from _stand_in import STAND_IN_HEAD
+from test_ti import _tiny_base
 from dermkohya import collect, demo, kohya, manifests, ti
 from dermkohya.errors import DermkohyaError
 from dermkohya.records import RecordError
@@ -59,19 +60,6 @@ if __name__ == "__main__":
         sys.exit("stand-in: phase 2 stopped after epoch 1")
     save_file({"lora_unet_a.lora_down.weight": np.zeros((4, 8), dtype=np.float32)}, str(out / (name + ".safetensors")))
 '''
-
-
-def _tiny_base(folder: Path) -> Path:
-    """A diffusers-shaped folder with a small CLIP text encoder (phase 2's derived base reads only that)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                            num_attention_heads=4, max_position_embeddings=77)
-    CLIPTextModel(config).save_pretrained(str(folder / "text_encoder"), safe_serialization=True)
-    (folder / "unet").mkdir()
-    (folder / "unet" / "weights.bin").write_bytes(b"unet")
-    (folder / "model_index.json").write_text("{}")
-    return folder
 
 
 @pytest.fixture
