@@ -70,9 +70,10 @@ def free() -> None:
 
 
 def write_plan(work: Path, name: str, model: Path, lora: Path | None, args: argparse.Namespace, *, count: int,
-               compile_mode: str | None, fuse_qkv: bool = True, channels_last: bool = True, filter_: bool = True) -> Path:  # fmt: skip
-    """A plan for the harness's model and LoRA with the given engine options (compile_mode None: eager)."""
-    options = [f"fuse_qkv = {str(fuse_qkv).lower()}", f"channels_last = {str(channels_last).lower()}"]
+               compile_mode: str | None, filter_: bool = True, **engine: bool | str) -> Path:  # fmt: skip
+    """A plan for the harness's model and LoRA with the given [engine] options (compile_mode None: eager;
+    options not given keep the plan's defaults)."""
+    options = [f"{key} = {str(value).lower()}" if isinstance(value, bool) else f'{key} = "{value}"' for key, value in engine.items()]
     if compile_mode:
         options.append(f'compile_mode = "{compile_mode}"')
     path = work / f"{name}.toml"
@@ -184,7 +185,6 @@ def plain_batched(model: Path, lora: Path | None, args: argparse.Namespace, comp
     sync()
     first_s = time.perf_counter() - first
     seconds, _ = timed_batches(batch, args.timed_batches)
-    del pipe
     images = args.batch * args.timed_batches
     return {
         "what": f"StableDiffusionPipeline, {str(dtype).removeprefix('torch.')}, SDPA, PNDM, LoRA fused, one call per batch, PIL output (not saved)"
@@ -221,11 +221,10 @@ def first_slots(job: Any) -> list[tuple[str, int] | None]:
 
 
 def engine_variant(model: Path, lora: Path | None, args: argparse.Namespace, work: Path, name: str, *,
-                   compile_mode: str | None, fuse_qkv: bool = True, channels_last: bool = True,
-                   keep: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+                   compile_mode: str | None, keep: dict[str, Any] | None = None, **levers: bool | str) -> dict[str, Any]:  # fmt: skip
     """The engine's batch call alone (no filter, no PNG): one warm-up batch, then timed batches. With
     `keep`, the job, engine and last batch are left there for the breakdown and post-processing."""
-    plan = write_plan(work, name, model, lora, args, count=args.batch, compile_mode=compile_mode, fuse_qkv=fuse_qkv, channels_last=channels_last)
+    plan = write_plan(work, name, model, lora, args, count=args.batch, compile_mode=compile_mode, **levers)
     job, engine, load_s = load_engine(plan, work)
     slots = first_slots(job)
     first = time.perf_counter()
@@ -234,13 +233,11 @@ def engine_variant(model: Path, lora: Path | None, args: argparse.Namespace, wor
     seconds, last = timed_batches(lambda: engine(slots), args.timed_batches)
     if keep is not None:
         keep.update(job=job, engine=engine, batch=last, slots=slots)
-    del engine
     images = args.batch * args.timed_batches
     return {
         "name": name,
         "compile_mode": compile_mode,
-        "fuse_qkv": fuse_qkv and cuda(),
-        "channels_last": channels_last and cuda(),
+        **{key: value and cuda() for key, value in _engine_options(job).items()},
         "images": images,
         "seconds": seconds,
         "images_per_s": images / seconds,
@@ -248,6 +245,13 @@ def engine_variant(model: Path, lora: Path | None, args: argparse.Namespace, wor
         "first_batch_s": first_s,
         "load_s": load_s,
     }
+
+
+def _engine_options(job: Any) -> dict[str, bool]:
+    """The levers the variant's plan asked for (the engine applies them on CUDA only)."""
+    engine = job.plan.engine
+    return {"fuse_qkv": engine.fuse_qkv, "channels_last": engine.channels_last, "compile_vae": engine.compile and engine.compile_vae,
+            "cudnn_attention": engine.attention == "cudnn"}  # fmt: skip
 
 
 def postprocess_cost(job: Any, engine: Any, batch: tuple[Any, Any]) -> dict[str, float]:
@@ -278,6 +282,8 @@ def breakdown(keep: dict[str, Any], batch_s: float) -> dict[str, Any]:
     pipe = engine.pipe
     watch = Stopwatch()
     watch.wrap(pipe.text_encoder, "forward", "text_encoder")
+    if hasattr(engine, "embed"):  # the engine's prompt-embedding cache (a hit costs a concatenation)
+        watch.wrap(engine, "embed", "prompt_embeddings")
     watch.wrap(pipe.unet, "forward", "unet")
     watch.wrap(pipe.vae, "decode", "vae_decode")
     sync()
@@ -286,13 +292,14 @@ def breakdown(keep: dict[str, Any], batch_s: float) -> dict[str, Any]:
         images = engine(slots)
     sync()
     wall = time.perf_counter() - start
-    for owner, attribute in ((pipe.text_encoder, "forward"), (pipe.unet, "forward"), (pipe.vae, "decode")):
+    for owner, attribute in ((pipe.text_encoder, "forward"), (engine, "embed"), (pipe.unet, "forward"), (pipe.vae, "decode")):
         owner.__dict__.pop(attribute, None)
-    parts = watch.seconds()
+    parts = {"text_encoder": {"calls": 0, "sum_s": 0.0}} | watch.seconds()
     post = postprocess_cost(keep["job"], engine, images)
     total = wall + post["host_checks_and_phash_s"] + post["png_s"]
     named = {
-        "text_encoder_s": parts["text_encoder"]["sum_s"],
+        "text_encoder_s": parts.get("prompt_embeddings", parts["text_encoder"])["sum_s"],
+        "text_encoder_calls": parts["text_encoder"]["calls"],
         "unet_loop_s": parts["unet"]["first_to_last_s"],
         "unet_calls": parts["unet"]["calls"],
         "unet_forward_sum_s": parts["unet"]["sum_s"],
@@ -397,7 +404,7 @@ def run(model: Path, lora: Path | None, args: argparse.Namespace, work: Path, e2
         print(f"{name}: {f'{rate:.3f} images/s' if rate else record.get('error', 'done')} ({budget.left():.0f} s left)", flush=True)
         return record
 
-    def variant(name: str, compile_mode: str | None, compiles: float = 0.0, **levers: bool) -> None:
+    def variant(name: str, compile_mode: str | None, compiles: float = 0.0, **levers: bool | str) -> None:
         if (compile_mode or levers) and not gpu:
             budget.skipped.append({"name": name, "reason": "the engine applies compile, fused QKV and channels-last on CUDA only"})
             return
@@ -430,12 +437,14 @@ def run(model: Path, lora: Path | None, args: argparse.Namespace, work: Path, e2
         write_plan(work, "generate-e2e", model, lora, args, count=args.e2e_count, compile_mode=e2e_mode), "generate-e2e"))  # fmt: skip
     if record is not None:
         out["engine"] = record | {"compile_mode": e2e_mode}
+    variant(f"engine-{ro}-cudnn-attention", ro, 1, attention="cudnn")
     variant("engine-eager-no-fuse-qkv", None, fuse_qkv=False)
     variant("engine-eager-no-channels-last", None, channels_last=False)
-    variant("engine-default", "default", 1)
+    variant("engine-default", "default", 1, compile_vae=False)  # the engine's compile before issue #18
     variant("engine-eager-neither", None, fuse_qkv=False, channels_last=False)
     variant(f"engine-{ro}-no-channels-last", ro, 1, channels_last=False)
     variant(f"engine-{ro}-no-fuse-qkv", ro, 1, fuse_qkv=False)
+    variant(f"engine-{ro}-no-vae-compile", ro, 1, compile_vae=False)
     variant("engine-max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", 3)
 
     return assemble()
@@ -445,14 +454,16 @@ def _levers(v: dict[str, dict[str, Any]], parts: dict[str, Any] | None) -> list[
     ro = "engine-reduce-overhead"
     found = [
         lever("compile reduce-overhead vs eager", v.get(ro), v.get("engine-eager"), "torch.compile(mode='reduce-overhead') of the U-Net"),
-        lever("compile default vs eager", v.get("engine-default"), v.get("engine-eager"), "torch.compile(fullgraph=True), default mode"),
-        lever("compile reduce-overhead vs default", v.get(ro), v.get("engine-default"), "CUDA graphs on top of the compiled U-Net"),
+        lever("compile default vs eager", v.get("engine-default"), v.get("engine-eager"), "torch.compile(fullgraph=True), default mode, U-Net only"),
+        lever("compile reduce-overhead vs default", v.get(ro), v.get("engine-default"), "CUDA graphs (and the VAE decoder compiled) on top of the compiled U-Net"),
         lever("compile max-autotune-no-cudagraphs vs reduce-overhead", v.get("engine-max-autotune-no-cudagraphs"), v.get(ro), "autotuned kernels, no graphs"),
         lever("fused QKV (eager)", v.get("engine-eager"), v.get("engine-eager-no-fuse-qkv"), "fuse_qkv_projections on, channels-last on"),
         lever("channels-last (eager)", v.get("engine-eager"), v.get("engine-eager-no-channels-last"), "U-Net and VAE channels-last, fused QKV on"),
         lever("fused QKV + channels-last (eager)", v.get("engine-eager"), v.get("engine-eager-neither"), "both levers vs neither"),
         lever("channels-last (reduce-overhead)", v.get(ro), v.get(f"{ro}-no-channels-last"), "under compile"),
         lever("fused QKV (reduce-overhead)", v.get(ro), v.get(f"{ro}-no-fuse-qkv"), "under compile"),
+        lever("cuDNN attention first (reduce-overhead)", v.get(f"{ro}-cudnn-attention"), v.get(ro), "SDPA: cuDNN's kernel before flash"),
+        lever("VAE decoder compiled (reduce-overhead)", v.get(ro), v.get(f"{ro}-no-vae-compile"), "torch.compile of vae.decoder, default mode"),
     ]
     if parts:
         post = parts["host_checks_and_phash_s"] + parts["png_s"]
@@ -474,3 +485,65 @@ def _ratios(out: dict[str, Any], plain: dict[str, Any], v: dict[str, dict[str, A
         for key, name in (("eager", "engine-eager"), ("reduce-overhead", "engine-reduce-overhead"))
         if key in plain and "images_per_s" in v.get(name, {})
     }
+
+
+# --- the README's block ------------------------------------------------------------------------------------
+
+README_BEGIN = "<!-- generate-levers:begin (generated by bench/generate_throughput.py --table JSON --readme README.md) -->"
+README_END = "<!-- generate-levers:end -->"
+
+
+def _rate(value: float | None) -> str:
+    return f"{value:.2f}" if value else "–"
+
+
+def readme_block(results: dict[str, Any], source: str) -> str:
+    """The README's generation-speed tables, from one call's JSON: reference vs engine, each lever, and
+    where one batch's time goes."""
+    plain = results.get("plain_batched", {})
+    variants = {v["name"]: v for v in results.get("engine_variants", []) if "images_per_s" in v}
+    engine = results.get("engine", {})
+    lines = [
+        f"From `{source}` ({results.get('device', '?')}; {results.get('size')} px, {results.get('steps')} {results.get('scheduler', '').upper()} "
+        f"steps, CFG {results.get('guidance')}, batch {results.get('batch_size')}, random SD 1.5 + a random rank-16 LoRA fused; "
+        "steady-state images/s, one call):",
+        "",
+        "| what | eager | compiled (reduce-overhead) |",
+        "|---|---:|---:|",
+        f"| plain batched `StableDiffusionPipeline` | {_rate(plain.get('eager', {}).get('images_per_s'))} | "
+        f"{_rate(plain.get('reduce-overhead', {}).get('images_per_s'))} |",
+        f"| the engine's batch call alone | {_rate(variants.get('engine-eager', {}).get('images_per_s'))} | "
+        f"{_rate(variants.get('engine-reduce-overhead', {}).get('images_per_s'))} |",
+    ]
+    mode = engine.get("compile_mode") or "eager"
+    e2e = _rate(engine.get("steady_images_per_s"))
+    lines.append(f"| **`dermkohya generate`** (filter, hash, PNGs written) | {e2e if mode == 'eager' else '–'} | {e2e if mode != 'eager' else '–'} |")
+    ratio = results.get("engine_vs_plain_batched")
+    lines += ["", f"`engine_vs_plain_batched` ({mode}): **{ratio:.2f}×**." if ratio else "`engine_vs_plain_batched`: not measured.", ""]
+    lines += ["| lever | with | without | gain |", "|---|---:|---:|---:|"]
+    for lever in results.get("levers", []):
+        if lever.get("measured") and "gain" in lever:
+            lines.append(f"| {lever['lever']} | {_rate(lever['with_images_per_s'])} | {_rate(lever['without_images_per_s'])} | {lever['gain']:.2f}× |")
+        elif lever.get("measured"):
+            lines.append(f"| {lever['lever']} | {lever['host_s_per_batch']:.2f} s of host work per batch | – | "
+                         f"{lever['gain_if_overlapped']:.2f}× if hidden |")  # fmt: skip
+        else:
+            lines.append(f"| {lever['lever']} | not measured | | |")
+    parts = results.get("breakdown")
+    if parts:
+        shares = ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {share:.0%}" for key, share in parts["share_of_serial_batch"].items())
+        lines += ["", f"One eager batch, serially ({parts['serial_batch_s']:.2f} s): {shares}."]
+    if results.get("skipped"):
+        lines += ["", "Not measured in that call: " + ", ".join(f"{s['name']} ({s['reason']})" for s in results["skipped"]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the text between the generate-levers markers (which must be there)."""
+    text = readme.read_text(encoding="utf-8")
+    opening = README_BEGIN.split(" (")[0]  # the marker, whatever its comment says
+    if opening not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no generate-levers markers; put {README_BEGIN} and {README_END} where the tables go")
+    head, rest = text.split(opening, 1)
+    rest = rest.split("\n", 1)[1]
+    readme.write_text(f"{head}{README_BEGIN}\n{block}{README_END}{rest.split(README_END, 1)[1]}", encoding="utf-8")

@@ -217,7 +217,7 @@ def _free() -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="diffusers SD 1.5 folder, or random:sd15 (built offline)")
+    parser.add_argument("--model", help="diffusers SD 1.5 folder, or random:sd15 (built offline); required unless --table")
     parser.add_argument("--lora", type=Path, help="a kohya LoRA .safetensors for both loops")
     parser.add_argument("--random-lora", action="store_true", help="write a random rank-16 kohya-format LoRA for the model")
     parser.add_argument("--size", type=int, default=512)
@@ -243,7 +243,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     levers.add_argument("--batch-estimate", type=float, default=6.5, help="seconds per batch assumed until one is measured")
     levers.add_argument("--variants", help="only these measurements, comma-separated (names as printed; default: all)")
     levers.add_argument("--compile-estimate", type=float, default=70, help="seconds per compile assumed until one is measured")
+    parser.add_argument("--table", type=Path, help="measure nothing: print the README tables of a --suite levers JSON")
+    parser.add_argument("--readme", type=Path, help="with --table: replace the README's generate-levers block instead of printing")
     args = parser.parse_args(argv)
+    if args.table:
+        return _table(args.table, args.readme)
+    if not args.model:
+        parser.error("--model is required (or --table JSON)")
 
     import diffusers
     import torch
@@ -325,6 +331,23 @@ def _levers_suite(results: dict[str, Any], model: Path, lora: Path | None, args:
     ratio = results.get("engine_vs_plain_batched")
     print(f"engine (generate, batch {args.batch}, compile {engine.get('compile_mode') or 'none'}): "
           f"{engine.get('steady_images_per_s') or engine.get('error', 'no result')} images/s; vs plain batched: {ratio}", flush=True)  # fmt: skip
+    return results
+
+
+def _table(source: Path, readme: Path | None) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import generate_levers
+
+    results = json.loads(source.read_text(encoding="utf-8"))
+    try:
+        shown = source.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        shown = source.name
+    block = generate_levers.readme_block(results, shown)
+    if readme:
+        generate_levers.update_readme(readme, block)
+    else:
+        print(block, end="")
     return results
 
 

@@ -358,18 +358,26 @@ def test_benchmark_levers_suite_runs_tiny_on_cpu(tmp_path: Path, tiny: dict[str,
     plain = results["plain_batched"]["eager"]
     assert plain["batch_size"] == 3 and plain["images"] == 3 and plain["images_per_s"] > 0
     (call,) = [v for v in results["engine_variants"] if v["name"] == "engine-eager"]
-    assert call["images"] == 3 and call["images_per_s"] > 0 and not call["fuse_qkv"] and not call["channels_last"]
+    assert call["images"] == 3 and call["images_per_s"] > 0 and not (call["fuse_qkv"] or call["channels_last"] or call["compile_vae"])
     engine = results["engine"]
     assert engine["images"] == 6 and engine["compile_mode"] is None and engine["steady_images_per_s"] > 0
     assert results["engine_vs_plain_batched"] == pytest.approx(engine["steady_images_per_s"] / plain["images_per_s"])
     assert results["engine_call_vs_plain_batched"]["eager"] == pytest.approx(call["images_per_s"] / plain["images_per_s"])
     parts = results["breakdown"]
     assert parts["unet_calls"] == 3 and parts["text_encoder_s"] > 0 and parts["vae_decode_s"] > 0 and parts["png_s"] > 0
+    assert parts["text_encoder_calls"] == 0  # the prompt was encoded in the warm-up batch and is cached
     assert sum(parts["share_of_serial_batch"].values()) == pytest.approx(1.0)
     skipped = {s["name"]: s["reason"] for s in results["skipped"]}
     assert "CUDA only" in skipped["plain-reduce-overhead"] and "CUDA only" in skipped["engine-eager-no-fuse-qkv"]
     measured = {lever["lever"] for lever in results["levers"] if lever["measured"]}
     assert "host post-processing (checks, phash, PNG) off the batch loop" in measured
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- generate-levers:begin (old) -->\nold table\n<!-- generate-levers:end -->\nafter\n")
+    load_bench().main(["--table", str(out), "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old table" not in text and text.endswith("<!-- generate-levers:end -->\nafter\n")
+    assert f"| **`dermkohya generate`** (filter, hash, PNGs written) | {engine['steady_images_per_s']:.2f} | – |" in text
 
 
 def test_benchmark_levers_budget_skips_what_does_not_fit() -> None:
@@ -390,6 +398,60 @@ def test_benchmark_levers_budget_skips_what_does_not_fit() -> None:
     results = generate_levers.run(Path("unused"), None, args, Path("unused"), lambda plan, name: {}, saved.append)
     assert not saved and results["plain_batched"] == {} and results["engine_variants"] == []
     assert {"plain-eager", "engine-eager", "generate-e2e"} <= {s["name"] for s in results["skipped"]}
+
+
+def test_host_work_of_a_batch_overlaps_the_next_batch(tmp_path: Path, tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's checks, hash and PNGs run on worker threads while the engine makes the next batch: the
+    first batch's images are finished only once the second engine call has begun (serial code would
+    wait here in vain, on the same thread)."""
+    import threading
+
+    from dermkohya.generate import candidates
+    from dermkohya.generate.engine import Engine
+
+    calls: list[int] = []
+    second_started = threading.Event()
+    overlapped: list[bool] = []
+    call, finish = Engine.__call__, candidates.finish
+
+    def spied_call(self: Engine, slots: list[Any]) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            second_started.set()
+        return call(self, slots)
+
+    def spied_finish(job: Any, classifier: Any, precision: str, attempt: Any, image: Any, nan: bool) -> Any:
+        if attempt.item.n < 3:
+            overlapped.append(second_started.wait(timeout=20))
+        return finish(job, classifier, precision, attempt, image, nan)
+
+    monkeypatch.setattr(Engine, "__call__", spied_call)
+    monkeypatch.setattr(candidates, "finish", spied_finish)
+    result = generate(write_plan(tmp_path, tiny, count=9), out=tmp_path / "out", show_progress=False)
+    assert result.complete and result.made == 9 and len(calls) == 3
+    assert overlapped == [True, True, True]
+
+
+@pytest.mark.gpu
+def test_compiled_engine_under_cuda_graphs_matches_eager_and_repeats(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    """reduce-overhead (CUDA graphs) keeps a scheduler's history of outputs right: with guidance 1 the
+    pipeline hands the U-Net's own output to PNDM, which keeps it across steps (the engine clones it)."""
+    from dermkohya.generate.engine import Engine
+    from dermkohya.generate.job import prepare_job
+
+    def engine(name: str, compile_: bool) -> Engine:
+        plan = write_plan(tmp_path, tiny, name=name, count=3)
+        text = plan.read_text().replace("steps = 2", "steps = 6\nscheduler = \"pndm\"\nguidance = 1.0")
+        plan.write_text(text.replace("batch_size = 3", f"batch_size = 3\ncompile = {str(compile_).lower()}\nprecision = \"fp32\""))
+        return Engine(prepare_job(plan, tmp_path / name, write=False), "cuda")
+
+    slots = [("melanoma", 1), ("nevus", 2), ("melanoma", 3)]
+    eager = engine("eager", False)(slots)[0].astype(int)
+    compiled = engine("graphs", True)
+    first, again = compiled(slots)[0], compiled(slots)[0]
+    assert np.array_equal(first, again)
+    diff = np.abs(first.astype(int) - eager)
+    assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())
 
 
 # --- the issue's done-when: smoke model + a LoRA kohya trained, killed halfway, rerun -----------------------

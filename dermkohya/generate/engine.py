@@ -130,9 +130,50 @@ def load_pipeline(job: Job, dtype: Any) -> Any:
         ) from None
 
 
+_EMBEDDING_ARGUMENTS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def compile_pipeline(pipe: Any, mode: str, vae: bool) -> None:
+    """torch.compile the U-Net in `mode` (and the VAE decoder, default mode: one call per batch). Under
+    CUDA graphs (reduce-overhead) a replay overwrites the previous output, which a scheduler may keep
+    (its history of model outputs, or the output itself without guidance): the U-Net's outputs are
+    cloned, a copy of a few MB per step."""
+    import torch
+
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=mode)
+    if mode == "reduce-overhead":
+        replay = pipe.unet.forward
+
+        def cloned(*args: Any, **kwargs: Any) -> Any:
+            out = replay(*args, **kwargs)
+            if isinstance(out, tuple):
+                return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in out)
+            out.sample = out.sample.clone()
+            return out
+
+        pipe.unet.forward = cloned
+    if vae:
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+
+
+def attention_backends(kind: str, device: str) -> Any:
+    """The SDPA kernels to prefer for the batch call: torch's own order ("auto"), or cuDNN's attention
+    first ("cudnn"; where it cannot run a shape, e.g. the VAE's one 512-wide head, the next one does)."""
+    import contextlib
+
+    if kind == "auto" or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
 class Engine:
     """The diffusers pipeline as the plan asks for it: base + fused LoRAs, scheduler, precision; on CUDA
-    also channels-last, fused QKV projections (SDPA attention either way) and optionally torch.compile."""
+    also channels-last, fused QKV projections (SDPA attention either way) and optionally torch.compile.
+    Each distinct prompt is encoded once, alone (with the negative prompt), and kept: a batch's text
+    embeddings are rows of that cache, so they never depend on the batch-mates."""
 
     def __init__(self, job: Job, device: str = "cpu") -> None:
         import torch
@@ -159,8 +200,9 @@ class Engine:
                 pipe.unet.to(memory_format=torch.channels_last)
                 pipe.vae.to(memory_format=torch.channels_last)
             if plan.engine.compile:
-                pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=plan.engine.compile_mode)
+                compile_pipeline(pipe, plan.engine.compile_mode, plan.engine.compile_vae)
         self.pipe = pipe
+        self.embeddings: dict[str, tuple[Any, ...]] = {}
         self.classifier = None
         if plan.filter.classifier:
             labels = plan.filter.classifier_labels or list(plan.classes.diagnoses)
@@ -178,10 +220,9 @@ class Engine:
         filler = next(slot for slot in slots if slot is not None)
         prompts, seeds = zip(*(slot or filler for slot in slots))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_backends(plan.engine.attention, self.device):
             images = self.pipe(
-                prompt=list(prompts),
-                negative_prompt=[plan.prompt.negative] * len(slots),
+                **self.embed(list(prompts)),
                 generator=generators,
                 num_inference_steps=plan.sampler.steps,
                 guidance_scale=plan.sampler.guidance,
@@ -192,6 +233,22 @@ class Engine:
             nan = torch.isnan(images).flatten(1).any(dim=1)
             pixels = (images.float().nan_to_num(0.0) * 255).round().clamp(0, 255).to(torch.uint8)
             return pixels.permute(0, 2, 3, 1).cpu().numpy(), nan.cpu().numpy()
+
+    def embed(self, prompts: list[str]) -> dict[str, Any]:
+        """The pipeline's embedding arguments for a batch of prompts (and the plan's negative prompt), from
+        the cache: each distinct prompt through the pipeline's own encode_prompt once, batch of one."""
+        import torch
+
+        for prompt in dict.fromkeys(prompts):
+            if prompt not in self.embeddings:
+                self.embeddings[prompt] = tuple(
+                    self.pipe.encode_prompt(
+                        prompt=prompt, device=torch.device(self.device), num_images_per_prompt=1,
+                        do_classifier_free_guidance=True, negative_prompt=self.job.plan.prompt.negative,
+                    )
+                )  # fmt: skip
+        rows = [self.embeddings[prompt] for prompt in prompts]
+        return {name: torch.cat([row[i] for row in rows]) for i, name in enumerate(_EMBEDDING_ARGUMENTS[: len(rows[0])])}
 
 
 def device_for(rank: int) -> str:

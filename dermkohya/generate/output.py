@@ -1,6 +1,6 @@
 """What generation leaves on disk: each PNG with its record in a text chunk, the side files of staged
 candidates, and `index.csv`, written from the finished images' own records so it always matches them.
-PNGs are written by background threads, an image always by the same one, so its files land in order.
+(Who writes them, and when: candidates.py, on worker threads.)
 """
 
 from __future__ import annotations
@@ -8,8 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -63,27 +61,6 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-class Writers:
-    """Background PNG writers; an item always goes to the same single-thread worker, so its files are
-    written in order. Waits when too much is in flight, so memory stays bounded."""
-
-    def __init__(self, workers: int, max_pending: int) -> None:
-        self.pools = [ThreadPoolExecutor(max_workers=1) for _ in range(max(1, workers))]
-        self.pending: list[Future[None]] = []
-        self.max_pending = max_pending
-
-    def submit(self, n: int, fn: Callable[..., None], *args: Any) -> None:
-        self.pending.append(self.pools[n % len(self.pools)].submit(fn, *args))
-        while len(self.pending) > self.max_pending:
-            self.pending.pop(0).result()
-
-    def close(self) -> None:
-        for future in self.pending:
-            future.result()
-        for pool in self.pools:
-            pool.shutdown()
-
-
 def image_record(job: Job, item: Item, attempt: int, seed: int, phash: int, rejected: list[dict[str, Any]], precision: str) -> dict[str, Any]:
     plan = job.plan
     return {
@@ -109,6 +86,8 @@ def image_record(job: Job, item: Item, attempt: int, seed: int, phash: int, reje
         "precision": precision,
         "batch_size": plan.engine.batch_size,
         "compile": plan.engine.compile,
+        "compile_mode": plan.engine.compile_mode if plan.engine.compile else None,
+        "attention": plan.engine.attention,
         "dermkohya_version": __version__,
     }
 

@@ -122,8 +122,10 @@ class EngineSection(_Section):
     precision: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
-        default="default", description="torch.compile mode of the U-Net (CUDA only); reduce-overhead replays CUDA graphs"
+        default="reduce-overhead", description="torch.compile mode of the U-Net (CUDA only); reduce-overhead replays CUDA graphs"
     )
+    compile_vae: bool = Field(default=True, description="with compile: also the VAE decoder (default mode)")
+    attention: Literal["auto", "cudnn"] = Field(default="auto", description="SDPA kernels (CUDA): torch's choice, or cuDNN's first")
     channels_last: bool = True
     fuse_qkv: bool = True
 

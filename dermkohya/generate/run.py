@@ -15,18 +15,20 @@ import shutil
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from dermkohya import locks, metrics
+from dermkohya import locks
 from dermkohya.errors import DermkohyaError
 from dermkohya.files import write_atomic
 from dermkohya.generate import dist
+from dermkohya.generate.candidates import Attempt, Finisher, Outcome
 from dermkohya.generate.engine import Engine, device_for
-from dermkohya.generate.filter import image_reasons, settle, too_many
+from dermkohya.generate.filter import settle, too_many
 from dermkohya.generate.job import REJECTED, STAGING, Job, prepare_job
-from dermkohya.generate.output import Writers, image_record, png_bytes, read_json, read_record, write_candidate, write_rejection
-from dermkohya.generate.plan import Item, image_seed, load_plan, quotas
+from dermkohya.generate.output import read_json, read_record
+from dermkohya.generate.plan import image_seed, load_plan, quotas
 
 
 @dataclasses.dataclass
@@ -74,59 +76,61 @@ def _produce(
     job: Job, engine: Engine, rank: int, world: int, progress: _Progress, limit: int | None, report: Callable[[], None]
 ) -> bool:
     """Make a candidate that passes the per-image checks for every image this process owns that has
-    none yet. Returns False when `limit` stopped it early."""
+    none yet. Each batch's host work (checks, hash, PNG, files: candidates.Finisher) runs on worker
+    threads while the engine makes the next batch; a rejected image goes back into its own slot once its
+    outcome is in (a later batch: its pixels depend only on its slot and seed). Returns False when
+    `limit` stopped it early."""
     plan = job.plan
-    staging = job.staging
-    precision = str(engine.dtype).removeprefix("torch.")
     size = plan.engine.batch_size
-    slots: list[deque[tuple[Item, int]]] = [deque() for _ in range(size)]
-    sides: dict[int, dict[str, Any]] = {}
+    slots: list[deque[Attempt]] = [deque() for _ in range(size)]
     for item in job.items:
         if _owner(item.n, size, world) != rank or (job.out / item.path).exists():
             continue
-        side = read_json(staging / f"{item.n}.json") or {"rejected": [], "candidate": None}
+        side = read_json(job.staging / f"{item.n}.json") or {"rejected": [], "candidate": None}
         cand = side.get("candidate")
-        if cand and (staging / f"{item.n}-{cand['attempt']}.png").is_file():
+        if cand and (job.staging / f"{item.n}-{cand['attempt']}.png").is_file():
             continue
-        side["candidate"] = None
-        sides[item.n] = side
-        slots[item.n % size].append((item, len(side["rejected"])))
-    writers = Writers(min(4, max(1, (os.cpu_count() or 1) // world)), max_pending=2 * size)
+        attempt = len(side["rejected"])
+        slots[item.n % size].append(Attempt(item, attempt, image_seed(plan.sampler.seed, item.n, attempt), side | {"candidate": None}))
+
+    def take_outcomes(futures: list[Future[Outcome]]) -> None:
+        for outcome in Finisher.outcomes(futures):
+            done = outcome.attempt
+            if outcome.accepted:
+                progress.made += 1
+                continue
+            progress.rejected += 1
+            if done.attempt + 1 >= plan.filter.max_attempts:
+                raise too_many(job, done.item, outcome.side["rejected"])
+            seed = image_seed(plan.sampler.seed, done.item.n, done.attempt + 1)
+            slots[done.item.n % size].append(Attempt(done.item, done.attempt + 1, seed, outcome.side))
+        progress.batches += 1
+        if progress.batches == 1:
+            progress.made_at_first_batch = progress.made
+        report()
+
+    precision = str(engine.dtype).removeprefix("torch.")
+    finisher = Finisher(job, engine.classifier, precision, min(8, max(1, (os.cpu_count() or 1) // world - 1)))
+    in_flight: list[Future[Outcome]] | None = None
     try:
-        while any(slots):
-            if limit is not None and progress.made >= limit:
+        while True:
+            launch = any(slots) and (limit is None or progress.made < limit)
+            if launch:
+                batch = [queue.popleft() if queue else None for queue in slots]
+                images, nans = engine([(entry.item.prompt, entry.seed) if entry else None for entry in batch])
+                if progress.first_batch_end is None:  # steady state: after the first batch's GPU work
+                    progress.first_batch_end = time.perf_counter()
+            if in_flight is not None:
+                take_outcomes(in_flight)
+                in_flight = None
+            if launch:
+                in_flight = finisher.submit(batch, images, nans)
+            elif not any(slots):
+                return True
+            elif limit is not None and progress.made >= limit:
                 return False
-            batch = [queue.popleft() if queue else None for queue in slots]
-            seeds = [image_seed(plan.sampler.seed, entry[0].n, entry[1]) if entry else 0 for entry in batch]
-            images, nans = engine([(entry[0].prompt, seed) if entry else None for entry, seed in zip(batch, seeds)])
-            for entry, seed, image, nan in zip(batch, seeds, images, nans):
-                if entry is None:
-                    continue
-                item, attempt = entry
-                side = sides[item.n]
-                reasons = image_reasons(plan, engine.classifier, image, item.diagnosis, bool(nan))
-                phash = metrics.phash(image)
-                record = image_record(job, item, attempt, seed, phash, list(side["rejected"]), precision)
-                if reasons:
-                    side["rejected"].append({"attempt": attempt, "seed": seed, "reasons": reasons})
-                    record["rejected_for"] = reasons
-                    writers.submit(item.n, write_rejection, job.out, item.n, attempt, png_bytes(image, record), json.loads(json.dumps(side)))
-                    progress.rejected += 1
-                    if attempt + 1 >= plan.filter.max_attempts:
-                        raise too_many(job, item, side["rejected"])
-                    slots[item.n % size].append((item, attempt + 1))
-                else:
-                    side["candidate"] = {"attempt": attempt, "seed": seed, "phash": f"{phash:016x}"}
-                    writers.submit(item.n, write_candidate, staging, item.n, attempt, png_bytes(image, record), json.loads(json.dumps(side)))
-                    progress.made += 1
-            progress.batches += 1
-            if progress.first_batch_end is None:
-                progress.first_batch_end = time.perf_counter()
-                progress.made_at_first_batch = progress.made
-            report()
     finally:
-        writers.close()
-    return True
+        finisher.close()
 
 
 def _run_rank(job: Job, group: dist.Group, limit: int | None, show_progress: bool) -> None:
