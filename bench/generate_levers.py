@@ -97,6 +97,7 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.spans: dict[str, list[tuple[Any, Any]]] = {}
+        self.wrapped: list[tuple[Any, str, Any]] = []
 
     def _mark(self) -> Any:
         import torch
@@ -116,14 +117,24 @@ class Stopwatch:
             self.spans.setdefault(name, []).append((start, self._mark()))
 
     def wrap(self, owner: Any, attribute: str, name: str) -> None:
-        """Time every call of owner.attribute (an instance attribute shadows the method)."""
+        """Time every call of owner.attribute (an instance attribute shadows the method; `unwrap` puts
+        back what was there, e.g. a compiled module's own forward)."""
         inner = getattr(owner, attribute)
+        self.wrapped.append((owner, attribute, vars(owner).get(attribute)))
 
         def timed(*a: Any, **kw: Any) -> Any:
             with self.span(name):
                 return inner(*a, **kw)
 
         setattr(owner, attribute, timed)
+
+    def unwrap(self) -> None:
+        for owner, attribute, before in reversed(self.wrapped):
+            if before is None:
+                vars(owner).pop(attribute, None)
+            else:
+                vars(owner)[attribute] = before
+        self.wrapped.clear()
 
     def seconds(self) -> dict[str, dict[str, float]]:
         sync()
@@ -292,8 +303,7 @@ def breakdown(keep: dict[str, Any], batch_s: float) -> dict[str, Any]:
         images = engine(slots)
     sync()
     wall = time.perf_counter() - start
-    for owner, attribute in ((pipe.text_encoder, "forward"), (engine, "embed"), (pipe.unet, "forward"), (pipe.vae, "decode")):
-        owner.__dict__.pop(attribute, None)
+    watch.unwrap()
     parts = {"text_encoder": {"calls": 0, "sum_s": 0.0}} | watch.seconds()
     post = postprocess_cost(keep["job"], engine, images)
     total = wall + post["host_checks_and_phash_s"] + post["png_s"]
@@ -315,7 +325,7 @@ def breakdown(keep: dict[str, Any], batch_s: float) -> dict[str, Any]:
         "serial_batch_s": total,
         "share_of_serial_batch": {k: named[k] / total for k in parts_of_total},
         "steady_batch_s_without_profiling": batch_s,
-        "note": "GPU spans by CUDA events around text_encoder.forward, unet.forward and vae.decode in one eager engine "
+        "note": "GPU spans by CUDA events around text_encoder.forward, unet.forward and vae.decode in one engine "
         "batch; host post-processing and PNG timed on the batch's images, serially as generate did before overlap",
     }
 
@@ -408,13 +418,14 @@ def run(model: Path, lora: Path | None, args: argparse.Namespace, work: Path, e2
         if (compile_mode or levers) and not gpu:
             budget.skipped.append({"name": name, "reason": "the engine applies compile, fused QKV and channels-last on CUDA only"})
             return
-        keep: dict[str, Any] | None = {} if name == "engine-eager" else None
+        profiled = {"engine-eager": "breakdown", f"engine-{ro}": f"breakdown_{ro}"}
+        keep: dict[str, Any] | None = {} if name in profiled else None
         record = measure(name, budget.estimate(timed, compiles), lambda: engine_variant(
             model, lora, args, work, name, compile_mode=compile_mode, keep=keep, **levers))  # fmt: skip
         if record is not None:
             variants[name] = record
         if keep:
-            out["breakdown"] = breakdown(keep, record["batch_s"] if record and "batch_s" in record else 0.0)
+            out[profiled[name]] = breakdown(keep, record["batch_s"] if record and "batch_s" in record else 0.0)
             keep.clear()
             free()
 
@@ -437,9 +448,10 @@ def run(model: Path, lora: Path | None, args: argparse.Namespace, work: Path, e2
         write_plan(work, "generate-e2e", model, lora, args, count=args.e2e_count, compile_mode=e2e_mode), "generate-e2e"))  # fmt: skip
     if record is not None:
         out["engine"] = record | {"compile_mode": e2e_mode}
-    variant(f"engine-{ro}-cudnn-attention", ro, 1, attention="cudnn")
+    variant("engine-eager-cudnn-attention", None, attention="cudnn")
     variant("engine-eager-no-fuse-qkv", None, fuse_qkv=False)
     variant("engine-eager-no-channels-last", None, channels_last=False)
+    variant(f"engine-{ro}-cudnn-attention", ro, 1, attention="cudnn")
     variant("engine-default", "default", 1, compile_vae=False)  # the engine's compile before issue #18
     variant("engine-eager-neither", None, fuse_qkv=False, channels_last=False)
     variant(f"engine-{ro}-no-channels-last", ro, 1, channels_last=False)
@@ -462,6 +474,7 @@ def _levers(v: dict[str, dict[str, Any]], parts: dict[str, Any] | None) -> list[
         lever("fused QKV + channels-last (eager)", v.get("engine-eager"), v.get("engine-eager-neither"), "both levers vs neither"),
         lever("channels-last (reduce-overhead)", v.get(ro), v.get(f"{ro}-no-channels-last"), "under compile"),
         lever("fused QKV (reduce-overhead)", v.get(ro), v.get(f"{ro}-no-fuse-qkv"), "under compile"),
+        lever("cuDNN attention first (eager)", v.get("engine-eager-cudnn-attention"), v.get("engine-eager"), "SDPA: cuDNN's kernel before flash"),
         lever("cuDNN attention first (reduce-overhead)", v.get(f"{ro}-cudnn-attention"), v.get(ro), "SDPA: cuDNN's kernel before flash"),
         lever("VAE decoder compiled (reduce-overhead)", v.get(ro), v.get(f"{ro}-no-vae-compile"), "torch.compile of vae.decoder, default mode"),
     ]
@@ -529,10 +542,10 @@ def readme_block(results: dict[str, Any], source: str) -> str:
                          f"{lever['gain_if_overlapped']:.2f}× if hidden |")  # fmt: skip
         else:
             lines.append(f"| {lever['lever']} | not measured | | |")
-    parts = results.get("breakdown")
-    if parts:
-        shares = ", ".join(f"{key.removesuffix('_s').replace('_', ' ')} {share:.0%}" for key, share in parts["share_of_serial_batch"].items())
-        lines += ["", f"One eager batch, serially ({parts['serial_batch_s']:.2f} s): {shares}."]
+    for key, label in (("breakdown", "eager"), ("breakdown_reduce-overhead", "compiled (reduce-overhead)")):
+        if parts := results.get(key):
+            shares = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {share:.0%}" for k, share in parts["share_of_serial_batch"].items())
+            lines += ["", f"One {label} batch, its parts one after another ({parts['serial_batch_s']:.2f} s): {shares}."]
     if results.get("skipped"):
         lines += ["", "Not measured in that call: " + ", ".join(f"{s['name']} ({s['reason']})" for s in results["skipped"]) + "."]
     return "\n".join(lines) + "\n"
