@@ -46,9 +46,9 @@ def _invoke(*args: str) -> str:
 def test_init_scaffolds_a_project_and_never_overwrites(tmp_path: Path) -> None:
     root = tmp_path / "proj"
     written = {p.relative_to(root).as_posix() for p in project.init(root)}
-    assert {"dermkohya.toml", "Makefile", ".gitignore", "README.md", "runs/demo.toml", "runs/derm-sd15.toml",
-            "datasets/.gitkeep", "plans/.gitkeep", "sweeps/demo.toml"} == written
-    for name in ("runs/demo.toml", "runs/derm-sd15.toml", "sweeps/demo.toml"):  # the repo's own files, shipped as package data
+    shipped = ("runs/demo.toml", "runs/derm-sd15.toml", "runs/derm-sdxl.toml", "runs/derm-sdxl-24gb.toml", "sweeps/demo.toml")
+    assert {"dermkohya.toml", "Makefile", ".gitignore", "README.md", "datasets/.gitkeep", "plans/.gitkeep", *shipped} == written
+    for name in shipped:  # the repo's own files, shipped as package data
         assert (root / name).read_bytes() == (REPO / name).read_bytes()
     ignored = (root / ".gitignore").read_text().splitlines()
     assert {"models/", "output/", "artifacts/", "synthetic/", "reports/", ".dermkohya/", ".venv-kohya/"} <= set(ignored)
