@@ -18,6 +18,10 @@ from dermkohya.manifests import TIManifest
 from dermkohya.names import slug
 
 CLIP_L_DIR = basemodel.CLIP_L_TOKENIZER_ID.replace("/", "_")
+CLIP_BIGG_DIR = basemodel.CLIP_BIGG_TOKENIZER_ID.replace("/", "_")
+# Each text encoder of a base: (its folder, its tokenizer's folder, kohya's tokenizer cache name, key in kohya's
+# SDXL TI file). SD 1.5 has the first; SDXL both, with the same ids for the new tokens in each.
+_ENCODERS = (("text_encoder", "tokenizer", CLIP_L_DIR, "clip_l"), ("text_encoder_2", "tokenizer_2", CLIP_BIGG_DIR, "clip_g"))
 
 
 @dataclass(frozen=True)
@@ -28,14 +32,18 @@ class DerivedBase:
     token_ids: dict[str, list[int]]
 
 
-def read_embedding(path: Path) -> Any:
-    """kohya's TI file: {"emb_params": [vectors, 768]} (SD 1.5); returns the tensor."""
+def read_embedding(path: Path) -> dict[str, Any]:
+    """kohya's TI file as vectors per text encoder: SD 1.5's `emb_params` [vectors, 768] (CLIP-L's), SDXL's
+    `clip_l` [vectors, 768] and `clip_g` [vectors, 1280]."""
     from safetensors.torch import load_file
 
     data = load_file(str(path))
-    if "emb_params" not in data:
-        raise DermkohyaError(f"{path}: no `emb_params` tensor: not a kohya SD 1.5 textual-inversion file")
-    return data["emb_params"]
+    if "emb_params" in data:
+        return {"clip_l": data["emb_params"]}
+    if "clip_l" in data and "clip_g" in data:
+        return {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    raise DermkohyaError(f"{path}: neither `emb_params` (SD 1.5) nor `clip_l` and `clip_g` (SDXL): not a kohya "
+                         "textual-inversion file")
 
 
 def _link_or_copy(src: str | Path, dst: str | Path) -> None:
@@ -47,56 +55,79 @@ def _link_or_copy(src: str | Path, dst: str | Path) -> None:
 
 
 def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple[list[str], Path]], dest: Path) -> DerivedBase:
-    """The base with the learned tokens: new rows appended to its text encoder, a tokenizer that knows them.
+    """The base with the learned tokens: new rows appended to each text encoder (SD 1.5: CLIP-L; SDXL: CLIP-L
+    and bigG), and tokenizers that know them.
 
     `embeddings` lists (token strings as kohya added them, kohya's .safetensors) in order; ids follow the
     base vocabulary in that order, as kohya's phase-1 run gave them (each run alone adds its own at the end).
     """
-    import torch
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     if not (base / "model_index.json").is_file():
         raise DermkohyaError(f"{base}: not a diffusers folder: the derived base is built from one "
                              "(diffusers_from_single_file makes one from a single-file checkpoint)")
+    encoders = [e for e in _ENCODERS if (base / e[0]).is_dir()]
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "base").mkdir(parents=True)
+    rewritten = {name for e in encoders for name in e[:2]}
     for item in base.iterdir():
-        if item.name in ("text_encoder", "tokenizer"):
+        if item.name in rewritten:
             continue
         target = tmp / "base" / item.name
         if item.is_dir():
             shutil.copytree(item, target, copy_function=_link_or_copy)
         else:
             _link_or_copy(item, target)
-    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_cache / CLIP_L_DIR))
-    encoder = CLIPTextModel.from_pretrained(str(base / "text_encoder"))
-    token_ids: dict[str, list[int]] = {}
-    rows = []
-    for strings, path in embeddings:
-        vectors = read_embedding(path)
-        if vectors.shape[0] != len(strings):
-            raise DermkohyaError(f"{path}: {vectors.shape[0]} vectors for {len(strings)} token strings")
-        if tokenizer.add_tokens(strings) != len(strings):
-            raise DermkohyaError(f"{path}: token {strings[0]} is already in the tokenizer: choose another token_template")
-        token_ids[strings[0]] = tokenizer.convert_tokens_to_ids(strings)
-        rows.append(vectors)
-    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # every new row is set below
-    weight = encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        for (first, ids), vectors in zip(token_ids.items(), rows):
-            weight[ids] = vectors.to(weight.dtype)
-    encoder.save_pretrained(str(tmp / "base" / "text_encoder"), safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp / "base" / "tokenizer"))
-    tokenizer.save_pretrained(str(tmp / "tokenizers" / CLIP_L_DIR))
+    vectors = [(strings, path, read_embedding(path)) for strings, path in embeddings]
+    token_ids: dict[str, list[int]] | None = None
+    for encoder in encoders:
+        ids = _append_rows(base, tokenizer_cache, encoder, vectors, tmp)
+        if token_ids is not None and ids != token_ids:
+            raise DermkohyaError(f"{base}: its two tokenizers give the new tokens different ids ({token_ids} vs {ids})")
+        token_ids = ids
     digest = hashlib.sha256()
-    for folder in (tmp / "base" / "text_encoder", tmp / "tokenizers" / CLIP_L_DIR):
+    written = [tmp / "base" / e[0] for e in encoders] + [tmp / "tokenizers" / e[2] for e in encoders]
+    for folder in written:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 digest.update(path.relative_to(tmp).as_posix().encode() + b"\0" + path.read_bytes())
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    return DerivedBase(dest / "base", dest / "tokenizers", digest.hexdigest(), token_ids)
+    return DerivedBase(dest / "base", dest / "tokenizers", digest.hexdigest(), token_ids or {})
+
+
+def _append_rows(base: Path, tokenizer_cache: Path, encoder_entry: tuple[str, str, str, str],
+                 vectors: list[tuple[list[str], Path, dict[str, Any]]], tmp: Path) -> dict[str, list[int]]:
+    """One text encoder and its tokenizer with the tokens added and their rows set; saved under `tmp`."""
+    import torch
+    import transformers
+
+    encoder_name, tokenizer_name, cache_name, key = encoder_entry
+    encoder_dir = base / encoder_name
+    architecture = json.loads((encoder_dir / "config.json").read_text(encoding="utf-8")).get("architectures", ["CLIPTextModel"])[0]
+    encoder = getattr(transformers, architecture).from_pretrained(str(encoder_dir))
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_cache / cache_name))
+    width = encoder.get_input_embeddings().weight.shape[1]
+    token_ids: dict[str, list[int]] = {}
+    rows = []
+    for strings, path, by_encoder in vectors:
+        if key not in by_encoder or by_encoder[key].shape[1] != width:
+            raise DermkohyaError(f"{path}: no {width}-wide `{key}` vectors for {encoder_dir.name}: an embedding of "
+                                 "another family than the base; train phase 1 on this base")
+        if by_encoder[key].shape[0] != len(strings):
+            raise DermkohyaError(f"{path}: {by_encoder[key].shape[0]} vectors for {len(strings)} token strings")
+        if tokenizer.add_tokens(strings) != len(strings):
+            raise DermkohyaError(f"{path}: token {strings[0]} is already in the tokenizer: choose another token_template")
+        token_ids[strings[0]] = tokenizer.convert_tokens_to_ids(strings)
+        rows.append(by_encoder[key])
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # every new row is set below
+    weight = encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for ids, row in zip(token_ids.values(), rows):
+            weight[ids] = row.to(weight.dtype)
+    encoder.save_pretrained(str(tmp / "base" / encoder_name), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp / "base" / tokenizer_name))
+    tokenizer.save_pretrained(str(tmp / "tokenizers" / cache_name))
+    return token_ids
 
 
 def diffusers_from_single_file(base: Path, family: str, models: Path) -> Path:

@@ -28,7 +28,7 @@ from dermkohya.spec import RunSpec, load_run
 from dermkohya.names import slug
 from dermkohya.templating import text_template
 from dermkohya.embeddings import (  # noqa: F401 (re-exported for collect, generate and tests)
-    CLIP_L_DIR, DerivedBase, build_derived_base, collect_embeddings, describe_embedding, diffusers_from_single_file,
+    CLIP_BIGG_DIR, CLIP_L_DIR, DerivedBase, build_derived_base, collect_embeddings, describe_embedding, diffusers_from_single_file,
     embedding_files, embeddings_only, load_embeddings, read_embedding,
 )
 
@@ -181,9 +181,6 @@ def render_ti(run_file: Path, *, project_root: Path | None = None, check_keys: b
     spec, name = load_run(run_file)
     if spec.method == "lora":
         raise DermkohyaError(f"{run_file}: method is \"lora\": render it with `dermkohya render`")
-    if spec.method == "ti_then_lora" and spec.model.family != "sd15":
-        raise DermkohyaError(f"{run_file}: ti_then_lora builds its phase-2 base for SD 1.5 only so far (SDXL has two "
-                             "text encoders): set method = \"textual_inversion\" for SDXL, or family = \"sd15\"")
     data_dir, _, _ = render._subsets(spec, root)
     tokens = plan_tokens(spec, data_dir, run_file)
     base = basemodel.resolve_base(spec.model.base, root, must_exist=False)

@@ -114,6 +114,58 @@ def test_derived_base_holds_the_learned_rows_and_a_tokenizer_that_knows_the_toke
         ti.build_derived_base(tmp_path / "a.safetensors", cache, [], tmp_path / "x")
 
 
+def _tiny_sdxl_derived(tmp_path: Path) -> tuple[Path, Path, ti.DerivedBase, np.ndarray, np.ndarray]:
+    """A tiny SDXL-shaped base (CLIP-L 32-wide, bigG-like 48-wide with projection) and its derived base for
+    one two-vector token from a file in kohya's SDXL TI format."""
+    from safetensors.numpy import save_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    base = _tiny_base(tmp_path / "base")
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=48, intermediate_size=37, num_hidden_layers=1,
+                            num_attention_heads=4, max_position_embeddings=77, projection_dim=16)
+    CLIPTextModelWithProjection(config).save_pretrained(str(base / "text_encoder_2"), safe_serialization=True)
+    cache = basemodel.build_tokenizer_cache(tmp_path / "tokenizers")
+    rng = np.random.default_rng(0)
+    l, g = rng.normal(size=(2, 32)).astype(np.float32), rng.normal(size=(2, 48)).astype(np.float32)
+    save_file({"clip_l": l, "clip_g": g}, str(tmp_path / "t.safetensors"))
+    derived = ti.build_derived_base(base, cache, [(["<t>", "<t>1"], tmp_path / "t.safetensors")], tmp_path / "derived")
+    return base, cache, derived, l, g
+
+
+def test_sdxl_derived_base_holds_the_rows_in_both_text_encoders_with_the_same_ids(tmp_path: Path) -> None:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base, cache, derived, l, g = _tiny_sdxl_derived(tmp_path)
+    rng = np.random.default_rng(1)
+    assert derived.token_ids == {"<t>": [49408, 49409]}
+    first = CLIPTextModel.from_pretrained(str(derived.base / "text_encoder")).get_input_embeddings().weight.detach().numpy()
+    second = CLIPTextModelWithProjection.from_pretrained(str(derived.base / "text_encoder_2"))
+    assert np.array_equal(first[49408:], l) and np.array_equal(second.get_input_embeddings().weight.detach().numpy()[49408:], g)
+    for folder in (derived.base / "tokenizer_2", derived.tokenizer_cache_dir / ti.CLIP_BIGG_DIR, derived.tokenizer_cache_dir / ti.CLIP_L_DIR):
+        assert CLIPTokenizer.from_pretrained(str(folder)).convert_tokens_to_ids(["<t>", "<t>1"]) == [49408, 49409]
+    _embedding(tmp_path / "sd15.safetensors", rng.normal(size=(1, 32)))
+    with pytest.raises(DermkohyaError, match="no 48-wide `clip_g` vectors"):
+        ti.build_derived_base(base, cache, [(["<s>"], tmp_path / "sd15.safetensors")], tmp_path / "x")
+
+
+@pytest.mark.kohya
+def test_kohyas_sdxl_tokenizers_read_the_derived_cache_with_the_new_ids(tmp_path: Path, repo_kohya: None) -> None:
+    """sdxl_train_network.py tokenizes captions with SdxlTokenizeStrategy from --tokenizer_cache_dir: both of
+    its tokenizers, loaded by kohya's own code from the derived cache, give the new tokens the rows' ids."""
+    from dermkohya import kohya
+
+    _, _, derived, _, _ = _tiny_sdxl_derived(tmp_path)
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from library import strategy_sdxl; "
+            "s = strategy_sdxl.SdxlTokenizeStrategy(75, sys.argv[2]); a, b = s.tokenize('<t> <t>1, skin'); "
+            "print('IDS ' + json.dumps([a.flatten()[:4].tolist(), b.flatten()[:4].tolist()]))")
+    out = subprocess.run([str(kohya.find_python(REPO)), "-c", code, str(kohya.find_sd_scripts(REPO)), str(derived.tokenizer_cache_dir)],
+                         env=kohya.kohya_env(), capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("IDS ")]
+    assert out.returncode == 0 and lines, out.stderr[-2000:]
+    first, second = json.loads(lines[-1].removeprefix("IDS "))
+    assert first[:3] == second[:3] == [49406, 49408, 49409]
+
+
 def test_collect_files_one_embedding_per_token_with_provenance_and_inspect_reads_it(tmp_path: Path) -> None:
     root = tmp_path
     out = root / "output" / "r" / "ti"
@@ -155,6 +207,9 @@ def test_shipped_ti_run_files_render_keys_kohyas_own_parser_accepts(tmp_path: Pa
     from dermkohya import kohya
 
     assert kohya.cached_argument_names(rendered.phases[0].script, root) is not None  # the check ran, not skipped
+    phase2 = ti.render_lora_phase(rendered, ti.DerivedBase(root / "models" / "derived", root / "models" / "tokenizers", "", {}))
+    assert phase2.spec.script == ("sdxl_train_network.py" if "sdxl" in run else "train_network.py")
+    assert kohya.cached_argument_names(phase2.spec.script, root) is not None  # phase 2's keys checked by its parser
 
 
 @pytest.mark.kohya
