@@ -3,12 +3,19 @@
 # (bench/gpu_prepare.sh, `make bench-gpu`): runs/derm-sd15-ti.toml's two phases (textual inversion, then
 # LoRA on the derived base) and the LoRA-only default on the random-weight SD 1.5, 512 px, fp16, through
 # dermkohya train; writes $OUT/ti-sd15-<gpu>.json (ti-sd15-h200.json; or bench/results/) and the kohya logs. About 5 minutes.
-# Extra arguments go to bench/ti_throughput.py (`--smoke` runs it on a CPU here, 64 px, fp32).
+# Extra arguments go to bench/ti_throughput.py (`--smoke` runs it on a CPU here, 64 px, fp32; `--family sdxl`
+# trains runs/derm-sdxl-ti.toml's two phases on random:sdxl at 1024 px → ti-sdxl-<gpu>.json, ~6 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench/results}"
 PY="${PYTHON:-python3}"
-NAME="${TI_NAME:-ti-sd15-$("$PY" bench/gpu_name.py)}"  # named after the GPU: ti-sd15-h200 (a CPU smoke: -cpu)
+FAMILY=sd15 prev=
+for arg in "$@"; do
+  [ "$prev" = --family ] && FAMILY="$arg"
+  case "$arg" in --family=*) FAMILY="${arg#--family=}" ;; esac
+  prev="$arg"
+done
+NAME="${TI_NAME:-ti-$FAMILY-$("$PY" bench/gpu_name.py)}"  # named after the GPU: ti-sd15-h200 (a CPU smoke: -cpu)
 SITE="$(mktemp -d)"  # the carried wheels, installed beside the image's torch (the device has no diffusers)
 if ! "$PY" -c "import diffusers" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1

@@ -13,6 +13,10 @@ it/s does not depend on how many steps follow. The dataset keeps `--diagnoses` o
 diagnoses (each is one phase-1 kohya run with token_scope = "diagnosis"; each run pays kohya's start-up),
 and `cell_scope_estimate` says what the recipe's token_scope = "cell" costs from the measured numbers.
 
+`--family sdxl` runs runs/derm-sdxl-ti.toml's two phases alone on `random:sdxl` at 1024 px (one diagnosis by
+default): the check that kohya's sdxl_train_network.py trains on the derived base with two text encoders,
+and both phases' it/s (the SDXL LoRA-only numbers are train-throughput-sdxl's).
+
 Every kohya launch is timed (the harness wraps `kohya.launch`, which train and ti call for each phase), and
 kohya's progress lines of that launch give its steady it/s (warm-up steps skipped) as in
 bench/train_throughput.py. Writes one JSON (`ti-sd15-h200.json` from bench/gpu_ti.sh). `--smoke` runs the
@@ -47,6 +51,11 @@ from train_throughput import (  # noqa: E402
     GpuSampler, Progress, Watchdog, _commit, _write, machine, steady_state, versions,
 )
 
+# family → (two-phase run file, LoRA-only run file or None, resolution, default diagnoses kept)
+FAMILIES: dict[str, tuple[str, str | None, int, int]] = {
+    "sd15": ("derm-sd15-ti.toml", "derm-sd15.toml", 512, 2),
+    "sdxl": ("derm-sdxl-ti.toml", None, 1024, 1),
+}
 RECIPE_TOKENS_CELL = 18  # 3 demo diagnoses × 6 Fitzpatrick types; the recipe's 1,500 steps each
 RECIPE_TI_STEPS = 1500
 
@@ -132,13 +141,14 @@ class Setup:
     smoke: bool
     ti_steps: int
     lora_steps: int
+    family: str = "sd15"
 
 
 def run_file(setup: Setup, source: str, name: str) -> Path:
     """A copy of a shipped run file on the random model and the bench data, with the bench's step counts."""
     data = tomllib.loads((ROOT / "runs" / source).read_text(encoding="utf-8"))
     data["name"] = name
-    data["model"] = {"base": "random:sd15", "family": "sd15"}
+    data["model"] = {"base": f"random:{setup.family}", "family": setup.family}  # the run file's vae: not on the bench
     data["dataset"] = {k: v for k, v in data.get("dataset", {}).items() if k not in ("prepared", "train_data_dir")}
     data["dataset"]["train_data_dir"] = str(setup.data_dir)
     data["train"].pop("epochs", None)
@@ -202,7 +212,7 @@ def summarise(report: dict[str, Any]) -> None:
             report["phase2_vs_lora_only_it_per_s"] = round(lora["it_per_s"] / only["it_per_s"], 3)
         if phase1["it_per_s"]:
             report["phase1_vs_lora_only_it_per_s"] = round(phase1["it_per_s"] / only["it_per_s"], 3)
-    if phase1["it_per_s"] and phase1["startup_s_median"] is not None:
+    if phase1["it_per_s"] and phase1["startup_s_median"] is not None and report.get("family", "sd15") == "sd15":
         per_token = phase1["startup_s_median"] + RECIPE_TI_STEPS / phase1["it_per_s"]
         report["cell_scope_estimate"] = {
             "tokens": RECIPE_TOKENS_CELL, "steps_per_token": RECIPE_TI_STEPS,
@@ -229,41 +239,48 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, dict[str, Any]]
     if (device / "tokenizers").is_dir() and not (models / "tokenizers").exists():
         shutil.copytree(device / "tokenizers", models / "tokenizers")
     started = time.monotonic()
-    basemodel.ensure_smoke_model("sd15", cache_root=models)
+    basemodel.ensure_smoke_model(args.family, cache_root=models)
     model_s = time.monotonic() - started
     started = time.monotonic()
-    per_cell, size = (1, 64) if args.smoke else (args.per_cell, 512)
+    per_cell, size = (1, 64) if args.smoke else (args.per_cell, FAMILIES[args.family][2])
     data_dir = demo.make_demo_dataset(work / "data", seed=0, per_cell=per_cell, size=size)
     kept = limit_diagnoses(data_dir, args.diagnoses)
     images = len(list(data_dir.glob("*/*.png")))
-    return data_dir, {"model": "random:sd15 — full-size SD 1.5 architecture, random weights (speed does not depend on "
-                      "values)", "model_build_s": round(model_s, 1),
+    return data_dir, {"model": f"random:{args.family} — full-size architecture, random weights (speed does not "
+                      "depend on values)", "model_build_s": round(model_s, 1),
                       "dataset": {"generator": "dermkohya.demo.make_demo_dataset", "diagnoses": kept,
                                   "images": images, "size": size, "build_s": round(time.monotonic() - started, 1)}}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd15", help="sd15 (with the LoRA-only default) "
+                        "or sdxl (the two phases alone)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ti-sd15-h200.json")
     parser.add_argument("--device-dir", type=Path, default=ROOT / ".device", help="what bench/gpu_prepare.sh made")
     parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dermkohya-bench-ti")
     parser.add_argument("--project-root", type=Path, default=ROOT)
-    parser.add_argument("--diagnoses", type=int, help="demo diagnoses kept, one phase-1 run each (default 2; smoke 1)")
+    parser.add_argument("--diagnoses", type=int, help="demo diagnoses kept, one phase-1 run each (default SD 1.5 2, "
+                        "SDXL 1; smoke 1)")
     parser.add_argument("--per-cell", type=int, default=6, help="images per diagnosis × skin type (2 × 6 × 6 = 72)")
-    parser.add_argument("--ti-steps", type=int, help="phase-1 steps per token (default 50; smoke 2)")
-    parser.add_argument("--lora-steps", type=int, help="LoRA steps, phase 2 and the LoRA-only run (default 60; smoke 2)")
+    parser.add_argument("--ti-steps", type=int, help="phase-1 steps per token (default SD 1.5 50, SDXL 30; smoke 2)")
+    parser.add_argument("--lora-steps", type=int, help="LoRA steps, phase 2 and the LoRA-only run (default SD 1.5 60, "
+                        "SDXL 40; smoke 2)")
     parser.add_argument("--budget", type=float, help="seconds for the whole harness (default 420; smoke 1500)")
     parser.add_argument("--smoke", action="store_true", help="CPU plumbing check: 64 px, fp32, 2 steps a phase")
     args = parser.parse_args()
-    args.diagnoses = args.diagnoses or (1 if args.smoke else 2)
+    two_phase, lora_only, resolution, diagnoses = FAMILIES[args.family]
+    steps, warmup = (50, 10) if args.family == "sd15" else (30, 6)  # SDXL: fewer, slower steps (1024 px)
+    args.diagnoses = args.diagnoses or (1 if args.smoke else diagnoses)
     args.budget = args.budget or (1500 if args.smoke else 420)
     t0 = time.monotonic()
     work = args.work.resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     report: dict[str, Any] = {
-        "benchmark": "SD 1.5 textual inversion then LoRA (runs/derm-sd15-ti.toml) vs the LoRA-only default "
-                     "(runs/derm-sd15.toml), both through dermkohya train",
+        "benchmark": f"{args.family}: textual inversion then LoRA (runs/{two_phase})"
+                     + (f" vs the LoRA-only default (runs/{lora_only})" if lora_only else "") + ", through dermkohya train",
+        "family": args.family,
         "harness": "bench/ti_throughput.py (run by bench/gpu_ti.sh)",
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "smoke": args.smoke,
@@ -280,16 +297,17 @@ def main() -> int:
         "sd_scripts_commit": kohya.sd_scripts_commit(kohya.find_sd_scripts()) or _commit(device / "sd-scripts.commit"),
         "dermkohya_commit": _commit(device / "repo.commit")}
     setup = Setup(args.project_root.resolve(), work, data_dir, args.smoke,
-                  args.ti_steps or (2 if args.smoke else 50), args.lora_steps or (2 if args.smoke else 60))
-    warmup = 1 if args.smoke else 10
+                  args.ti_steps or (2 if args.smoke else steps), args.lora_steps or (2 if args.smoke else steps + 10), args.family)
+    warmup = 1 if args.smoke else warmup
     report["setup"] |= {"ti_steps_per_token": setup.ti_steps, "lora_steps": setup.lora_steps, "batch_size": 4,
-                        "resolution": 64 if args.smoke else 512, "mixed_precision": "no" if args.smoke else "fp16",
+                        "resolution": 64 if args.smoke else resolution, "mixed_precision": "no" if args.smoke else "fp16",
                         "warmup_steps_skipped": warmup, "token_scope": "diagnosis",
                         "progress": "kohya's tqdm lines of each launch (TQDM_MININTERVAL=0), time-stamped on arrival"}
     timer = LaunchTimer()
     timer.install()
     places = {str(work): "<work>", str(setup.root): "<repo>"}
-    for key, source, share in (("ti_then_lora", "derm-sd15-ti.toml", 0.65), ("lora_only", "derm-sd15.toml", 1.0)):
+    runs = [("ti_then_lora", two_phase, 0.65 if lora_only else 1.0)] + ([("lora_only", lora_only, 1.0)] if lora_only else [])
+    for key, source, share in runs:
         left = args.budget - (time.monotonic() - t0)
         print(f"[{time.monotonic() - t0:6.0f} s] {key} ({left:.0f} s left) …", flush=True)
         path = run_file(setup, source, f"bench-{key.replace('_', '-')}")
@@ -303,7 +321,7 @@ def main() -> int:
     _write(args.out, report, places)
     print(json.dumps({k: report.get(k) for k in ("phase1_textual_inversion", "phase2_lora", "lora_only_default",
                                                   "phase2_vs_lora_only_it_per_s", "cell_scope_estimate")}, indent=1))
-    return 0 if report["ti_then_lora"]["ok"] and report["lora_only"]["ok"] else 1
+    return 0 if all(report[key]["ok"] for key, _, _ in runs) else 1
 
 
 if __name__ == "__main__":

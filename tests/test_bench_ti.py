@@ -76,3 +76,11 @@ def test_the_summary_puts_both_phases_beside_the_lora_only_default() -> None:
     assert report["phase2_vs_lora_only_it_per_s"] == 0.8 and report["phase1_vs_lora_only_it_per_s"] == 0.5
     assert report["dermkohya_outside_kohya_s"] == 20.0
     assert report["cell_scope_estimate"]["phase1_s"] == 18 * (35 + 300)
+
+
+def test_the_sdxl_run_is_the_shipped_sdxl_recipe_on_random_sdxl(tmp_path: Path) -> None:
+    setup = tb.Setup(tmp_path, tmp_path / "work", tmp_path / "data", False, ti_steps=30, lora_steps=40, family="sdxl")
+    spec, _ = load_run(tb.run_file(setup, tb.FAMILIES["sdxl"][0], "bench-ti-then-lora"))
+    assert spec.method == "ti_then_lora" and spec.model.base == "random:sdxl" and spec.model.vae is None
+    assert spec.script == "sdxl_train_network.py" and spec.resolution == 1024 and spec.train.max_steps == 40
+    assert tb.FAMILIES["sdxl"][1] is None  # the SDXL LoRA-only numbers are train-throughput-sdxl's
