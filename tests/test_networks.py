@@ -251,3 +251,31 @@ def test_ddp_graphs_train_like_eager_ddp_on_two_gpus(tmp_path: Path) -> None:
         assert max(run["post_sync_rank_diff"]) == 0.0
         assert r["vs_eager_kohya_sync"][mode]["grad_max_rel_diff"] <= 2e-3
         assert r["vs_eager_kohya_sync"][mode]["loss_max_rel_diff"] <= 2e-3
+
+
+# --- the capture over alias leaves (issue #18: DDP holds the parameters' AccumulateGrad nodes) ----------
+
+ALIAS_CHECK = Path(__file__).with_name("_alias_ddp_check.py")
+
+
+@pytest.mark.kohya
+def test_capture_over_aliases_trains_as_the_eager_path_under_gloo_ddp(tmp_path: Path) -> None:
+    """lora_fast.capture_over_aliases with make_graphed_callables' contract kept eagerly (CUDA graphs need a
+    GPU: bench/ddp_graphs.py's self-test runs the real capture there), under accelerate's DDP on 2 gloo
+    processes: the synced gradients, losses and weights are the eager path's bit for bit, and the capture
+    reaches only the aliases (which share the weights' storage), never a parameter DDP holds."""
+    env = kohya.kohya_env()
+    root = str(ALIAS_CHECK.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = "1"
+    out = tmp_path / "alias.json"
+    done = subprocess.run([str(kohya.find_python()), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           "2", str(ALIAS_CHECK), "--out", str(out)], cwd=kohya.find_sd_scripts(), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and out.is_file(), done.stdout[-2000:] + done.stderr[-3000:]
+    r = json.loads(out.read_text(encoding="utf-8"))
+    assert r["world_size"] == 2 and r["ddp_type"] == "DistributedDataParallel"
+    assert all(r["grads_equal"]) and r["grad_max_diff"] == 0.0 and r["losses_equal"] and r["weights_equal"]
+    assert r["unet_params"] > 0 and r["reached"] == r["unet_params"] + 1  # the aliases and the text conditioning
+    assert r["reached_aliases"] == r["reached"] and not r["reached_a_parameter"]
+    assert r["aliases_share_storage"]

@@ -18,6 +18,14 @@ defines the result kohya's own and changes only how a step is issued:
   kohya's eager path unchanged: no grad (sampling, validation), a signature beyond `max_graphs`,
   gradient checkpointing, gradient accumulation (graph gradients live in static buffers), no CUDA,
   or a failed capture (logged once, then eager for the rest of the run).
+* The capture runs over alias leaves of the LoRA weights (`p.detach().requires_grad_()`: the same
+  storage, autograd state of their own), passed to the graphed step as explicit inputs; a replay is
+  called with the weights themselves, so autograd hands the graph's gradients to the real parameters.
+  The parameters' own AccumulateGrad nodes never enter a capture: DDP keeps those alive from its
+  construction, bound to the stream it was built on (the default stream), and a capture that reached
+  them synchronised with the default stream and failed (issue #18, 2 × H200). A capture that fails
+  anyway is undone (the current stream, the CUDA generator left in capture mode) before kohya's eager
+  path takes over.
 * Several processes (`[launch] processes`): each captures its own graphs; no collective runs inside
   them. kohya never calls the DDP wrapper's forward, so DDP's reducer averages nothing, and kohya
   averages the gradients after backward, tensor by tensor (`all_reduce_network`). With
@@ -31,8 +39,10 @@ networks.lora argument (conv_dim, block_dims, dropouts, loraplus…) passes thro
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -76,7 +86,8 @@ class FusedLoRAModule(kohya_lora.LoRAModule):
 
 class _UNetStep(torch.nn.Module):
     """What gets graphed: the U-Net's forward as a module whose parameters are exactly the U-Net's LoRA
-    weights, so the graphed backward returns their gradients (the frozen U-Net is not registered)."""
+    weights (the frozen U-Net is not registered), so `capture_over_aliases` makes exactly those the
+    graphed step's weight inputs."""
 
     def __init__(self, graphs: UNetGraphs) -> None:
         super().__init__()
@@ -105,6 +116,7 @@ class UNetGraphs:
         self.output_type: type | None = None
         self.replays = 0
         self.eager_calls = 0
+        self.capture_error: str | None = None  # the failed capture's full traceback
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         graphed = self._graph_for(args, kwargs)
@@ -155,14 +167,20 @@ class UNetGraphs:
             self._turn_off(reason)
             return None
         sample_args = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        stream = torch.cuda.current_stream()
         started = time.perf_counter()
+        failure = None
         try:
             with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                 enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
-                graphed = torch.cuda.make_graphed_callables(_UNetStep(self), sample_args, num_warmup_iters=3,
-                                                            allow_unused_input=True)
+                graphed = capture_over_aliases(_UNetStep(self), sample_args, num_warmup_iters=3,
+                                               allow_unused_input=True)
         except Exception as exc:  # any capture failure: kohya's eager path is always correct
-            self._turn_off(f"capture failed, {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            self.capture_error = traceback.format_exc()
+            failure = f"capture failed, {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if failure is not None:  # out of the except block: its traceback no longer holds the failed graphs
+            self._turn_off(failure)
+            recover_from_failed_capture(stream)
             return None
         logger.info("%s U-Net forward+backward captured as CUDA graphs for %s in %.1f s",
                     LOG_PREFIX, _shapes(args), time.perf_counter() - started)
@@ -170,7 +188,57 @@ class UNetGraphs:
 
     def _turn_off(self, reason: str) -> None:
         self.off_reason = reason
+        self.graphs.clear()  # eager from now on, every signature: their memory pools go
         logger.warning("%s CUDA graphs off (%s): fused LoRA layers, eager U-Net", LOG_PREFIX, reason)
+
+
+def capture_over_aliases(module: torch.nn.Module, sample_args: tuple[torch.Tensor, ...],
+                         make_graphed: Callable[..., Any] | None = None, **options: Any) -> Callable[..., Any]:
+    """`module`'s forward+backward as CUDA graphs (`torch.cuda.make_graphed_callables`), its parameters
+    explicit inputs: captured over alias leaves, replayed with the parameters themselves.
+
+    An alias (`p.detach().requires_grad_()`) shares p's storage, so the graphs read the weights the
+    optimizer updates in place (should p's storage ever move, make_graphed_callables copies the input into
+    the alias before a replay), but has autograd state of its own: the capture builds AccumulateGrad
+    nodes of its own instead of reaching p's, which DDP holds from its construction on another stream.
+    The replayed step is an autograd function of (inputs, parameters): its backward returns the graph's
+    static gradient buffers for the parameters, and autograd accumulates them into `p.grad` as before."""
+    names, params = zip(*module.named_parameters())
+    aliases = tuple(p.detach().requires_grad_(p.requires_grad) for p in params)
+    count = len(sample_args)
+
+    def step(*inputs: torch.Tensor) -> Any:
+        return torch.func.functional_call(module, dict(zip(names, inputs[count:])), inputs[:count])
+
+    graphed = (make_graphed or torch.cuda.make_graphed_callables)(step, tuple(sample_args) + aliases, **options)
+
+    def replay(*args: torch.Tensor) -> Any:
+        return graphed(*args, *params)
+
+    return replay
+
+
+def recover_from_failed_capture(stream: torch.cuda.Stream) -> None:
+    """Undo what a CUDA-graph capture that raised leaves behind, so that eager CUDA work runs as before.
+
+    When `capture_end` raises (cudaStreamEndCapture on an invalidated capture), torch.cuda.graph's exit
+    neither restores the current stream nor takes the device's generator out of capture mode: the next
+    random op fails ("Offset increment outside graph capture encountered unexpectedly"). The generator
+    gets a fresh state of the same seed and offset; a last check raises naming the way out if the device
+    is still not usable."""
+    torch.cuda.set_stream(stream)
+    gc.collect()  # the failed graphs and their private pool
+    device = torch.cuda.current_device()
+    generator = torch.cuda.default_generators[device]
+    generator.graphsafe_set_state(generator.clone_state())
+    try:
+        torch.cuda.synchronize()
+        torch.empty(4, device=f"cuda:{device}").uniform_()
+        torch.cuda.synchronize()
+    except Exception as exc:
+        raise RuntimeError(f"{LOG_PREFIX} a failed CUDA-graph capture left cuda:{device} unusable ({exc}); "
+                           "train with [network] args cuda_graph=off") from exc
+    torch.cuda.empty_cache()
 
 
 def _shapes(args: tuple[Any, ...]) -> str:
