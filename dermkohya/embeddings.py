@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dermkohya import basemodel
+from dermkohya import basemodel, tensorfile
 from dermkohya.errors import DermkohyaError
 from dermkohya.manifests import TIManifest
 from dermkohya.names import slug
@@ -147,12 +147,11 @@ def _convert(base: Path, family: str, models: Path, out: Path) -> None:
     import diffusers
     import torch
 
-    from dermkohya import tensorfile
-
     config = basemodel.ensure_pipeline_config(family, models)
     index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
-    dtypes = [entry.dtype for entry in tensorfile.read_header(base).tensors.values()]
-    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(max(set(dtypes), key=dtypes.count), torch.float32)
+    dtypes = [e.dtype for e in tensorfile.read_header(base).tensors.values()] if base.suffix == ".safetensors" else []
+    common = max(set(dtypes), key=dtypes.count) if dtypes else "F32"  # a .ckpt: float32, exact for any of them
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(common, torch.float32)
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     try:
         pipe = getattr(diffusers, index["_class_name"]).from_single_file(
@@ -181,11 +180,20 @@ def embedding_files(path: Path, token: str | None = None) -> list[tuple[Path, st
 
 
 def load_embeddings(pipe: Any, entries: list[Any]) -> list[str]:
-    """diffusers' load_textual_inversion for each file (kohya's `emb_params` format); returns the tokens."""
+    """diffusers' load_textual_inversion for each file; returns the tokens. kohya's SD 1.5 file (`emb_params`)
+    loads as it is; its SDXL file (`clip_l`, `clip_g`) loads each part into its own text encoder and tokenizer,
+    as diffusers documents for SDXL."""
     loaded = []
     for entry in entries:
         for path, token in embedding_files(Path(entry.path), entry.token):
-            pipe.load_textual_inversion(str(path), token=token)
+            if "clip_g" not in tensorfile.read_header(path).tensors:  # kohya SD 1.5, A1111 or diffusers' own format
+                pipe.load_textual_inversion(str(path), token=token)
+                loaded.append(token)
+                continue
+            vectors = read_embedding(path)
+            for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
+                                            ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2)):
+                pipe.load_textual_inversion(vectors[key], token=token, text_encoder=encoder, tokenizer=tokenizer)
             loaded.append(token)
     return loaded
 

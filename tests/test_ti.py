@@ -148,6 +148,38 @@ def test_sdxl_derived_base_holds_the_rows_in_both_text_encoders_with_the_same_id
         ti.build_derived_base(base, cache, [(["<s>"], tmp_path / "sd15.safetensors")], tmp_path / "x")
 
 
+def test_generate_loads_kohyas_sdxl_embedding_into_both_text_encoders(tmp_path: Path) -> None:
+    """diffusers' own load_textual_inversion (the mixin every SD pipeline has) on tiny CLIP-L / bigG-shaped
+    encoders: `clip_l` goes to the first, `clip_g` to the second, under the file's recorded token."""
+    from types import SimpleNamespace
+
+    from diffusers import DiffusionPipeline
+    from diffusers.loaders import TextualInversionLoaderMixin
+    from safetensors.numpy import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    class TextOnlyXLPipeline(DiffusionPipeline, TextualInversionLoaderMixin):  # SDXL's text half, as diffusers registers it
+        def __init__(self, tokenizer: object, tokenizer_2: object, text_encoder: object, text_encoder_2: object) -> None:
+            super().__init__()
+            self.register_modules(tokenizer=tokenizer, tokenizer_2=tokenizer_2, text_encoder=text_encoder,
+                                  text_encoder_2=text_encoder_2)
+
+    cache = basemodel.build_tokenizer_cache(tmp_path / "tokenizers")
+    shape = {"vocab_size": 49408, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
+    pipe = TextOnlyXLPipeline(
+        tokenizer=CLIPTokenizer.from_pretrained(str(cache / ti.CLIP_L_DIR)),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(cache / ti.CLIP_BIGG_DIR)),
+        text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=32, **shape)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=16, **shape)))
+    rng = np.random.default_rng(2)
+    l, g = rng.normal(size=(1, 32)).astype(np.float32), rng.normal(size=(1, 48)).astype(np.float32)
+    save_file({"clip_l": l, "clip_g": g}, str(tmp_path / "t.safetensors"), metadata={"dermkohya.token": "<t>"})
+    assert ti.load_embeddings(pipe, [SimpleNamespace(path=str(tmp_path / "t.safetensors"), token=None)]) == ["<t>"]
+    for tokenizer, encoder, rows in ((pipe.tokenizer, pipe.text_encoder, l), (pipe.tokenizer_2, pipe.text_encoder_2, g)):
+        row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<t>")].detach().numpy()
+        assert np.array_equal(row, rows[0])
+
+
 @pytest.mark.kohya
 def test_kohyas_sdxl_tokenizers_read_the_derived_cache_with_the_new_ids(tmp_path: Path, repo_kohya: None) -> None:
     """sdxl_train_network.py tokenizes captions with SdxlTokenizeStrategy from --tokenizer_cache_dir: both of
