@@ -26,14 +26,15 @@ def from_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"
 
 
-def _visible_index() -> str:
+def visible_index() -> str:
+    """The index nvidia-smi and NVML know the call's GPU by: CUDA_VISIBLE_DEVICES' first entry (a number), else 0."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
     return visible if visible.isdigit() else "0"
 
 
 def device_name() -> str | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", _visible_index()],
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", visible_index()],
                              capture_output=True, text=True, timeout=30)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]

@@ -241,7 +241,8 @@ def results_path(family: str, suffix: str = ".json", folder: Path | None = None,
 
 
 class GpuSampler:
-    """Peak memory used and mean utilisation of GPU 0, sampled every 0.1 s through NVML while a variant runs."""
+    """Peak memory used and mean utilisation of the GPU the call trains on (CUDA_VISIBLE_DEVICES' first, else 0),
+    sampled every 0.1 s through NVML while a variant runs."""
 
     def __init__(self) -> None:
         self.handle = None
@@ -250,7 +251,8 @@ class GpuSampler:
 
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+            # NVML counts every GPU; the one this call trains on is CUDA_VISIBLE_DEVICES' first, if it is set
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(int(gpu_name.visible_index()))
         except Exception:
             self.nvml = None
         self.samples: list[tuple[float, int, int]] = []

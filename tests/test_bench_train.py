@@ -337,6 +337,14 @@ def test_gpu_short_names(name: str, slug: str) -> None:
     assert gpu_name.from_name(name) == slug
 
 
+def test_the_gpu_measured_is_the_one_cuda_visible_devices_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    for visible, index in (("1", "1"), ("1,0", "1"), ("", "0"), ("GPU-3f2a", "0")):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert gpu_name.visible_index() == index
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_name.visible_index() == "0"
+
+
 def test_flop_constants_are_plausible() -> None:
     sd15, sdxl = tt.FAMILIES["sd15"], tt.FAMILIES["sdxl"]
     assert (sd15.step_tflop_cached, sd15.step_tflop_vae) == (6.9, 4.5)  # the issue's, kept for comparability
