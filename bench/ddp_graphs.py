@@ -16,6 +16,14 @@ step gradients, losses, final weights). `--model sd15` uses kohya's own full-siz
 (random weights, fp16, SDPA) and a 2-layer CLIP text encoder; `--model tiny` the toy models of
 tests/_networks_check.py (graphs with `cuda_graph=on`: a toy class is not on the verified list).
 
+Before the check, the same processes run a self-test on the GPUs (`selftest`, tiny models, seconds):
+the capture under DDP as lora_fast makes it (over alias leaves of the LoRA weights) against eager DDP;
+a U-Net whose capture always fails (it synchronises the device while capturing), which must fall back
+to the eager path with a usable device (the random generator included); after the check, the capture
+as it was before issue #18's fix (the DDP-held parameters in the capture), for the record. Every
+failure is kept with its full traceback in the JSON (`check.selftest`, or `check.tracebacks` for a
+process that died). On a CPU the same runs are eager (nothing to judge).
+
 `throughput` runs `dermkohya train` on the random SD 1.5 through bench/train_throughput.py's Bench:
 the default on 1 GPU, then `[launch] processes = 2` with graphs (the default), and, as time allows,
 2 GPUs with kohya's per-tensor sync and 2 GPUs eager; `scaling_2gpu_vs_1gpu_default` is the 2-GPU
@@ -45,6 +53,12 @@ MODES = {  # name: (cuda_graph, grad_sync, needs CUDA)
     "graphs+kohya-sync": ("on", "kohya", True),
 }
 STEPS = 4
+SELFTEST = {  # name: (mode, model, capture)
+    "eager+bucket": ("eager+bucket", "tiny", "aliases"),
+    "graphs+bucket": ("graphs+bucket", "tiny", "aliases"),
+    "capture-fails": ("graphs+bucket", "tiny-failing", "aliases"),
+}
+BEFORE_FIX = ("graphs+bucket", "tiny", "module")  # run after the check: what it may leave cannot cost the check
 
 
 # --- the check: one worker per rank, under torchrun ------------------------------------------------------
@@ -63,11 +77,11 @@ def _models(kind: str, device: Any, dtype: Any) -> tuple[Any, Any]:
     import torch
 
     torch.manual_seed(0)
-    if kind == "tiny":
+    if kind.startswith("tiny"):
         sys.path.insert(0, str(ROOT / "tests"))
         from _networks_check import TinyTextEncoder, TinyUNet
 
-        te, unet = TinyTextEncoder(), TinyUNet()
+        te, unet = TinyTextEncoder(), (_capture_failing_unet() if kind == "tiny-failing" else TinyUNet())
     else:
         from library.original_unet import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -82,12 +96,34 @@ def _models(kind: str, device: Any, dtype: Any) -> tuple[Any, Any]:
     return te.to(device, dtype=dtype).eval(), unet.to(device, dtype=dtype).eval()
 
 
+def _capture_failing_unet() -> Any:
+    """A tiny U-Net that synchronises the device when its stream is capturing: every capture of it fails
+    the way a real one can (an invalidated capture, capture_end raising)."""
+    import torch
+    from _networks_check import TinyUNet
+
+    class CaptureFailingUNet(TinyUNet):
+        def forward(self, x: Any, cond: Any) -> Any:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                torch.cuda.synchronize()
+            return super().forward(x, cond)
+
+    return CaptureFailingUNet()
+
+
+def _module_capture(module: Any, sample_args: tuple[Any, ...], make_graphed: Any = None, **options: Any) -> Any:
+    """lora_fast's capture before issue #18's fix: the module's own parameters, which DDP holds, in the capture."""
+    import torch
+
+    return torch.cuda.make_graphed_callables(module, sample_args, **options)
+
+
 def _batch(kind: str, step: int, rank: int, device: Any) -> dict[str, Any]:
     """Different data on each rank (as DDP's sampler gives), the same in every mode."""
     import torch
 
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    if kind == "tiny":
+    if kind.startswith("tiny"):
         return {"tokens": torch.randn(2, 5, 16, generator=gen).to(device),
                 "latents": torch.randn(2, 8, 6, 6, generator=gen).to(device)}
     return {"ids": torch.randint(0, 49408, (2, 77), generator=gen).to(device),
@@ -99,7 +135,7 @@ def _batch(kind: str, step: int, rank: int, device: Any) -> dict[str, Any]:
 def _loss(kind: str, te: Any, unet: Any, batch: dict[str, Any]) -> Any:
     import torch.nn.functional as F
 
-    if kind == "tiny":
+    if kind.startswith("tiny"):
         return unet(batch["latents"], te(batch["tokens"])).float().pow(2).mean()
     cond = te(batch["ids"])[0]
     pred = unet(batch["latents"], batch["timesteps"], cond).sample
@@ -132,7 +168,7 @@ def _run_mode(mode: str, kind: str, accelerator: Any, trainer: Any) -> dict[str,
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     te, unet = _models(kind, device, dtype)
     torch.manual_seed(1)
-    dim, alpha = (4, 2.0) if kind == "tiny" else (16, 16.0)
+    dim, alpha = (4, 2.0) if kind.startswith("tiny") else (16, 16.0)
     network = lora_fast.create_network(1.0, dim, alpha, None, te, unet, cuda_graph=cuda_graph, grad_sync=sync)
     trainer.prepare(network, argparse.Namespace(gradient_accumulation_steps=1, gradient_checkpointing=False))
     network.apply_to(te, unet, True, True)
@@ -171,6 +207,7 @@ def _run_mode(mode: str, kind: str, accelerator: Any, trainer: Any) -> dict[str,
     out["replays"] = graphs.replays if graphs else 0
     out["eager_calls"] = graphs.eager_calls if graphs else None
     out["off_reason"] = graphs.off_reason if graphs else None
+    out["capture_error"] = graphs.capture_error if graphs else None  # the failed capture's full traceback
     out["synced_by"] = "bucket" if getattr(trainer.all_reduce_network, "dk_grad_sync", False) else "kohya"
     out["weights"] = torch.cat([p.detach().float().reshape(-1) for p in network.parameters()]).cpu()
     out["lora_params"] = sum(p.numel() for p in network.parameters())
@@ -186,7 +223,75 @@ def _compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def worker(kind: str, out_path: Path) -> None:
+def _selftest_case(mode: str, kind: str, capture: str, accelerator: Any, trainer: Any) -> dict[str, Any]:
+    """One self-test run; its failure, whatever it is, becomes a traceback in the report."""
+    import traceback
+
+    import torch
+
+    from dermkohya.networks import lora_fast
+
+    started = time.monotonic()
+    aliases = lora_fast.capture_over_aliases
+    if capture == "module":
+        lora_fast.capture_over_aliases = _module_capture
+    try:
+        run = _run_mode(mode, kind, accelerator, trainer)
+    except Exception:
+        run = {"error": traceback.format_exc()}
+    finally:
+        lora_fast.capture_over_aliases = aliases
+    try:  # the device, its random generator included, still usable after the run (a failed capture undone)
+        torch.randn(8, device=accelerator.device).sum().item()
+        run["device_usable_after"] = True
+    except Exception:
+        run["device_usable_after"] = False
+        run["device_error"] = traceback.format_exc()
+    run["seconds"] = round(time.monotonic() - started, 1)
+    return run
+
+
+def selftest(accelerator: Any, trainer_type: type, out_path: Path) -> dict[str, Any]:
+    """On the GPUs, before the check: lora_fast's capture under DDP, a capture that fails, the old capture."""
+    runs = {name: _selftest_case(mode, kind, capture, accelerator, trainer_type())
+            for name, (mode, kind, capture) in SELFTEST.items()}
+    eager = runs["eager+bucket"]
+    report: dict[str, Any] = {"cases": {name: {k: v for k, v in r.items() if k not in ("grads", "weights")}
+                                        for name, r in runs.items()}}
+    for name, run in runs.items():
+        if name != "eager+bucket" and "error" not in run and "error" not in eager:
+            report["cases"][name]["vs_eager_bucket"] = _compare(run, eager)
+    graphs, fails = runs["graphs+bucket"], runs["capture-fails"]
+    if accelerator.device.type != "cuda":  # the CPU smoke: the same runs, eager (no graphs to judge)
+        report["graphs_under_ddp_ok"] = report["failed_capture_falls_back_ok"] = None
+    else:
+        _judge(report, graphs, fails)
+    if accelerator.is_main_process:  # kept even if the check after it kills the process
+        out_path.with_name("selftest.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return report
+
+
+def _judge(report: dict[str, Any], graphs: dict[str, Any], fails: dict[str, Any]) -> None:
+    report["graphs_under_ddp_ok"] = bool(
+        "error" not in graphs and graphs["off_reason"] is None and graphs["replays"] == STEPS
+        and report["cases"]["graphs+bucket"].get("vs_eager_bucket", {}).get("grad_max_rel_diff", 1.0) <= 2e-3)
+    report["failed_capture_falls_back_ok"] = bool(
+        "error" not in fails and str(fails["off_reason"]).startswith("capture failed") and fails["replays"] == 0
+        and fails["device_usable_after"]
+        and report["cases"]["capture-fails"].get("vs_eager_bucket", {}).get("loss_max_rel_diff", 1.0) <= 2e-3)
+
+
+def worker(kind: str, out_path: Path, modes: list[str]) -> None:
+    import traceback
+
+    try:
+        _worker(kind, out_path, modes)
+    except BaseException:  # the full traceback of each process that dies, for the report
+        out_path.with_name(f"rank{os.environ.get('RANK', '0')}.err").write_text(traceback.format_exc(), encoding="utf-8")
+        raise
+
+
+def _worker(kind: str, out_path: Path, wanted: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
@@ -201,19 +306,26 @@ def worker(kind: str, out_path: Path) -> None:
 
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="fp16" if cuda else "no")
-    modes = [m for m, (_, _, needs_cuda) in MODES.items() if cuda or not needs_cuda]
+    modes = [m for m, (_, _, needs_cuda) in MODES.items() if m in wanted and (cuda or not needs_cuda)]
+    tested = selftest(accelerator, Trainer, out_path)
     runs: dict[str, dict[str, Any]] = {}
     for mode in modes:
         started = time.monotonic()
         runs[mode] = _run_mode(mode, kind, accelerator, Trainer())
         runs[mode]["seconds"] = round(time.monotonic() - started, 1)
-    reference = runs["eager+kohya-sync"]
+    reference = runs.get("eager+kohya-sync")
     report = {
         "model": kind, "world_size": accelerator.num_processes, "backend": dist.get_backend(),
         "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": STEPS, "torch": torch.__version__,
         "modes": {m: {k: v for k, v in r.items() if k not in ("grads", "weights")} for m, r in runs.items()},
-        "vs_eager_kohya_sync": {m: _compare(r, reference) for m, r in runs.items() if m != "eager+kohya-sync"},
+        "vs_eager_kohya_sync": {m: _compare(r, reference) for m, r in runs.items()
+                                if reference is not None and m != "eager+kohya-sync"},
+        "selftest": tested,
     }
+    if cuda:
+        old = _selftest_case(*BEFORE_FIX, accelerator, Trainer())
+        tested["cases"]["module-capture-before-fix"] = {k: v for k, v in old.items() if k not in ("grads", "weights")}
+        tested["module_capture_before_fix_failed"] = "error" in old or old.get("off_reason") is not None
     if "graphs+bucket" in runs:
         report["graphs_bucket_vs_eager_bucket"] = _compare(runs["graphs+bucket"], runs["eager+bucket"])
     if accelerator.is_main_process:
@@ -222,12 +334,14 @@ def worker(kind: str, out_path: Path) -> None:
     dist.destroy_process_group()
 
 
-def check(kind: str, timeout: float) -> dict[str, Any]:
-    """Run `worker` in 2 processes under torchrun; its report, or what went wrong."""
+def check(kind: str, timeout: float, modes: list[str] | None = None) -> dict[str, Any]:
+    """Run `worker` in 2 processes under torchrun; its report, or what went wrong (with each dead process's
+    traceback and the self-test's report, if it got that far)."""
+    modes = modes or list(MODES)
     with tempfile.TemporaryDirectory() as tmp:
         out_path = Path(tmp) / "check.json"
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                str(Path(__file__).resolve()), "--worker", "--model", kind, "--out", str(out_path)]
+                str(Path(__file__).resolve()), "--worker", "--model", kind, "--out", str(out_path), "--modes", ",".join(modes)]
         env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                             "OMP_NUM_THREADS": "1"}
         started = time.monotonic()
@@ -236,7 +350,13 @@ def check(kind: str, timeout: float) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
         if done.returncode != 0 or not out_path.is_file():
-            return {"ok": False, "returncode": done.returncode, "error": (done.stdout + done.stderr)[-3000:]}
+            failed: dict[str, Any] = {"ok": False, "returncode": done.returncode,
+                                      "error": (done.stdout + done.stderr)[-3000:]}
+            failed["tracebacks"] = {f.stem: f.read_text(encoding="utf-8") for f in sorted(Path(tmp).glob("rank*.err"))}
+            tested = Path(tmp) / "selftest.json"
+            if tested.is_file():
+                failed["selftest"] = json.loads(tested.read_text(encoding="utf-8"))
+            return failed
         report = json.loads(out_path.read_text(encoding="utf-8"))
     report["seconds"] = round(time.monotonic() - started, 1)
     report["ok"] = True
@@ -348,16 +468,18 @@ def main() -> int:
     parser.add_argument("--log", type=Path, help="kohya's combined output of every throughput variant")
     parser.add_argument("--model", choices=("tiny", "sd15"), help="the check's models (default: sd15 on CUDA, tiny here)")
     parser.add_argument("--budget", type=float, default=290, help="seconds for everything (default 290)")
-    parser.add_argument("--check-timeout", type=float, default=120)
+    parser.add_argument("--check-timeout", type=float, default=150)
     parser.add_argument("--variant-timeout", type=float, default=150)
     parser.add_argument("--min-slot", type=float, default=75, help="start a variant only with this many seconds left")
     parser.add_argument("--epochs", type=int, default=4, help="1-GPU epochs of the 72 images (2 GPUs: twice as many)")
     parser.add_argument("--smoke", action="store_true", help="the check only, on a CPU (gloo, tiny models)")
     parser.add_argument("--no-throughput", action="store_true", help="the check only")
+    parser.add_argument("--modes", help="the check's modes, comma-separated (default: all four with --budget of 400 s "
+                        "or more, else eager+bucket,graphs+bucket: kohya's sync is checked against the bucket on a CPU)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.model or "tiny", args.out)
+        worker(args.model or "tiny", args.out, (args.modes or ",".join(MODES)).split(","))
         return 0
     t0 = time.monotonic()
     import torch
@@ -369,9 +491,17 @@ def main() -> int:
         "generated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(f"[{time.monotonic() - t0:5.0f} s] check ({kind}, 2 processes) …", flush=True)
-    report["check"] = check(kind, args.check_timeout)
+    modes = args.modes.split(",") if args.modes else (
+        list(MODES) if args.smoke or args.budget >= 400 else ["eager+bucket", "graphs+bucket"])
+    report["check"] = check(kind, args.check_timeout, modes)
+    tested = report["check"].get("selftest") or {}
     print(json.dumps({k: report["check"].get(k) for k in ("ok", "vs_eager_kohya_sync", "graphs_bucket_vs_eager_bucket",
-                                                          "error")}, indent=1), flush=True)
+                                                          "error", "tracebacks")}, indent=1), flush=True)
+    print("selftest:", json.dumps({k: v for k, v in tested.items() if k != "cases"}), flush=True)
+    for name, case in (tested.get("cases") or {}).items():
+        failure = case.get("error") or case.get("capture_error") or case.get("device_error")
+        print(f"  {name}: replays={case.get('replays')} off_reason={case.get('off_reason')} "
+              f"vs_eager={case.get('vs_eager_bucket')}" + (f"\n{failure[-2500:]}" if failure else ""), flush=True)
     write(args.out, report)
     work = Path(tempfile.mkdtemp(prefix="dermkohya-ddp-"))
     if not (args.smoke or args.no_throughput):

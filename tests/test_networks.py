@@ -235,6 +235,13 @@ def test_ddp_harness_smoke_bucket_sync_trains_as_kohyas_sync_on_two_gloo_process
         assert max(run["post_sync_rank_diff"]) == 0.0 and max(run["sync_vs_mean_of_ranks"]) == 0.0
     assert r["vs_eager_kohya_sync"]["eager+bucket"] == {"grad_max_rel_diff": 0.0, "loss_max_rel_diff": 0.0,
                                                          "weight_max_abs_diff": 0.0}
+    tested = r["selftest"]  # on a CPU its runs are eager: they run, train alike and leave nothing to judge
+    assert set(tested["cases"]) == {"eager+bucket", "graphs+bucket", "capture-fails"}
+    assert tested["graphs_under_ddp_ok"] is None and tested["failed_capture_falls_back_ok"] is None
+    for name in ("graphs+bucket", "capture-fails"):
+        case = tested["cases"][name]
+        assert "error" not in case and case["device_usable_after"] and case["capture_error"] is None
+        assert case["vs_eager_bucket"] == {"grad_max_rel_diff": 0.0, "loss_max_rel_diff": 0.0, "weight_max_abs_diff": 0.0}
 
 
 @pytest.mark.kohya
@@ -245,6 +252,8 @@ def test_ddp_graphs_train_like_eager_ddp_on_two_gpus(tmp_path: Path) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip("gpu: needs 2 CUDA GPUs")
     r = _ddp_check(tmp_path, "--no-throughput", "--model", "tiny")
+    tested = r["selftest"]
+    assert tested["graphs_under_ddp_ok"] and tested["failed_capture_falls_back_ok"], json.dumps(tested)[-4000:]
     for mode in ("graphs+bucket", "graphs+kohya-sync"):
         run = r["modes"][mode]
         assert run["off_reason"] is None and run["replays"] == r["steps"] and run["eager_calls"] == 0

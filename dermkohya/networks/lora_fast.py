@@ -180,6 +180,7 @@ class UNetGraphs:
             failure = f"capture failed, {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if failure is not None:  # out of the except block: its traceback no longer holds the failed graphs
             self._turn_off(failure)
+            logger.warning("%s the failed capture, for a bug report:\n%s", LOG_PREFIX, self.capture_error)
             recover_from_failed_capture(stream)
             return None
         logger.info("%s U-Net forward+backward captured as CUDA graphs for %s in %.1f s",
@@ -230,7 +231,8 @@ def recover_from_failed_capture(stream: torch.cuda.Stream) -> None:
     gc.collect()  # the failed graphs and their private pool
     device = torch.cuda.current_device()
     generator = torch.cuda.default_generators[device]
-    generator.graphsafe_set_state(generator.clone_state())
+    if hasattr(generator, "graphsafe_set_state"):  # torch ≥ 2.4; the probe below judges older ones
+        generator.graphsafe_set_state(generator.clone_state())
     try:
         torch.cuda.synchronize()
         torch.empty(4, device=f"cuda:{device}").uniform_()
