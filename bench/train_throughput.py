@@ -127,13 +127,17 @@ VARIANTS: list[Variant] = [
             overrides={"train": {"data_loader_workers": 8}}),
     Variant("dermkohya-lowram", "dermkohya", "the default + kohya's --lowram (models loaded onto the GPU directly)",
             overrides={"kohya": {"lowram": True}}),
-    Variant("dermkohya-vae-batch-16", "dermkohya", "the default + vae_batch_size = 16 (latent caching in batches of "
+    Variant("dermkohya-vae-batch-1", "dermkohya", "the default with vae_batch_size = 1 (kohya's default: latent caching "
+            "reads and encodes one image at a time; the default caches 8 at a time): start-up",
+            overrides={"kohya": {"vae_batch_size": 1}}),
+    Variant("dermkohya-vae-batch-16", "dermkohya", "the default with vae_batch_size = 16 (latent caching in batches of "
             "16: start-up)", overrides={"kohya": {"vae_batch_size": 16}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
 LEVERS = ("dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
-          "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-vae-batch-16")
+          "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-vae-batch-1",
+          "dermkohya-vae-batch-16")
 
 # SDXL: few variants, each ~1 min of kohya start-up (7 GB model) before its first step. The card as typed has
 # kohya's naive attention: at 1024 px and batch 4 its saved attention maps alone are ~66 GiB (fp32 softmax +

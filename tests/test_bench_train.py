@@ -516,11 +516,13 @@ def test_step_profile_samples_the_step_loop_of_kohyas_process(tmp_path: Path) ->
     assert timing["steps_timed"] == 20 and timing["step_ms_median"] >= 6.0
     steady = data["phases"]["steady"]
     assert steady["samples"] > 20
-    selves = {row[0].split(":")[1]: row for row in steady["top_self"]}
+    selves: dict[str, list] = {}
+    for row in steady["top_self"]:  # [file:function:line, samples, fraction, source]
+        selves.setdefault(row[0].split(":")[1], []).append(row)
     # both the GIL-holding Python work and the GIL-releasing wait are seen, each with its source line
     assert "host_work" in selves and "gpu_wait" in selves
-    assert selves["gpu_wait"][3] == "time.sleep(0.006)"
-    assert selves["host_work"][2] > 0.05
+    assert "time.sleep(0.006)" in {row[3] for row in selves["gpu_wait"]}
+    assert sum(row[2] for row in selves["host_work"]) > 0.05
     inclusive = dict((row[0], row[2]) for row in steady["top_inclusive"])
     assert inclusive[next(k for k in inclusive if k.endswith(":<module>"))] == 1.0
     collapsed = out.with_suffix(".collapsed.txt").read_text(encoding="utf-8").splitlines()
@@ -576,6 +578,7 @@ def test_lever_variants_render_their_one_change(tmp_path: Path, data_dir: Path) 
         "dermkohya-no-save-state": ("saving", "save_state", False),
         "dermkohya-workers-0": ("training", "max_data_loader_n_workers", 0),
         "dermkohya-lowram": ("kohya", "lowram", True),
+        "dermkohya-vae-batch-1": ("kohya", "vae_batch_size", 1),  # the default caches 8 at a time
         "dermkohya-vae-batch-16": ("kohya", "vae_batch_size", 16),
     }
     assert set(expected) <= set(tt.LEVERS) and set(tt.LEVERS) <= {v.name for v in tt.VARIANTS}
