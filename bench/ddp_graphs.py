@@ -347,20 +347,29 @@ def check(kind: str, timeout: float, modes: list[str] | None = None) -> dict[str
         started = time.monotonic()
         try:
             done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
+        except subprocess.TimeoutExpired as exc:
+            return _failed(Path(tmp), None, f"timed out after {timeout:.0f} s\n" + _text(exc.stdout)[-1500:]
+                           + _text(exc.stderr)[-1500:])
         if done.returncode != 0 or not out_path.is_file():
-            failed: dict[str, Any] = {"ok": False, "returncode": done.returncode,
-                                      "error": (done.stdout + done.stderr)[-3000:]}
-            failed["tracebacks"] = {f.stem: f.read_text(encoding="utf-8") for f in sorted(Path(tmp).glob("rank*.err"))}
-            tested = Path(tmp) / "selftest.json"
-            if tested.is_file():
-                failed["selftest"] = json.loads(tested.read_text(encoding="utf-8"))
-            return failed
+            return _failed(Path(tmp), done.returncode, (done.stdout + done.stderr)[-3000:])
         report = json.loads(out_path.read_text(encoding="utf-8"))
     report["seconds"] = round(time.monotonic() - started, 1)
     report["ok"] = True
     return report
+
+
+def _text(out: str | bytes | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+
+
+def _failed(tmp: Path, returncode: int | None, error: str) -> dict[str, Any]:
+    """A check that did not finish: its output's tail, each dead process's traceback, the self-test's report."""
+    failed: dict[str, Any] = {"ok": False, "returncode": returncode, "error": error}
+    failed["tracebacks"] = {f.stem: f.read_text(encoding="utf-8") for f in sorted(tmp.glob("rank*.err"))}
+    tested = tmp / "selftest.json"
+    if tested.is_file():
+        failed["selftest"] = json.loads(tested.read_text(encoding="utf-8"))
+    return failed
 
 
 # --- throughput: dermkohya train, 1 vs 2 GPUs --------------------------------------------------------

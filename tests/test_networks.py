@@ -288,3 +288,20 @@ def test_capture_over_aliases_trains_as_the_eager_path_under_gloo_ddp(tmp_path: 
     assert r["unet_params"] > 0 and r["reached"] == r["unet_params"] + 1  # the aliases and the text conditioning
     assert r["reached_aliases"] == r["reached"] and not r["reached_a_parameter"]
     assert r["aliases_share_storage"]
+
+
+@pytest.mark.kohya
+def test_ddp_harness_reports_each_dead_process_traceback(tmp_path: Path) -> None:
+    """A check whose processes die (here: no sd-scripts where SD_SCRIPTS_DIR points) comes back with each
+    process's full traceback in the JSON, not only the launcher's tail."""
+    env = kohya.kohya_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(DDP_HARNESS.parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["SD_SCRIPTS_DIR"] = str(tmp_path)
+    out = tmp_path / "ddp.json"
+    done = subprocess.run([str(kohya.find_python()), str(DDP_HARNESS), "--out", str(out), "--smoke"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and out.is_file(), done.stderr[-3000:]
+    report = json.loads(out.read_text(encoding="utf-8"))["check"]
+    assert not report["ok"] and report["returncode"] != 0 and "selftest" not in report
+    assert set(report["tracebacks"]) == {"rank0", "rank1"}
+    assert all("Traceback" in tb and "train_network" in tb for tb in report["tracebacks"].values())
