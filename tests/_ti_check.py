@@ -1,5 +1,6 @@
 """Run in kohya's environment (cwd: the project root): load phase 2's base and tokenizer exactly as
-train_network.py does from its rendered config, and compare the new tokens' rows with phase 1's vectors.
+train_network.py does from its rendered config, compare the new tokens' rows with phase 1's vectors, and show
+the rows are used (the encoder's output for a caption with a token changes when its rows are zeroed).
 
 argv: <sd-scripts> <phase-2 config.toml> <phase-2 dataset.toml> <captions.json> then pairs <token> <kohya TI file>.
 Prints one line `TI-CHECK {json}`; exits 1 on any mismatch.
@@ -35,9 +36,19 @@ for token, path in pairs:
     equal = bool(torch.equal(rows, vectors))
     in_captions = any(set(ids) <= set(tokenizer.tokenize(text)[0].flatten().tolist()) for text in caption_texts)
     init = weight[tokenizer.tokenizer.encode("skin", add_special_tokens=False)[0]].detach().float()
+    # the rows are used: the encoder's output for a caption with the token changes when they are zeroed
+    text = next(t for t in caption_texts if token in t)
+    with torch.no_grad():
+        input_ids = tokenizer.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        before = text_encoder(input_ids)[0]
+        saved = weight[ids].clone()
+        weight[ids] = 0
+        after = text_encoder(input_ids)[0]
+        weight[ids] = saved
+    changed = float((before - after).abs().max())
     report["tokens"][token] = {"ids": ids, "equal": equal, "in_captions": in_captions,
                                "trained": bool(not torch.equal(rows[0], init)),  # phase 1 moved it off init_word's row
-                               "max_abs_diff": float((rows - vectors).abs().max())}
-    ok = ok and equal and in_captions and min(ids) >= 49408
+                               "max_abs_diff": float((rows - vectors).abs().max()), "output_change_when_zeroed": changed}
+    ok = ok and equal and in_captions and min(ids) >= 49408 and changed > 0
 print("TI-CHECK " + json.dumps(report))
 sys.exit(0 if ok else 1)
