@@ -349,3 +349,27 @@ def summarise(path: Path, top: int = 12) -> dict[str, Any] | None:
               for name, p in data["phases"].items()}
     return {"complete": data["complete"], "window": data["window"], "interval_ms": data["interval_ms"],
             "sampler_cpu_s": data["sampler_cpu_s"], "step_timing": data["step_timing"], "phases": phases}
+
+
+def describe(name: str, profile: dict[str, Any], top: int = 15) -> str:
+    """A reader's summary of one variant's profile: step timing, then each phase's categories and top lines."""
+    timing = profile["step_timing"]
+    out = [f"== {name} (complete: {profile['complete']}, {profile['samples']} samples every {profile['interval_ms']} ms)",
+           "   steps " + ", ".join(f"{k} {v}" for k, v in timing.items())]
+    for phase, data in profile["phases"].items():
+        out.append(f"-- {phase}: {data['samples']} samples, GC {data['gc_s']} s")
+        out += [f"   {share * 100:5.1f} %  {category}" for category, _, share in data["categories"]]
+        out.append("   lines of train_network.py / train_util.py / lora_fast, inclusive:")
+        out += [f"   {row[2] * 100:5.1f} %  {row[0]}  {row[3]}" for row in data["top_lines_inclusive"][:top]]
+        out.append("   innermost Python frame (self):")
+        out += [f"   {row[2] * 100:5.1f} %  {row[0]}  {row[3]}" for row in data["top_self"][:top]]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python bench/step_profile.py <…-profile.json> [variant …]: print the summaries
+    bundle = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
+    if "phases" in bundle:  # one profile, not a bundle
+        bundle = {Path(sys.argv[1]).stem: bundle}
+    for variant, profile in bundle.items():
+        if len(sys.argv) < 3 or variant in sys.argv[2:]:
+            print(describe(variant, profile))

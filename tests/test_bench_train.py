@@ -531,6 +531,8 @@ def test_step_profile_samples_the_step_loop_of_kohyas_process(tmp_path: Path) ->
     assert sum(int(line.rsplit(" ", 1)[1]) for line in collapsed if line.startswith("steady;")) == steady["samples"]
     summary = step_profile.summarise(out)
     assert summary["step_timing"] == timing and set(summary["phases"]) == {"startup", "steady"}
+    text = step_profile.describe("stand-in", data)
+    assert text.startswith("== stand-in (complete: True") and "-- steady:" in text and "time.sleep(0.006)" in text
 
 
 def test_step_profile_stays_out_of_other_processes_and_writes_a_partial_profile_at_exit(tmp_path: Path) -> None:
