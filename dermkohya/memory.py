@@ -105,8 +105,6 @@ def graphs_off_reason(spec: RunSpec) -> str | None:
         return "gradient checkpointing"
     if spec.train.gradient_accumulation_steps > 1:
         return "gradient accumulation"
-    if spec.launch.processes * spec.launch.machines > 1:
-        return "several processes"
     if spec.kohya.get("torch_compile") or spec.kohya.get("deepspeed"):
         return "torch_compile or deepspeed"
     return None
