@@ -20,7 +20,8 @@ from typing import Any
 PROMPT = "clinical dermatology photograph, melanoma, Fitzpatrick skin type VI"
 NEGATIVE = "blurry, low quality, text, watermark"
 
-LEVER_PLAN = """\
+# the plan every generation benchmark writes (generate_throughput.py's with engine_options empty)
+PLAN = """\
 name = "{name}"
 [model]
 base = "{model}"
@@ -78,7 +79,7 @@ def write_plan(work: Path, name: str, model: Path, lora: Path | None, args: argp
         options.append(f'compile_mode = "{compile_mode}"')
     path = work / f"{name}.toml"
     path.write_text(
-        LEVER_PLAN.format(
+        PLAN.format(
             name=name, model=model, lora=f'[[lora]]\npath = "{lora}"\nweight = 1.0' if lora else "", count=count,
             negative=NEGATIVE, scheduler=args.scheduler, steps=args.steps, guidance=args.guidance, size=args.size,
             batch=args.batch, compile=str(bool(compile_mode)).lower(), engine_options="\n".join(options),

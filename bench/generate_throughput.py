@@ -126,32 +126,6 @@ def plain_loop(model: Path, lora: Path | None, args: argparse.Namespace, out: Pa
     }
 
 
-PLAN = """\
-name = "{name}"
-[model]
-base = "{model}"
-{lora}
-[classes]
-diagnoses = ["melanoma", "nevus", "basal cell carcinoma"]
-skin_types = "equal"
-count = {count}
-[prompt]
-negative = "{negative}"
-[sampler]
-scheduler = "{scheduler}"
-steps = {steps}
-guidance = {guidance}
-width = {size}
-height = {size}
-seed = 0
-[engine]
-batch_size = {batch}
-compile = {compile}
-[filter]
-enabled = {filter}
-"""
-
-
 def engine_run(
     model: Path, lora: Path | None, args: argparse.Namespace, work: Path, batch: int, compile_: bool, processes: int, filter_: bool = True
 ) -> dict[str, Any]:
@@ -162,10 +136,13 @@ def engine_run(
     name = f"bench-b{batch}-{'compiled' if compile_ else 'eager'}-p{processes}{'' if filter_ else '-nofilter'}"
     plan = work / f"{name}.toml"
     lora_block = f'[[lora]]\npath = "{lora}"\nweight = 1.0' if lora else ""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import generate_levers  # the one plan template of the generation benchmarks
+
     plan.write_text(
-        PLAN.format(name=name, model=model, lora=lora_block, count=args.count, negative=NEGATIVE, scheduler=args.scheduler,
+        generate_levers.PLAN.format(name=name, model=model, lora=lora_block, count=args.count, negative=NEGATIVE, scheduler=args.scheduler,
                     steps=args.steps, guidance=args.guidance, size=args.size, batch=batch, compile=str(compile_).lower(),
-                    filter=str(filter_).lower()),
+                    filter=str(filter_).lower(), engine_options=""),
         encoding="utf-8",
     )  # fmt: skip
     record: dict[str, Any] = {"batch_size": batch, "compile": compile_, "processes": processes, "filter": filter_}
