@@ -194,8 +194,8 @@ def summarise(report: dict[str, Any]) -> None:
     """Both phases' it/s beside the LoRA-only default, and what the recipe's cell scope would cost."""
     two, alone = report.get("ti_then_lora") or {}, report.get("lora_only") or {}
     launches = two.get("launches", [])
-    ti_runs = [l for l in launches if l["script"] == "train_textual_inversion.py"]
-    lora = next((l for l in launches if l["script"] == "train_network.py"), None)
+    ti_runs = [l for l in launches if l["script"].endswith("train_textual_inversion.py")]  # sdxl_… for SDXL
+    lora = next((l for l in launches if l["script"].endswith("train_network.py")), None)
     rates = [l["it_per_s"] for l in ti_runs if l.get("it_per_s")]
     phase1 = {"runs": len(ti_runs), "steps": sum(l["steps"] for l in ti_runs),
               "it_per_s": round(statistics.median(rates), 3) if rates else None,
@@ -205,7 +205,7 @@ def summarise(report: dict[str, Any]) -> None:
     report["phase2_lora"] = None if lora is None else {k: lora[k] for k in ("it_per_s", "steps", "wall_s", "startup_s")}
     if launches:  # dermkohya's own time: render, checks, the derived base between the phases
         report["dermkohya_outside_kohya_s"] = round(two["wall_s"] - sum(l["wall_s"] for l in launches), 1)
-    only = next((l for l in alone.get("launches", []) if l["script"] == "train_network.py"), None)
+    only = next((l for l in alone.get("launches", []) if l["script"].endswith("train_network.py")), None)
     report["lora_only_default"] = None if only is None else {k: only[k] for k in ("it_per_s", "steps", "wall_s", "startup_s")}
     if only and only.get("it_per_s"):
         if lora and lora.get("it_per_s"):

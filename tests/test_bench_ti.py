@@ -78,6 +78,14 @@ def test_the_summary_puts_both_phases_beside_the_lora_only_default() -> None:
     assert report["cell_scope_estimate"]["phase1_s"] == 18 * (35 + 300)
 
 
+def test_the_summary_reads_the_sdxl_scripts_phases_too() -> None:
+    report = {"ti_then_lora": {"wall_s": 300.0, "launches": [
+        _launch("sdxl_train_textual_inversion.py", 0.5, 60.0, 96.0, 2), _launch("sdxl_train_network.py", 0.4, 64.0, 107.0, 2)]}}
+    tb.summarise(report)
+    assert report["phase1_textual_inversion"]["runs"] == 1 and report["phase1_textual_inversion"]["it_per_s"] == 0.5
+    assert report["phase2_lora"]["it_per_s"] == 0.4
+
+
 def test_the_sdxl_run_is_the_shipped_sdxl_recipe_on_random_sdxl(tmp_path: Path) -> None:
     setup = tb.Setup(tmp_path, tmp_path / "work", tmp_path / "data", False, ti_steps=30, lora_steps=40, family="sdxl")
     spec, _ = load_run(tb.run_file(setup, tb.FAMILIES["sdxl"][0], "bench-ti-then-lora"))
