@@ -104,7 +104,7 @@ VARIANTS: list[Variant] = [
     Variant("dermkohya-batch8", "dermkohya", "the default at batch 8 (not the card's batch), same number of steps",
             overrides={"train": {"batch_size": 8, "epochs": 8}}),
     Variant("dermkohya-eager-2gpu", "dermkohya", "lora_fast-eager on 2 GPUs ([launch] processes = 2; batch 4 per GPU); "
-            "scaling vs dermkohya-lora_fast-eager (CUDA graphs are off with several processes)",
+            "scaling vs dermkohya-lora_fast-eager (cuda_graph=off: eager fused layers, the pre-#18 multi-GPU path)",
             overrides={"network": {"args": ["cuda_graph=off"]}, "launch": {"processes": 2}}),
     Variant("raw+sdpa+cache_latents+compile", "raw", "the card + --sdpa --cache_latents --torch_compile --dynamo_backend "
             "inductor: compile time (start-up minus the same flags without compile) and the compiled step rate",
