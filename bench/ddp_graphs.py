@@ -461,14 +461,16 @@ def summarise(report: dict[str, Any]) -> None:
 
 
 def write(path: Path, report: dict[str, Any], work: Path | None = None) -> None:
+    """The report, machine paths named `<repo>`/`<work>` (train_throughput is not imported: this runs in kohya's
+    Python, which lacks its dependencies)."""
+    from dermkohya.files import write_atomic
+
     places = {str(ROOT): "<repo>", **({str(work): "<work>"} if work else {})}
     text = json.dumps(report, indent=1, ensure_ascii=False)
     for place, name in places.items():
         text = text.replace(place, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text + "\n")
 
 
 def main() -> int:
