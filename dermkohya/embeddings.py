@@ -237,8 +237,9 @@ def embeddings_only(root: Path, name: str) -> bool:
 def collect_embeddings(root: Path, name: str) -> Path:
     """File phase 1's embeddings as artifacts/<run>/<run>-embeddings/<token-slug>.safetensors.
 
-    One file per token, in kohya's own format (`emb_params`, [vectors, 768]): diffusers'
-    `load_textual_inversion` and A1111 load exactly that, while neither reads a bundle of several tokens.
+    One file per token, in kohya's own format (SD 1.5: `emb_params` [vectors, 768]; SDXL: `clip_l` and
+    `clip_g`): diffusers' `load_textual_inversion` (per text encoder for SDXL: load_embeddings) and A1111
+    load such a file, while neither reads a bundle of several tokens.
     The header gains `dermkohya.*` keys (token, its cell, init word, phase hashes); the tensors are copied
     unchanged. A file already filed with the same bytes is kept; a different one is never replaced.
     """
