@@ -211,10 +211,10 @@ def _collect_locked(
     """`after_failure`: `train` files a final LoRA kohya wrote before it failed (verified like any other)."""
     root = (project_root or Path.cwd()).resolve()
     name = run_name(run)
-    from dermkohya import ti  # textual inversion: the learned embeddings are filed beside (or instead of) a LoRA
+    from dermkohya import embeddings  # textual inversion: the learned embeddings are filed beside (or instead of) a LoRA
 
-    if ti.embeddings_only(root, name):
-        return ti.collect_embeddings(root, name)
+    if embeddings.embeddings_only(root, name):
+        return embeddings.collect_embeddings(root, name)
     manifest, manifest_path = _load_manifest(root, name)
     output_dir = root / "output" / name
     candidates = find_candidates(output_dir, name)
@@ -248,7 +248,7 @@ def _collect_locked(
 
     artifact_dir = root / "artifacts" / name
     if manifest.textual_inversion:
-        ti.collect_embeddings(root, name)
+        embeddings.collect_embeddings(root, name)
     try:
         return _file(root, name, artifact_dir, manifest, chosen, info, checks, new_version)
     except OSError as exc:
@@ -357,10 +357,10 @@ def _write_sidecars(
 
 def inspect(path: Path) -> dict[str, Any]:
     """A readable summary of any kohya/diffusers LoRA: grouped metadata, rank, alpha, modules, hash check;
-    for a textual-inversion file (ti.py), its token, vectors and dermkohya.* keys (`kind` says which)."""
-    from dermkohya import ti
+    for a textual-inversion file (embeddings.py), its token, vectors and dermkohya.* keys (`kind` says which)."""
+    from dermkohya.embeddings import describe_embedding
 
-    embedding = ti.describe_embedding(Path(path))
+    embedding = describe_embedding(Path(path))
     if embedding is not None:
         return embedding
     info = lora.describe(Path(path))

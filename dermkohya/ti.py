@@ -27,10 +27,7 @@ from dermkohya.resume import _resume_done, saved_states
 from dermkohya.spec import RunSpec, load_run
 from dermkohya.names import slug
 from dermkohya.templating import text_template
-from dermkohya.embeddings import (  # noqa: F401 (re-exported for collect, generate and tests)
-    CLIP_BIGG_DIR, CLIP_L_DIR, DerivedBase, build_derived_base, collect_embeddings, describe_embedding, diffusers_from_single_file,
-    embedding_files, embeddings_only, load_embeddings, read_embedding,
-)
+from dermkohya.embeddings import DerivedBase, build_derived_base, diffusers_from_single_file
 
 TI_SCRIPTS: dict[str, str] = {"sd15": "train_textual_inversion.py", "sdxl": "sdxl_train_textual_inversion.py"}
 

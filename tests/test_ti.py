@@ -16,7 +16,7 @@ import pytest
 from _smoke import smoke_sd15_model  # noqa: F401  (session fixture: the shared smoke model)
 from test_single_file import single_file_sd15  # noqa: F401  (session fixture: the smoke model as one checkpoint)
 
-from dermkohya import basemodel, collect, demo, ti
+from dermkohya import basemodel, collect, demo, embeddings, ti
 from dermkohya.errors import DermkohyaError
 from dermkohya.lora import read_header
 
@@ -107,7 +107,7 @@ def test_derived_base_holds_the_learned_rows_and_a_tokenizer_that_knows_the_toke
     rows = encoder.get_input_embeddings().weight.detach().numpy()
     assert rows.shape[0] == 49411 and np.array_equal(rows[49408], a[0].astype(np.float32))
     assert np.array_equal(rows[49409:49411], b.astype(np.float32))
-    tokenizer = CLIPTokenizer.from_pretrained(str(derived.tokenizer_cache_dir / ti.CLIP_L_DIR))
+    tokenizer = CLIPTokenizer.from_pretrained(str(derived.tokenizer_cache_dir / embeddings.CLIP_L_DIR))
     ids = tokenizer("<a> on skin, <b> <b>1").input_ids
     assert ids[1] == 49408 and ids[-3:-1] == [49409, 49410]
     with pytest.raises(DermkohyaError, match="not a diffusers folder"):
@@ -141,7 +141,7 @@ def test_sdxl_derived_base_holds_the_rows_in_both_text_encoders_with_the_same_id
     first = CLIPTextModel.from_pretrained(str(derived.base / "text_encoder")).get_input_embeddings().weight.detach().numpy()
     second = CLIPTextModelWithProjection.from_pretrained(str(derived.base / "text_encoder_2"))
     assert np.array_equal(first[49408:], l) and np.array_equal(second.get_input_embeddings().weight.detach().numpy()[49408:], g)
-    for folder in (derived.base / "tokenizer_2", derived.tokenizer_cache_dir / ti.CLIP_BIGG_DIR, derived.tokenizer_cache_dir / ti.CLIP_L_DIR):
+    for folder in (derived.base / "tokenizer_2", derived.tokenizer_cache_dir / embeddings.CLIP_BIGG_DIR, derived.tokenizer_cache_dir / embeddings.CLIP_L_DIR):
         assert CLIPTokenizer.from_pretrained(str(folder)).convert_tokens_to_ids(["<t>", "<t>1"]) == [49408, 49409]
     _embedding(tmp_path / "sd15.safetensors", rng.normal(size=(1, 32)))
     with pytest.raises(DermkohyaError, match="no 48-wide `clip_g` vectors"):
@@ -167,14 +167,14 @@ def test_generate_loads_kohyas_sdxl_embedding_into_both_text_encoders(tmp_path: 
     cache = basemodel.build_tokenizer_cache(tmp_path / "tokenizers")
     shape = {"vocab_size": 49408, "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
     pipe = TextOnlyXLPipeline(
-        tokenizer=CLIPTokenizer.from_pretrained(str(cache / ti.CLIP_L_DIR)),
-        tokenizer_2=CLIPTokenizer.from_pretrained(str(cache / ti.CLIP_BIGG_DIR)),
+        tokenizer=CLIPTokenizer.from_pretrained(str(cache / embeddings.CLIP_L_DIR)),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(cache / embeddings.CLIP_BIGG_DIR)),
         text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=32, **shape)),
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, projection_dim=16, **shape)))
     rng = np.random.default_rng(2)
     l, g = rng.normal(size=(1, 32)).astype(np.float32), rng.normal(size=(1, 48)).astype(np.float32)
     save_file({"clip_l": l, "clip_g": g}, str(tmp_path / "t.safetensors"), metadata={"dermkohya.token": "<t>"})
-    assert ti.load_embeddings(pipe, [SimpleNamespace(path=str(tmp_path / "t.safetensors"), token=None)]) == ["<t>"]
+    assert embeddings.load_embeddings(pipe, [SimpleNamespace(path=str(tmp_path / "t.safetensors"), token=None)]) == ["<t>"]
     for tokenizer, encoder, rows in ((pipe.tokenizer, pipe.text_encoder, l), (pipe.tokenizer_2, pipe.text_encoder_2, g)):
         row = encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("<t>")].detach().numpy()
         assert np.array_equal(row, rows[0])
@@ -222,7 +222,7 @@ def test_collect_files_one_embedding_per_token_with_provenance_and_inspect_reads
     summary = collect.inspect(filed)
     assert summary["kind"] == "textual inversion embedding" and summary["token"] == "<scaly-plaque>" and summary["vectors"] == 1
     assert collect.collect("r", project_root=root) == folder  # the same bytes again: kept, not duplicated
-    assert ti.embedding_files(folder) == [(filed, "<scaly-plaque>")]
+    assert embeddings.embedding_files(folder) == [(filed, "<scaly-plaque>")]
 
 
 @pytest.mark.kohya

@@ -188,9 +188,9 @@ class Engine:
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         if plan.embedding:
-            from dermkohya import ti
+            from dermkohya.embeddings import load_embeddings
 
-            ti.load_embeddings(pipe, plan.embedding)
+            load_embeddings(pipe, plan.embedding)
         load_loras(pipe, job.loras)
         if device.startswith("cuda"):
             torch.backends.cuda.matmul.allow_tf32 = True
