@@ -197,19 +197,20 @@ def plain_batched(model: Path, lora: Path | None, args: argparse.Namespace, comp
     sync()
     first_s = time.perf_counter() - first
     seconds, _ = timed_batches(batch, args.timed_batches)
-    images = args.batch * args.timed_batches
     return {
         "what": f"StableDiffusionPipeline, {str(dtype).removeprefix('torch.')}, SDPA, PNDM, LoRA fused, one call per batch, PIL output (not saved)"
         + (f", U-Net torch.compile(mode={compile_mode!r}, fullgraph=True)" if compile_mode else ", eager"),
         "batch_size": args.batch,
         "compile_mode": compile_mode,
-        "images": images,
-        "seconds": seconds,
-        "images_per_s": images / seconds,
-        "batch_s": seconds / args.timed_batches,
-        "first_batch_s": first_s,
-        "load_s": load_s,
+        **rates(args, seconds, first_s, load_s),
     }
+
+
+def rates(args: argparse.Namespace, seconds: float, first_s: float, load_s: float) -> dict[str, float]:
+    """The timing keys every measurement reports: `args.timed_batches` batches of `args.batch` in `seconds`."""
+    images = args.batch * args.timed_batches
+    return {"images": images, "seconds": seconds, "images_per_s": images / seconds,
+            "batch_s": seconds / args.timed_batches, "first_batch_s": first_s, "load_s": load_s}
 
 
 # --- the engine, called directly ---------------------------------------------------------------------------
@@ -245,17 +246,11 @@ def engine_variant(model: Path, lora: Path | None, args: argparse.Namespace, wor
     seconds, last = timed_batches(lambda: engine(slots), args.timed_batches)
     if keep is not None:
         keep.update(job=job, engine=engine, batch=last, slots=slots)
-    images = args.batch * args.timed_batches
     return {
         "name": name,
         "compile_mode": compile_mode,
         **{key: value and cuda() for key, value in _engine_options(job).items()},
-        "images": images,
-        "seconds": seconds,
-        "images_per_s": images / seconds,
-        "batch_s": seconds / args.timed_batches,
-        "first_batch_s": first_s,
-        "load_s": load_s,
+        **rates(args, seconds, first_s, load_s),
     }
 
 
