@@ -29,9 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from generate_throughput import PLAN, resolve_model, write_random_kohya_lora  # noqa: E402
-
-NEGATIVE = "blurry, low quality, text, watermark"
+from generate_levers import NEGATIVE, PLAN  # noqa: E402 (the one plan template of the generation benchmarks)
+from generate_throughput import resolve_model, write_random_kohya_lora  # noqa: E402
 
 
 def write_plan(work: Path, model: Path, lora: Path | None, args: argparse.Namespace) -> Path:
@@ -40,7 +39,7 @@ def write_plan(work: Path, model: Path, lora: Path | None, args: argparse.Namesp
     plan.write_text(
         PLAN.format(name="ranks", model=model, lora=lora_block, count=args.count, negative=NEGATIVE, scheduler=args.scheduler,
                     steps=args.steps, guidance=args.guidance, size=args.size, batch=args.batch_size,
-                    compile=str(args.compile).lower(), filter="false"),
+                    compile=str(args.compile).lower(), engine_options="", filter="false"),
         encoding="utf-8",
     )  # fmt: skip
     return plan
