@@ -82,7 +82,9 @@ def build_derived_base(base: Path, tokenizer_cache: Path, embeddings: list[tuple
     for encoder in encoders:
         ids = _append_rows(base, tokenizer_cache, encoder, vectors, tmp)
         if token_ids is not None and ids != token_ids:
-            raise DermkohyaError(f"{base}: its two tokenizers give the new tokens different ids ({token_ids} vs {ids})")
+            raise DermkohyaError(f"{tokenizer_cache}: its CLIP-L and bigG tokenizers give the new tokens different ids "
+                                 f"({token_ids} vs {ids}), so they hold different vocabularies: delete that folder and "
+                                 "train again (it is rebuilt from dermkohya's own copy)")
         token_ids = ids
     digest = hashlib.sha256()
     written = [tmp / "base" / e[0] for e in encoders] + [tmp / "tokenizers" / e[2] for e in encoders]
