@@ -16,8 +16,9 @@ defines the result kohya's own and changes only how a step is issued:
   signature as a pair of CUDA graphs (`torch.cuda.make_graphed_callables`) and replayed: a step
   launches two graphs instead of thousands of kernels. Whatever a graph cannot stand for runs
   kohya's eager path unchanged: no grad (sampling, validation), a signature beyond `max_graphs`,
-  gradient checkpointing, gradient accumulation (graph gradients live in static buffers), no CUDA,
-  or a failed capture (logged once, then eager for the rest of the run).
+  gradient checkpointing, gradient accumulation (graph gradients live in static buffers), kohya's
+  torch_compile or deepspeed, no CUDA, or a failed capture (logged once, then eager for the rest of
+  the run).
 * The capture runs over alias leaves of the LoRA weights (`p.detach().requires_grad_()`: the same
   storage, autograd state of their own), passed to the graphed step as explicit inputs; a replay is
   called with the weights themselves, so autograd hands the graph's gradients to the real parameters.
