@@ -1,4 +1,4 @@
-# Sourced by the device scripts (bench/gpu_ddp.sh; gpu_run*.sh and gpu_generate_ranks.sh can source it too),
+# Sourced by the device scripts (bench/gpu_ddp.sh, gpu_generate.sh, gpu_generate_ranks.sh, gpu_run_x2.sh),
 # from the repository root with .whl/ carried (bench/gpu_prepare.sh): the pinned wheels installed beside the
 # image's torch in $SITE, on PYTHONPATH with the checkout; NVLink multicast off (the multi-GPU hosts' rule);
 # the image's accelerate kept if the pinned one does not import beside its torch; the GPUs listed.

@@ -12,11 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench/results}"
 NAME="${NAME:-generate-h200}"
-SITE="$(mktemp -d)"  # the carried wheels, installed beside the image's torch
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DERMKOHYA_CACHE="$SITE/cache"
-python3 -c "import accelerate.commands.launch" 2>/dev/null || rm -rf "$SITE"/accelerate "$SITE"/accelerate-*
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+. bench/gpu_env.sh  # the carried wheels in $SITE beside the image's torch, on PYTHONPATH
 mkdir -p "$DEST"
 start=$(date +%s)
 BUDGET="${GEN_BUDGET:-380}"

@@ -4,13 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEST="${OUT:-bench/results}"
-SITE="$(mktemp -d)"  # the carried wheels, installed beside the image's torch
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 DERMKOHYA_CACHE="$SITE/cache"
-# multi-GPU hosts here: NVLink multicast stays off
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -c "import accelerate.commands.launch" 2>/dev/null || rm -rf "$SITE"/accelerate "$SITE"/accelerate-*
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+. bench/gpu_env.sh  # the carried wheels in $SITE beside the image's torch, on PYTHONPATH
 timeout "${GEN_TIMEOUT:-330}" python3 bench/generate_throughput.py --model random:sd15 --random-lora \
   --processes 1,2 --count "${GEN_COUNT:-96}" --plain-count 8 --batch-sizes 16 --compile "${GEN_COMPILE:-both}" \
   --out "$DEST/generate-h200x2.json" 2>&1 | grep -v "Loading pipeline" | tail -40
