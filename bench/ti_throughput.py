@@ -34,13 +34,11 @@ import shutil
 import statistics
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,7 +46,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from dermkohya import kohya, render  # noqa: E402
 from train_throughput import (  # noqa: E402
-    GpuSampler, Progress, Watchdog, _commit, _write, machine, steady_state, versions,
+    GpuSampler, Progress, Watchdog, _commit, _write, bench_run_data, machine, steady_state, versions, write_run_file,
 )
 
 # family → (two-phase run file, LoRA-only run file or None, resolution, default diagnoses kept)
@@ -146,11 +144,8 @@ class Setup:
 
 def run_file(setup: Setup, source: str, name: str) -> Path:
     """A copy of a shipped run file on the random model and the bench data, with the bench's step counts."""
-    data = tomllib.loads((ROOT / "runs" / source).read_text(encoding="utf-8"))
+    data = bench_run_data(ROOT / "runs" / source, setup.family, setup.data_dir, setup.smoke)
     data["name"] = name
-    data["model"] = {"base": f"random:{setup.family}", "family": setup.family}  # the run file's vae: not on the bench
-    data["dataset"] = {k: v for k, v in data.get("dataset", {}).items() if k not in ("prepared", "train_data_dir")}
-    data["dataset"]["train_data_dir"] = str(setup.data_dir)
     data["train"].pop("epochs", None)
     data["train"]["max_steps"] = setup.lora_steps
     data.pop("sample", None)  # sampling is not training throughput
@@ -158,14 +153,7 @@ def run_file(setup: Setup, source: str, name: str) -> Path:
         # one kohya run per diagnosis (the cell scope's 18 runs would not fit a device call; estimated instead)
         data["textual_inversion"] |= {"token_scope": "diagnosis", "max_steps": setup.ti_steps}
         data["textual_inversion"].pop("token_template", None)
-    if setup.smoke:
-        data["train"] |= {"resolution": 64, "mixed_precision": "no", "data_loader_workers": 0,
-                          "persistent_data_loader_workers": False}
-        data["dataset"] |= {"min_bucket_reso": 64, "max_bucket_reso": 128}
-    path = setup.work / "runs" / f"{name}.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data), encoding="utf-8")
-    return path
+    return write_run_file(setup.work, data)
 
 
 def measure(setup: Setup, timer: LaunchTimer, path: Path, timeout: float, warmup: int) -> dict[str, Any]:

@@ -515,25 +515,14 @@ class Bench:
         ]
 
     def run_file(self, variant: Variant) -> Path:
-        data = tomllib.loads((self.root / "runs" / self.setup.run_file).read_text(encoding="utf-8"))
+        data = bench_run_data(self.root / "runs" / self.setup.run_file, self.family, self.data_dir, self.smoke)
         data["name"] = "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", variant.name)
-        # the random model only: a run file's vae (SDXL's fp16-fix file) is not on the bench machine
-        data["model"] = {"base": f"random:{self.family}", "family": self.family}
-        data["dataset"] = {k: v for k, v in data.get("dataset", {}).items() if k != "prepared"}
-        data["dataset"]["train_data_dir"] = str(self.data_dir)
-        data.setdefault("train", {})["epochs"] = self.epochs
+        data["train"]["epochs"] = self.epochs
         data.setdefault("sample", {}).pop("every_n_epochs", None)
         data["sample"].pop("every_n_steps", None)
-        if self.smoke:
-            data["train"] |= {"resolution": 64, "mixed_precision": "no", "data_loader_workers": 0,
-                              "persistent_data_loader_workers": False}
-            data["dataset"] |= {"min_bucket_reso": 64, "max_bucket_reso": 128}
         for section, values in variant.overrides.items():
             data.setdefault(section, {}).update(values)
-        path = self.work / "runs" / f"{data['name']}.toml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(tomli_w.dumps(data), encoding="utf-8")
-        return path
+        return write_run_file(self.work, data)
 
     def measure(self, variant: Variant, timeout: float) -> dict[str, Any]:
         from dermkohya import train
@@ -625,6 +614,29 @@ class Bench:
             result["step_profile_files"] = [f"{self.profile.stem}-profile.json ({variant.name})",
                                             f"{self.profile.stem}-profile.collapsed.txt.gz (lines {variant.name};…)"]
         return result
+
+
+def bench_run_data(source: Path, family: str, data_dir: Path, smoke: bool) -> dict[str, Any]:
+    """A shipped run file's data on the random model and the bench data (64 px, fp32 for a CPU `smoke`)."""
+    data = tomllib.loads(source.read_text(encoding="utf-8"))
+    # the random model only: a run file's vae (SDXL's fp16-fix file) is not on the bench machine
+    data["model"] = {"base": f"random:{family}", "family": family}
+    data["dataset"] = {k: v for k, v in data.get("dataset", {}).items() if k != "prepared"}
+    data["dataset"]["train_data_dir"] = str(data_dir)
+    data.setdefault("train", {})
+    if smoke:
+        data["train"] |= {"resolution": 64, "mixed_precision": "no", "data_loader_workers": 0,
+                          "persistent_data_loader_workers": False}
+        data["dataset"] |= {"min_bucket_reso": 64, "max_bucket_reso": 128}
+    return data
+
+
+def write_run_file(work: Path, data: dict[str, Any]) -> Path:
+    """`data` as work/runs/<its name>.toml."""
+    path = work / "runs" / f"{data['name']}.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    return path
 
 
 def replicate_dataset(source: Path, dest: Path, count: int) -> Path:
