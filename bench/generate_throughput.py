@@ -35,9 +35,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-PROMPT = "clinical dermatology photograph, melanoma, Fitzpatrick skin type VI"
-NEGATIVE = "blurry, low quality, text, watermark"
+import generate_levers  # noqa: E402 (the one plan template, prompt and negative prompt of the generation benchmarks)
+from generate_levers import NEGATIVE, PROMPT  # noqa: E402
 GOAL_IMAGES_PER_S = 4.0
 _LORA_TARGETS = re.compile(
     r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.net\.0\.proj|ff\.net\.2|q_proj|k_proj|v_proj|out_proj|fc1|fc2)$"
@@ -136,9 +137,6 @@ def engine_run(
     name = f"bench-b{batch}-{'compiled' if compile_ else 'eager'}-p{processes}{'' if filter_ else '-nofilter'}"
     plan = work / f"{name}.toml"
     lora_block = f'[[lora]]\npath = "{lora}"\nweight = 1.0' if lora else ""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import generate_levers  # the one plan template of the generation benchmarks
-
     plan.write_text(
         generate_levers.PLAN.format(name=name, model=model, lora=lora_block, count=args.count, negative=NEGATIVE, scheduler=args.scheduler,
                     steps=args.steps, guidance=args.guidance, size=args.size, batch=batch, compile=str(compile_).lower(),
@@ -297,9 +295,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _levers_suite(results: dict[str, Any], model: Path, lora: Path | None, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "bench"))
-    import generate_levers
-
     def e2e(plan: Path, name: str) -> dict[str, Any]:
         return generate_record(plan, work / "synthetic" / name)
 
@@ -314,9 +309,6 @@ def _levers_suite(results: dict[str, Any], model: Path, lora: Path | None, args:
 
 
 def _table(source: Path, readme: Path | None) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT / "bench"))
-    import generate_levers
-
     results = json.loads(source.read_text(encoding="utf-8"))
     try:
         shown = source.resolve().relative_to(ROOT).as_posix()
