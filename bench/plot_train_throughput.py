@@ -103,7 +103,11 @@ def markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     by = {v["name"]: v for v in report["variants"]}
     raw, default = by.get(family.raw, {}), by.get(family.default, {})
     if family is FAMILIES["sd15"]:
-        lines.append(f"**dermkohya's default vs the card typed by hand: {_fmt(speedup)}× it/s**, "
+        pairs = report.get("pairs") or {}
+        ratios = ", ".join(f"{_fmt(pair['speedup'])}×" for pair in pairs.get("pairs", []))
+        which = (f" (the lower of two back-to-back pairs: {ratios}; target {_fmt(pairs['target'], 0)}×)"
+                 if len(pairs.get("pairs", [])) > 1 else "")
+        lines.append(f"**dermkohya's default vs the card typed by hand: {_fmt(speedup)}× it/s**{which}, "
                      f"MFU of the default {_fmt(report.get('mfu_default_pct'), 1)} %. End to end, start-up included, this "
                      f"{default.get('steps', '?')}-step run took {_fmt(default.get('wall_s'), 0)} s vs {_fmt(raw.get('wall_s'), 0)} s "
                      f"(dermkohya's own {_fmt(default.get('dermkohya_overhead_s'), 1)} s and the one-time graph capture "

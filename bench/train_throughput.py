@@ -805,6 +805,8 @@ def summarise(report: dict[str, Any]) -> None:
             report["speedup_default_vs_card_raw_wall"] = round(raw["wall_s"] / default["wall_s"], 2)
     else:
         report["speedup_default_vs_card_raw"] = None
+    if report.get("pairs") and len(report["pairs"]["pairs"]) == len(PAIRS):  # issue #18's headline: the lower pair
+        report["speedup_default_vs_card_raw"] = report["pairs"]["speedup_lower"]
     report["mfu_default_pct"] = default.get("mfu_pct") if default else None
     for name in ("card-raw-repeat", "dermkohya-default-repeat"):
         if by.get(name, {}).get("it_per_s") and by.get(name.removesuffix("-repeat"), {}).get("it_per_s"):
