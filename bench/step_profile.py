@@ -109,6 +109,8 @@ class StepProfiler:
         self.errors: dict[str, int] = {}
         self.written = False
         self.stopped = False
+        self.closing = False  # set at exit: the sampler thread ends before the interpreter finalizes
+        self.thread: threading.Thread | None = None
         self.switch_interval = sys.getswitchinterval()  # restored when the window ends
         self._gc_started: float | None = None
         self._lock = threading.Lock()
@@ -146,8 +148,10 @@ class StepProfiler:
 
     def run(self) -> None:
         main = threading.main_thread()
-        while not self.written:
+        while not self.written and not self.closing:
             time.sleep(self.interval_s)
+            if self.closing:
+                return
             if not main.is_alive():  # kohya's main thread ended (a stop may leave shutdown waiting on other threads)
                 self.write()
                 return
@@ -192,6 +196,14 @@ class StepProfiler:
             "step_timing": step_timing(steps, self.first, self.last),
             "steps": steps,
         }
+
+    def close(self) -> None:
+        """At exit: stop the sampler thread first (a daemon thread still reading frames while the interpreter
+        finalizes can crash the process: seen as SIGSEGV), then write."""
+        self.closing = True
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=60)  # it wakes within one interval, or finishes the write it began
+        self.write()
 
     def write(self) -> None:
         """At exit (or when the main thread is gone): writing during the run would cost the steps it times."""
@@ -334,8 +346,9 @@ def install() -> StepProfiler | None:
     # (until the window's last step)
     sys.setswitchinterval(min(sys.getswitchinterval(), interval / 10))
     gc.callbacks.append(profiler.on_gc)
-    atexit.register(profiler.write)
-    threading.Thread(target=profiler.run, name="dermkohya-step-profile", daemon=True).start()
+    atexit.register(profiler.close)
+    profiler.thread = threading.Thread(target=profiler.run, name="dermkohya-step-profile", daemon=True)
+    profiler.thread.start()
     return profiler
 
 
