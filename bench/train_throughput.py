@@ -4,8 +4,9 @@ One call on one GPU machine trains every variant on the same synthetic 512×512 
 generator, 72 images) and the same random-weight full-size SD 1.5 (`random:sd15`), one after the
 other, and writes one JSON: per variant the steady-state it/s and images/s (warm-up steps skipped,
 taken from kohya's own progress lines as they arrive), peak GPU memory and utilisation (sampled
-through NVML), final loss and loss curve, MFU, and success or the error; then
-`speedup_default_vs_card_raw`. A failed variant records its error and the run goes on.
+through NVML), final loss and loss curve, MFU, where start-up goes (`milestones`, `startup_phases`: kohya's
+own lines, time-stamped as they arrive), what each epoch end costs beyond a step (`epoch_boundary_s`, `save_s`,
+`steady_excluding_epoch_ends_it_per_s`), and success or the error; then `speedup_default_vs_card_raw`. A failed variant records its error and the run goes on.
 
 - card-raw: `train_network.py` as a practitioner types the card: rank 16, alpha 16, lr 1e-4,
   batch 4, fp16, 512, no attention flag, no latent cache (launched like the card, from sd-scripts).
@@ -42,6 +43,7 @@ import sys
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -292,20 +294,43 @@ class GpuSampler:
         return round(statistics.fmean(window), 1) if window else None
 
 
-class Progress:
-    """kohya's progress lines, time-stamped as they arrive: (step, seconds since launch, avr_loss)."""
+# kohya's start-up, in the order sd-scripts (48d368fa) prints it; the first line holding any of a milestone's
+# substrings marks it (plain prints and rich log lines alike: each substring fits in rich's message column)
+MILESTONES: dict[str, tuple[str, ...]] = {
+    "kohya_running": ("Loading settings from", "Using v1 tokenizer", "Using v2 tokenizer", "prepare images."),
+    "preparing_accelerator": ("preparing accelerator",),
+    "loading_model": ("loading model for process",),
+    "caching_latents": ("caching latents",),
+    "network": ("import network module",),
+    "optimizer": ("prepare optimizer, data loader etc.",),
+    "running_training": ("running training",),
+    "graphs_captured": ("captured as CUDA graphs",),
+}
+_EPOCH = re.compile(r"^epoch (\d+)/(\d+)$")
+SAVE_LOG = "saving checkpoint:"
 
-    def __init__(self) -> None:
-        self.start = time.monotonic()
+
+class Progress:
+    """kohya's progress lines, time-stamped as they arrive: (step, seconds since launch, avr_loss); also the first
+    arrival of each start-up milestone, each `epoch N/M` line and each `saving checkpoint:` line, with the last step
+    seen before it (kohya runs unbuffered into one pipe, so arrival order is print order)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.start = clock()
         self.points: dict[int, tuple[float, float | None]] = {}
         self.total: int | None = None
         self.graph_log: list[str] = []
         self.last_loss: float | None = None
+        self.milestones: dict[str, float] = {}
+        self.epoch_starts: list[tuple[int, int, float]] = []  # (epoch, last step before it, arrival)
+        self.saves: list[tuple[int, float]] = []  # (last step before it, arrival)
 
     def __call__(self, line: str) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if LORA_LOG in line:
             self.graph_log.append(line[line.index(LORA_LOG):].strip()[:300])
+        self._mark(line, now)
         progress = kohya.parse_progress(line)
         if progress is None:
             return
@@ -317,6 +342,23 @@ class Progress:
         elif progress.step in self.points and self.points[progress.step][1] is None and progress.loss is not None:
             self.points[progress.step] = (self.points[progress.step][0], progress.loss)
 
+    def _mark(self, line: str, now: float) -> None:
+        last = max(self.points, default=0)
+        for name, needles in MILESTONES.items():
+            if name not in self.milestones and any(n in line for n in needles):
+                self.milestones[name] = now
+        epoch = _EPOCH.match(line.strip())
+        if epoch:
+            self.epoch_starts.append((int(epoch.group(1)), last, now))
+        if SAVE_LOG in line:
+            self.saves.append((last, now))
+
+
+def step_gaps(points: dict[int, tuple[float, float | None]], warmup: int) -> list[float]:
+    """Seconds between consecutive steps from `warmup` on (pairs with a step missing between them left out)."""
+    steps = sorted(s for s in points if s >= warmup)
+    return [points[b][0] - points[a][0] for a, b in zip(steps, steps[1:]) if b == a + 1]
+
 
 def steady_state(points: dict[int, tuple[float, float | None]], warmup: int) -> dict[str, Any]:
     """it/s over the steps after `warmup` (epoch-end saves included), and the median step time."""
@@ -325,10 +367,45 @@ def steady_state(points: dict[int, tuple[float, float | None]], warmup: int) -> 
         return {"it_per_s": None, "it_per_s_median_step": None, "window": None}
     first, last = steps[0], steps[-1]
     rate = (last - first) / (points[last][0] - points[first][0])
-    gaps = [points[b][0] - points[a][0] for a, b in zip(steps, steps[1:]) if b == a + 1]
+    gaps = step_gaps(points, warmup)
     median = 1 / statistics.median(gaps) if gaps and statistics.median(gaps) > 0 else None
     return {"it_per_s": round(rate, 3), "it_per_s_median_step": round(median, 3) if median else None,
             "window": [first, last]}
+
+
+def startup_timeline(progress: Progress) -> dict[str, Any]:
+    """Where start-up goes: each milestone seen (seconds since launch) and, in arrival order, the time from launch
+    to the first, between consecutive ones, and from the last to the first step (`a->b`). Unseen ones are absent,
+    so a phase spans whatever ran between the two it names (card-raw has no latent cache and no capture)."""
+    seen = sorted(progress.milestones.items(), key=lambda kv: kv[1])
+    first_step = progress.points[min(progress.points)][0] if progress.points else None
+    marks = [("launch", progress.start), *seen] + ([("first_step", first_step)] if first_step is not None else [])
+    phases = {f"{a}->{b}": round(tb - ta, 2) for (a, ta), (b, tb) in zip(marks, marks[1:])}
+    return {"milestones": {name: round(t - progress.start, 2) for name, t in seen}, "startup_phases": phases}
+
+
+def epoch_boundaries(progress: Progress, warmup: int, window: list[int] | None) -> dict[str, Any]:
+    """What each epoch end costs beyond a step: the time from epoch k's last step to epoch k+1's first, less the
+    median step time (`epoch_boundary_s`, after the steps in `epoch_boundary_after_step`); the time from each
+    `saving checkpoint:` line to the next step (`save_s`); and the window's rate without those excesses
+    (`steady_excluding_epoch_ends_it_per_s`; `it_per_s` keeps them, by design)."""
+    points = progress.points
+    gaps = step_gaps(points, warmup) or step_gaps(points, 1)
+    median = statistics.median(gaps) if gaps else None
+    after = [s for n, s, _ in progress.epoch_starts if n > 1 and s in points and s + 1 in points]
+    excess = [points[s + 1][0] - points[s][0] - median for s in after] if median is not None else []
+    saves = [min((t for s, (t, _) in points.items() if s > last), default=None) for last, _ in progress.saves]
+    save_s = [round(nxt - at, 3) for (_, at), nxt in zip(progress.saves, saves) if nxt is not None]
+    out: dict[str, Any] = {"epoch_boundary_after_step": after[:len(excess)],
+                           "epoch_boundary_s": [round(e, 3) for e in excess],
+                           "epoch_boundary_s_mean": round(statistics.fmean(excess), 3) if excess else None,
+                           "save_s": save_s, "steady_excluding_epoch_ends_it_per_s": None}
+    if window:
+        first, last = window
+        inside = sum(e for s, e in zip(after, excess) if first <= s and s + 1 <= last)
+        span = points[last][0] - points[first][0] - inside
+        out["steady_excluding_epoch_ends_it_per_s"] = round((last - first) / span, 3) if span > 0 else None
+    return out
 
 
 def mfu_pct(it_per_s: float | None, batch: int, cached_latents: bool, family: str = "sd15") -> float | None:
@@ -595,6 +672,8 @@ class Bench:
             "final_loss": progress.last_loss,
             "loss_curve": [[s, points[s][1]] for s in sorted(points)],
             "graph_log": progress.graph_log,
+            **startup_timeline(progress),
+            **epoch_boundaries(progress, self.warmup, window),
         }
         if tb_dir is not None and tb_dir.is_dir():
             result["losses_tensorboard"] = tensorboard_losses(tb_dir)

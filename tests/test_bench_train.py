@@ -78,6 +78,118 @@ def test_progress_keeps_the_first_arrival_of_each_step_and_the_graph_log() -> No
     assert progress.graph_log == ["dermkohya lora_fast: U-Net forward+backward captured as CUDA graphs for 4x4x64x64 in 1.2 s  lora_fast.py:140"]
 
 
+class _Clock:
+    """A clock the test sets: Progress stamps each line with `now`."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _feed(progress, clock: _Clock, at: float, line: str) -> None:
+    clock.now = 100.0 + at
+    progress(line)
+
+
+def _step(step: int, total: int = 12) -> str:
+    return f"steps:  {100 * step // total}%|▏         | {step}/{total} [00:03<00:10,  1.00it/s, avr_loss=0.1]"
+
+
+def _default_run() -> tuple:
+    """A dermkohya-default-like log: 3 epochs of 4 steps, 0.5 s a step, a save at each epoch end costing 2 s
+    more after epoch 1 and 3 s more after epoch 2 (rich-formatted and plain lines, as on the H200)."""
+    clock = _Clock()
+    progress = tt.Progress(clock=clock)
+    for at, line in [
+        (3.0, "/x/sd-scripts/library/strategy_base.py:90: SyntaxWarning: invalid escape sequence '\\('"),
+        (5.0, "2026-11-30 14:32:06 INFO     Loading settings from            train_util.py:4744"),
+        (5.5, "Using v1 tokenizer"),
+        (6.0, "prepare images."),
+        (8.0, "preparing accelerator"),
+        (9.0, "loading model for process 0/1"),
+        (20.0, "caching latents with caching strategy."),
+        (20.1, "caching latents..."),
+        (30.0, "import network module: dermkohya.networks.lora_fast"),
+        (31.0, "prepare optimizer, data loader etc."),
+        (32.0, "running training / 学習開始"),
+        (33.0, "steps:   0%|          | 0/12 [00:00<?, ?it/s]"),
+        (33.1, "epoch 1/3"),
+        (45.0, "dermkohya lora_fast: U-Net forward+backward captured as CUDA graphs for 4x4x64x64 in 11.0 s"),
+    ]:
+        _feed(progress, clock, at, line)
+    # steps 0.5 s apart from 46.0 s; epoch ends after steps 4 and 8 add 2 s and 3 s
+    times = {1: 46.0, 2: 46.5, 3: 47.0, 4: 47.5, 5: 50.0, 6: 50.5, 7: 51.0, 8: 51.5, 9: 55.0, 10: 55.5, 11: 56.0,
+             12: 56.5}
+    ends = {4: (2, "output/x-000001.safetensors"), 8: (3, "output/x-000002.safetensors")}
+    for step, at in times.items():
+        _feed(progress, clock, at, _step(step))
+        if step in ends:
+            epoch, path = ends[step]
+            _feed(progress, clock, at + 0.1, f"saving checkpoint: {path}")
+            _feed(progress, clock, times[step + 1] - 0.3, f"epoch {epoch}/3")
+    return progress, clock
+
+
+def test_progress_times_each_startup_milestone_and_the_phases_between_them() -> None:
+    progress, _ = _default_run()
+    timeline = tt.startup_timeline(progress)
+    assert timeline["milestones"] == {
+        "kohya_running": 5.0, "preparing_accelerator": 8.0, "loading_model": 9.0, "caching_latents": 20.0,
+        "network": 30.0, "optimizer": 31.0, "running_training": 32.0, "graphs_captured": 45.0}
+    assert timeline["startup_phases"] == {
+        "launch->kohya_running": 5.0, "kohya_running->preparing_accelerator": 3.0,
+        "preparing_accelerator->loading_model": 1.0, "loading_model->caching_latents": 11.0,
+        "caching_latents->network": 10.0, "network->optimizer": 1.0, "optimizer->running_training": 1.0,
+        "running_training->graphs_captured": 13.0, "graphs_captured->first_step": 1.0}
+    assert [p.split("->")[1] for p in timeline["startup_phases"]] == [*timeline["milestones"], "first_step"]
+    assert sum(timeline["startup_phases"].values()) == pytest.approx(46.0)  # = startup_s
+
+
+def test_startup_phases_skip_milestones_a_run_never_prints() -> None:
+    clock = _Clock()
+    progress = tt.Progress(clock=clock)  # card-raw: no latent cache, no graph capture
+    for at, line in [(4.0, "2026-11-30 14:30:45 INFO     Using v1 tokenizer                strategy_sd.py:26"),
+                     (6.0, "                    INFO     loading model for process 0/1    train_util.py:5574"),
+                     (15.0, "import network module: networks.lora"), (16.0, "running training / 学習開始"),
+                     (18.0, _step(1))]:
+        _feed(progress, clock, at, line)
+    timeline = tt.startup_timeline(progress)
+    assert timeline["milestones"] == {"kohya_running": 4.0, "loading_model": 6.0, "network": 15.0,
+                                      "running_training": 16.0}
+    assert timeline["startup_phases"] == {"launch->kohya_running": 4.0, "kohya_running->loading_model": 2.0,
+                                          "loading_model->network": 9.0, "network->running_training": 1.0,
+                                          "running_training->first_step": 2.0}
+
+
+def test_epoch_boundaries_are_the_epoch_end_gaps_less_a_step_and_the_rate_without_them() -> None:
+    progress, _ = _default_run()
+    assert [(n, s) for n, s, _ in progress.epoch_starts] == [(1, 0), (2, 4), (3, 8)]
+    steady = tt.steady_state(progress.points, warmup=2)
+    assert steady["window"] == [2, 12] and steady["it_per_s_median_step"] == pytest.approx(2.0)
+    # window: 10 steps in 10 × 0.5 s + 2 s + 3 s of epoch ends = 10 s
+    assert steady["it_per_s"] == pytest.approx(1.0)
+    ends = tt.epoch_boundaries(progress, warmup=2, window=steady["window"])
+    assert ends["epoch_boundary_after_step"] == [4, 8]
+    assert ends["epoch_boundary_s"] == pytest.approx([2.0, 3.0])
+    assert ends["epoch_boundary_s_mean"] == pytest.approx(2.5)
+    assert ends["save_s"] == pytest.approx([2.4, 3.4])  # each save line to the next step
+    assert ends["steady_excluding_epoch_ends_it_per_s"] == pytest.approx(2.0)  # 10 steps / (10 s − 5 s)
+    # a window after the epoch ends leaves nothing to exclude
+    later = tt.epoch_boundaries(progress, warmup=2, window=[9, 12])
+    assert later["steady_excluding_epoch_ends_it_per_s"] == pytest.approx(2.0)
+    assert later["epoch_boundary_s"] == pytest.approx([2.0, 3.0])
+
+
+def test_epoch_boundaries_without_epoch_lines_or_steps_are_empty() -> None:
+    progress = tt.Progress(clock=_Clock())
+    ends = tt.epoch_boundaries(progress, warmup=10, window=None)
+    assert ends == {"epoch_boundary_after_step": [], "epoch_boundary_s": [], "epoch_boundary_s_mean": None,
+                    "save_s": [], "steady_excluding_epoch_ends_it_per_s": None}
+    assert tt.startup_timeline(progress) == {"milestones": {}, "startup_phases": {}}
+
+
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "data" / "1_derm"
