@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from dermkohya.networks.attention import sdpa_preference
 from dermkohya.errors import DermkohyaError
 from dermkohya.generate.job import Job, LoraInfo, prepare_job
 from dermkohya.generate.output import read_record
@@ -156,19 +157,6 @@ def compile_pipeline(pipe: Any, mode: str, vae: bool) -> None:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
 
 
-def attention_backends(kind: str, device: str) -> Any:
-    """The SDPA kernels to prefer for the batch call: torch's own order ("auto"), or cuDNN's attention
-    first ("cudnn"; where it cannot run a shape, e.g. the VAE's one 512-wide head, the next one does)."""
-    import contextlib
-
-    if kind == "auto" or not device.startswith("cuda"):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
 class Engine:
     """The diffusers pipeline as the plan asks for it: base + fused LoRAs, scheduler, precision; on CUDA
     also channels-last, fused QKV projections (SDPA attention either way) and optionally torch.compile.
@@ -220,7 +208,7 @@ class Engine:
         filler = next(slot for slot in slots if slot is not None)
         prompts, seeds = zip(*(slot or filler for slot in slots))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        with torch.inference_mode(), attention_backends(plan.engine.attention, self.device):
+        with torch.inference_mode(), sdpa_preference(plan.engine.attention, self.device):
             images = self.pipe(
                 **self.embed(list(prompts)),
                 generator=generators,
