@@ -134,10 +134,21 @@ VARIANTS: list[Variant] = [
             overrides={"kohya": {"vae_batch_size": 1}}),
     Variant("dermkohya-vae-batch-16", "dermkohya", "the default with vae_batch_size = 16 (latent caching in batches of "
             "16: start-up)", overrides={"kohya": {"vae_batch_size": 16}}),
+    # lora_fast's own levers (network args; each variant states its whole args list, so it means the same
+    # whatever runs/derm-sd15.toml holds)
+    Variant("dermkohya-te-eager", "dermkohya", "lora_fast with te_graph=off (the text encoder's forward+backward "
+            "eager, only the U-Net's as CUDA graphs: the default before this lever), conv_benchmark=on",
+            overrides={"network": {"args": ["te_graph=off", "conv_benchmark=on"]}}),
+    Variant("dermkohya-conv-heuristic", "dermkohya", "lora_fast with conv_benchmark=off (cuDNN's heuristic "
+            "convolution algorithms, kohya's setting), text encoder graphs on",
+            overrides={"network": {"args": ["te_graph=on", "conv_benchmark=off"]}}),
+    Variant("dermkohya-sdpa-cudnn", "dermkohya", "lora_fast with sdpa=cudnn (the U-Net's attention tries cuDNN's "
+            "kernel first), text encoder graphs and conv_benchmark on",
+            overrides={"network": {"args": ["te_graph=on", "conv_benchmark=on", "sdpa=cudnn"]}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-te-eager", "dermkohya-conv-heuristic", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 

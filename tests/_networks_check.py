@@ -34,7 +34,8 @@ class Transformer2DModel(nn.Module):  # the U-Net block kohya targets: Linear an
         h = self.proj_in(x)
         b, c, hh, ww = h.shape
         t = h.permute(0, 2, 3, 1).reshape(b, hh * ww, c)
-        t = self.ff(torch.nn.functional.gelu(self.to_q(t)))
+        q = self.to_q(t)[:, None]  # one head: SDPA as kohya's attention calls it (sdpa=cudnn picks its kernel)
+        t = self.ff(torch.nn.functional.gelu(q + torch.nn.functional.scaled_dot_product_attention(q, q, q))[:, 0])
         return x + self.proj_out(t.reshape(b, hh, ww, c).permute(0, 3, 1, 2))
 
 
@@ -174,7 +175,8 @@ def saved_files() -> dict[str, object]:
 
 def option_errors() -> list[str]:
     messages = []
-    for bad in ({"cuda_graph": "sometimes"}, {"max_graphs": "two"}, {"max_graphs": "0"}, {"grad_sync": "sometimes"}):
+    for bad in ({"cuda_graph": "sometimes"}, {"max_graphs": "two"}, {"max_graphs": "0"}, {"grad_sync": "sometimes"},
+                {"sdpa": "flash"}, {"conv_benchmark": "maybe"}):
         try:
             build(lora_fast, bad, None)
         except ValueError as exc:
@@ -202,10 +204,33 @@ def cpu_dispatch() -> dict[str, object]:
             "dispatch_diff": float((via - direct).abs().max())}
 
 
-def cuda_graphs(dtype: str, set_to_none: bool = True) -> dict[str, object]:
+def te_dispatch() -> dict[str, object]:
+    """TextEncoderGraphs without CUDA: the eager forward, unchanged; and the output objects it rebuilds around a
+    graph's tensor (transformers' CLIP output, a tuple, a tensor) read back as kohya reads them (`[0]`)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    _, te, _ = build(lora_fast, {}, None)
+    graphs = lora_fast.TextEncoderGraphs(te, [m for m in te.modules() if isinstance(m, lora_fast.FusedLoRAModule)] or
+                                         [te], max_graphs=2)
+    tokens = torch.randn(2, 5, 16)
+    eager = te(tokens)
+    hidden = torch.randn(2, 5, 16)
+    rebuilt = {}
+    for kind in (BaseModelOutputWithPooling, tuple, torch.Tensor):
+        graphs.output_type = kind
+        out = graphs.repack(hidden)
+        rebuilt[kind.__name__] = bool(torch.equal(out if kind is torch.Tensor else out[0], hidden))
+    model_output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=hidden[:, 0])
+    return {"eager_diff": float((graphs(tokens) - eager).abs().max()), "eager_calls": graphs.eager_calls,
+            "replays": graphs.replays, "rebuilt": rebuilt,
+            "unpacked": bool(torch.equal(graphs.unpack(model_output), hidden) and torch.equal(graphs.unpack((hidden,)), hidden))}
+
+
+def cuda_graphs(dtype: str, set_to_none: bool = True, **options: str) -> dict[str, object]:
     """On a GPU: the same LoRA trained for several steps through graph replay (cuda_graph=on) and through
     the eager path (cuda_graph=off), from the same weights and inputs, under autocast as kohya trains
-    (kohya zeroes gradients with set_to_none=True; False is checked too: .grad must not alias a graph buffer)."""
+    (kohya zeroes gradients with set_to_none=True; False is checked too: .grad must not alias a graph buffer).
+    `options` (sdpa, conv_benchmark) go to the replayed network only: the eager one is the reference."""
     autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     ref, _, _ = build(kohya_lora, {}, None)
     torch.manual_seed(3)
@@ -215,8 +240,13 @@ def cuda_graphs(dtype: str, set_to_none: bool = True) -> dict[str, object]:
         torch.manual_seed(0)
         te, unet = TinyTextEncoder().cuda(), TinyUNet().cuda()
         torch.manual_seed(1)
-        network = lora_fast.create_network(1.0, 4, 2.0, None, te, unet, cuda_graph=mode)
+        network = lora_fast.create_network(1.0, 4, 2.0, None, te, unet, cuda_graph=mode,
+                                           **(options if mode == "on" else {}))
         network.apply_to(te, unet, True, True)
+        te_graphs = None
+        if mode == "on":  # the tiny encoder is not CLIPTextModel: its graphs installed by hand, as apply_to does
+            te_graphs = lora_fast.TextEncoderGraphs(te, network.text_encoder_loras, max_graphs=2)
+            te.forward = te_graphs
         network.load_state_dict(copy.deepcopy(state))
         network.cuda().requires_grad_(True)
         optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
@@ -237,10 +267,13 @@ def cuda_graphs(dtype: str, set_to_none: bool = True) -> dict[str, object]:
         graphs = network.dk_unet_graphs
         runs[mode] = {"outs": outs, "losses": losses, "grads": grads,
                       "state": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
-                      "replays": graphs.replays if graphs else 0, "off_reason": graphs.off_reason if graphs else "not installed"}
+                      "replays": graphs.replays if graphs else 0, "off_reason": graphs.off_reason if graphs else "not installed",
+                      "te_replays": te_graphs.replays if te_graphs else 0,
+                      "te_off_reason": te_graphs.off_reason if te_graphs else "not installed"}
     on, off = runs["on"], runs["off"]
     return {
         "replays": on["replays"], "off_reason": on["off_reason"], "eager_replays": off["replays"],
+        "te_replays": on["te_replays"], "te_off_reason": on["te_off_reason"],
         "out_diffs": [float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])],
         "grad_diffs": [max_diff(a, b) for a, b in zip(on["grads"], off["grads"])],
         "out_diff": max(float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])),
@@ -263,8 +296,11 @@ if __name__ == "__main__":
         "files": saved_files(),
         "option_errors": option_errors(),
         "cpu_dispatch": cpu_dispatch(),
+        "te_dispatch": te_dispatch(),
     }
     if torch.cuda.is_available():
         result["cuda_graphs"] = {dtype: cuda_graphs(dtype) for dtype in ("fp32", "fp16", "bf16")}
         result["cuda_graphs"]["fp32_grads_zeroed_in_place"] = cuda_graphs("fp32", set_to_none=False)
+        result["cuda_graphs"]["fp16_cudnn_kernels"] = cuda_graphs("fp16", sdpa="cudnn", conv_benchmark="on")
+        torch.backends.cudnn.benchmark = False
     sys.stdout.write("NETWORKS-CHECK " + json.dumps(result) + "\n")

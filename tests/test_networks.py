@@ -72,9 +72,11 @@ def test_saved_file_is_a_networks_lora_file(result: dict) -> None:
 @pytest.mark.kohya
 def test_bad_options_name_the_argument(result: dict) -> None:
     errors = result["option_errors"]
-    assert len(errors) == 4
+    assert len(errors) == 6
     assert "cuda_graph" in errors[0] and all("max_graphs" in e for e in errors[1:3])
     assert "grad_sync='sometimes'" in errors[3] and "bucket, kohya" in errors[3]
+    assert "sdpa='flash'" in errors[4] and "auto, cudnn" in errors[4]
+    assert "conv_benchmark='maybe'" in errors[5] and "on or off" in errors[5]
 
 
 @pytest.mark.kohya
@@ -86,8 +88,16 @@ def test_graph_dispatcher_runs_eagerly_without_cuda(result: dict) -> None:
 
 
 @pytest.mark.kohya
+def test_text_encoder_graphs_run_eagerly_without_cuda_and_rebuild_kohyas_output(result: dict) -> None:
+    r = result["te_dispatch"]
+    assert r["eager_calls"] == 1 and r["replays"] == 0 and r["eager_diff"] == 0.0
+    assert r["rebuilt"] == {"BaseModelOutputWithPooling": True, "tuple": True, "Tensor": True}
+    assert r["unpacked"]
+
+
+@pytest.mark.kohya
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["fp32", "fp16", "bf16", "fp32_grads_zeroed_in_place"])
+@pytest.mark.parametrize("case", ["fp32", "fp16", "bf16", "fp32_grads_zeroed_in_place", "fp16_cudnn_kernels"])
 def test_graph_replay_trains_like_the_eager_path(result: dict, case: str) -> None:
     """Six optimizer steps replayed from CUDA graphs land on the eager path's outputs, gradients and weights."""
     r = result["cuda_graphs"][case]
@@ -96,6 +106,7 @@ def test_graph_replay_trains_like_the_eager_path(result: dict, case: str) -> Non
         assert r["off_reason"].startswith("gradients still set") and r["replays"] == 1
     else:
         assert r["off_reason"] is None and r["replays"] == 6 and r["eager_replays"] == 0
+        assert r["te_off_reason"] is None and r["te_replays"] == 6  # the text encoder's graphs replayed too
     tolerance = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}[case.split("_")[0]]
     assert r["out_diff"] <= tolerance * r["out_scale"]
     assert max(r["grad_diffs"]) <= tolerance * r["grad_scale"]

@@ -14,7 +14,8 @@ defines the result kohya's own and changes only how a step is issued:
   an add). Conv2d: one `add(org, up(down(x)), alpha=…)`. Dropout variants run kohya's own forward.
 * The U-Net's training forward+backward, its LoRA layers included, is captured once per input
   signature as a pair of CUDA graphs (`torch.cuda.make_graphed_callables`) and replayed: a step
-  launches two graphs instead of thousands of kernels. Whatever a graph cannot stand for runs
+  launches two graphs instead of thousands of kernels. The text encoder's, when its LoRA trains (SD 1.x/2.x's
+  one CLIP, one process), is captured the same way (`TextEncoderGraphs`). Whatever a graph cannot stand for runs
   kohya's eager path unchanged: no grad (sampling, validation), a signature beyond `max_graphs`,
   gradient checkpointing, gradient accumulation (graph gradients live in static buffers), kohya's
   torch_compile or deepspeed, no CUDA, or a failed capture (logged once, then eager for the rest of
@@ -34,8 +35,12 @@ defines the result kohya's own and changes only how a step is issued:
 
 Options, through `[network] args`: `cuda_graph=auto|on|off` (auto: kohya's SD 1.x/2.x U-Net only,
 the one measured; on: any U-Net), `max_graphs=N` (default 2, one per bucket resolution; each holds
-its activations), `grad_sync=bucket|kohya` (kohya: its own per-tensor loop). Every other
-networks.lora argument (conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
+its activations), `grad_sync=bucket|kohya` (kohya: its own per-tensor loop), `sdpa=auto|cudnn` (the
+U-Net's attention kernels: torch's order, or cuDNN's first; with kohya's `sdpa` attention) and
+`te_graph=on|off` (the text encoder's graphs), `conv_benchmark=off|on` (on: cuDNN times its convolution algorithms for the U-Net's shapes once,
+`torch.backends.cudnn.benchmark`, instead of its heuristic pick). Both change kernels only, not the
+math: results agree within the precision's rounding. Every other networks.lora argument (conv_dim,
+block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dermkohya.networks.attention import KINDS as SDPA_MODES
+from dermkohya.networks.attention import sdpa_preference
 from dermkohya.networks import grad_sync
 from networks import lora as kohya_lora  # sd-scripts' networks/lora.py: kohya runs with its folder first on sys.path
 
@@ -60,10 +67,12 @@ TRAINED_WITH_KEY = "dermkohya.trained_with"
 LOG_PREFIX = "dermkohya lora_fast:"
 GRAPH_MODES = ("auto", "on", "off")
 GRAD_SYNC_MODES = ("bucket", "kohya")
+SWITCH = {"on": True, "off": False, "true": True, "false": False}
 # kohya's library/original_unet.py (SD 1.x/2.x) and library/sdxl_original_unet.py: graphs on in "auto".
 # SDXL verified on an H100 (bench/results/train-throughput-sdxl-h100.json): captured in 4.1 s, losses within
 # 8e-6 of networks.lora over 36 steps, same file layout.
 VERIFIED_UNETS = ("UNet2DConditionModel", "SdxlUNet2DConditionModel")
+VERIFIED_TEXT_ENCODERS = ("CLIPTextModel",)  # transformers' CLIP, as kohya loads SD 1.x/2.x's
 
 
 class FusedLoRAModule(kohya_lora.LoRAModule):
@@ -98,7 +107,7 @@ class _UNetStep(torch.nn.Module):
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         out = self._graphs.eager(*args)
         self._graphs.output_type = type(out)
-        return out if isinstance(out, torch.Tensor) else out.sample
+        return self._graphs.unpack(out)
 
 
 _NOT_SEEN = object()
@@ -107,8 +116,10 @@ _NOT_SEEN = object()
 class UNetGraphs:
     """The U-Net's `forward` while training: replays a captured graph when it can, else runs eagerly."""
 
+    label = "U-Net"
+
     def __init__(self, unet: torch.nn.Module, loras: list[torch.nn.Module], max_graphs: int) -> None:
-        self.unet = unet
+        self.unet = unet  # the graphed module (a text encoder in TextEncoderGraphs)
         self.eager: Callable[..., Any] = unet.forward
         self.loras = list(loras)
         self.max_graphs = max_graphs
@@ -126,6 +137,14 @@ class UNetGraphs:
             return self.eager(*args, **kwargs)
         out = graphed(*args)
         self.replays += 1
+        return self.repack(out)
+
+    def unpack(self, out: Any) -> torch.Tensor:
+        """The tensor a graph returns, from what the module's forward returns."""
+        return out if isinstance(out, torch.Tensor) else out.sample
+
+    def repack(self, out: torch.Tensor) -> Any:
+        """What the module's forward returns, around the graph's tensor."""
         if self.output_type is None or issubclass(self.output_type, torch.Tensor):
             return out
         return self.output_type(sample=out)
@@ -163,7 +182,7 @@ class UNetGraphs:
         return graphed
 
     def _capture(self, args: tuple[torch.Tensor, ...]) -> Any:
-        reason = why_not_graph(self.unet)
+        reason = self.why_not()
         if reason is not None:
             self._turn_off(reason)
             return None
@@ -184,14 +203,43 @@ class UNetGraphs:
             logger.warning("%s the failed capture, for a bug report:\n%s", LOG_PREFIX, self.capture_error)
             recover_from_failed_capture(stream)
             return None
-        logger.info("%s U-Net forward+backward captured as CUDA graphs for %s in %.1f s",
-                    LOG_PREFIX, _shapes(args), time.perf_counter() - started)
+        logger.info("%s %s forward+backward captured as CUDA graphs for %s in %.1f s",
+                    LOG_PREFIX, self.label, _shapes(args), time.perf_counter() - started)
         return graphed
+
+    def why_not(self) -> str | None:
+        return why_not_graph(self.unet)
 
     def _turn_off(self, reason: str) -> None:
         self.off_reason = reason
         self.graphs.clear()  # eager from now on, every signature: their memory pools go
-        logger.warning("%s CUDA graphs off (%s): fused LoRA layers, eager U-Net", LOG_PREFIX, reason)
+        logger.warning("%s CUDA graphs off (%s): fused LoRA layers, eager %s", LOG_PREFIX, reason, self.label)
+
+
+class TextEncoderGraphs(UNetGraphs):
+    """The text encoder's `forward` while its LoRA trains (SD 1.x/2.x: `text_encoder(tokens)[0]`), replayed as a
+    pair of graphs like the U-Net's: a step then launches four graphs instead of the ~1,400 kernels of CLIP's
+    twelve layers, their 72 LoRA layers and their backward. Any keyword argument (kohya's clip_skip asks for
+    hidden states; SDXL always does) runs eagerly. The graph returns the last hidden state; the output object
+    is rebuilt around it (`[0]` is what kohya reads)."""
+
+    label = "text encoder"
+
+    def unpack(self, out: Any) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out[0]
+
+    def repack(self, out: torch.Tensor) -> Any:
+        if self.output_type is None or issubclass(self.output_type, torch.Tensor):
+            return out
+        if issubclass(self.output_type, tuple):
+            return (out,)
+        return self.output_type(last_hidden_state=out)
+
+    def why_not(self) -> str | None:
+        lora_params = {id(p) for lora in self.loras for p in lora.parameters()}
+        if any(p.requires_grad and id(p) not in lora_params for p in self.unet.parameters()):
+            return "text encoder weights other than the LoRA train (gradient checkpointing's embeddings?)"
+        return why_not_graph(self.unet)
 
 
 def capture_over_aliases(module: torch.nn.Module, sample_args: tuple[torch.Tensor, ...],
@@ -264,8 +312,12 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_cuda_graph: str = "auto"
     dk_max_graphs: int = 2
     dk_grad_sync: str = "bucket"
+    dk_sdpa: str = "auto"
+    dk_conv_benchmark: bool = False
     dk_off_reason: str | None = None
     dk_unet_graphs: UNetGraphs | None = None
+    dk_te_graphs: TextEncoderGraphs | None = None
+    dk_te_graph: bool = True
 
     def prepare_network(self, args: Any) -> None:
         """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour, and
@@ -290,6 +342,54 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         super().apply_to(text_encoder, unet, apply_text_encoder, apply_unet)
         if not apply_unet or not self.unet_loras:
             return
+        self._install_graphs(unet)
+        self._install_kernel_choices(unet)
+        if apply_text_encoder and self.text_encoder_loras and self.dk_unet_graphs is not None:
+            self._install_text_encoder_graphs(text_encoder)
+
+    def _install_text_encoder_graphs(self, text_encoder: Any) -> None:
+        """Graphs for SD 1.x/2.x's one CLIP text encoder too (`te_graph=on`, the default), in one process only:
+        with several, kohya hands the text encoder to DDP, whose hooks a capture must not reach."""
+        encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        reason = None
+        if not self.dk_te_graph:
+            reason = "te_graph=off"
+        elif len(encoders) != 1 or type(encoders[0]).__name__ not in VERIFIED_TEXT_ENCODERS:
+            reason = f"{', '.join(type(e).__name__ for e in encoders)} is not verified with graphs"
+        elif torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            reason = "several processes (DDP)"
+        if reason is not None:
+            logger.info("%s text encoder eager (%s)", LOG_PREFIX, reason)
+            return
+        encoder = encoders[0]
+        graphs = TextEncoderGraphs(encoder, self.text_encoder_loras, self.dk_max_graphs)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return graphs(*args, **kwargs)
+
+        encoder.forward = forward
+        self.dk_te_graphs = graphs
+        logger.info("%s text encoder forward+backward as CUDA graphs too (captured at the first step)", LOG_PREFIX)
+
+    def _install_kernel_choices(self, unet: Any) -> None:
+        """`sdpa=cudnn` and `conv_benchmark=on`: which kernels the U-Net's steps (and their captures) use."""
+        if not torch.cuda.is_available():
+            return
+        if self.dk_conv_benchmark:
+            torch.backends.cudnn.benchmark = True  # from here on: after kohya cached the latents
+            logger.info("%s conv_benchmark=on: cuDNN times its convolution algorithms per shape", LOG_PREFIX)
+        if self.dk_sdpa == "auto":
+            return
+        inner, kind = unet.forward, self.dk_sdpa
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with sdpa_preference(kind, "cuda"):
+                return inner(*args, **kwargs)
+
+        unet.forward = forward
+        logger.info("%s sdpa=%s: the U-Net's attention tries cuDNN's kernel first", LOG_PREFIX, kind)
+
+    def _install_graphs(self, unet: Any) -> None:
         reason = self.dk_off_reason
         if self.dk_cuda_graph == "off":
             reason = "cuda_graph=off"
@@ -331,7 +431,17 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     sync = str(kwargs.pop("grad_sync", "bucket")).lower()
     if sync not in GRAD_SYNC_MODES:
         raise ValueError(f"network_args grad_sync={sync!r}: use one of {', '.join(GRAD_SYNC_MODES)}")
-    return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": sync}
+    sdpa = str(kwargs.pop("sdpa", "auto")).lower()
+    if sdpa not in SDPA_MODES:
+        raise ValueError(f"network_args sdpa={sdpa!r}: use one of {', '.join(SDPA_MODES)}")
+    bench = str(kwargs.pop("conv_benchmark", "off")).lower()
+    if bench not in SWITCH:
+        raise ValueError(f"network_args conv_benchmark={bench!r}: use on or off")
+    te_graph = str(kwargs.pop("te_graph", "on")).lower()
+    if te_graph not in SWITCH:
+        raise ValueError(f"network_args te_graph={te_graph!r}: use on or off")
+    return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": sync, "sdpa": sdpa,
+            "conv_benchmark": SWITCH[bench], "te_graph": SWITCH[te_graph]}
 
 
 def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRANetwork:
@@ -345,6 +455,9 @@ def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRA
     network.dk_cuda_graph = options["cuda_graph"]
     network.dk_max_graphs = options["max_graphs"]
     network.dk_grad_sync = options["grad_sync"]
+    network.dk_sdpa = options["sdpa"]
+    network.dk_conv_benchmark = options["conv_benchmark"]
+    network.dk_te_graph = options["te_graph"]
     return network  # type: ignore[return-value]
 
 
