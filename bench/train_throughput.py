@@ -137,18 +137,17 @@ VARIANTS: list[Variant] = [
     # lora_fast's own levers (network args; each variant states its whole args list, so it means the same
     # whatever runs/derm-sd15.toml holds)
     Variant("dermkohya-te-eager", "dermkohya", "lora_fast with te_graph=off (the text encoder's forward+backward "
-            "eager, only the U-Net's as CUDA graphs: the default before this lever), conv_benchmark=on",
-            overrides={"network": {"args": ["te_graph=off", "conv_benchmark=on"]}}),
-    Variant("dermkohya-conv-heuristic", "dermkohya", "lora_fast with conv_benchmark=off (cuDNN's heuristic "
-            "convolution algorithms, kohya's setting), text encoder graphs on",
-            overrides={"network": {"args": ["te_graph=on", "conv_benchmark=off"]}}),
+            "eager, only the U-Net's as CUDA graphs: the default before this lever)",
+            overrides={"network": {"args": ["te_graph=off"]}}),
+    Variant("dermkohya-conv-benchmark", "dermkohya", "lora_fast with conv_benchmark=on (cuDNN times its "
+            "convolution algorithms per shape at the first step instead of its heuristic pick)",
+            overrides={"network": {"args": ["conv_benchmark=on"]}}),
     Variant("dermkohya-sdpa-cudnn", "dermkohya", "lora_fast with sdpa=cudnn (the U-Net's attention tries cuDNN's "
-            "kernel first), text encoder graphs and conv_benchmark on",
-            overrides={"network": {"args": ["te_graph=on", "conv_benchmark=on", "sdpa=cudnn"]}}),
+            "kernel first)", overrides={"network": {"args": ["sdpa=cudnn"]}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-te-eager", "dermkohya-conv-heuristic", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 
