@@ -203,6 +203,7 @@ PRESETS: dict[str, Preset] = {
     # the default first: if card-raw then runs out of time, its time so far is still a lower bound of the ratio
     "wall-1000": Preset("wall-1000", ("dermkohya-default", "card-raw"), images=1000, epochs=3, variant_timeout=520),
 }
+WALL_HEADLINE = "speedup_wall_3_epochs_1000_images"  # issue #18's headline field name
 WALL_TARGET = 2.0  # issue #18: a whole 3-epoch run on 1,000 images, start-up included, in half card-raw's time
 
 
@@ -887,6 +888,8 @@ def summarise(report: dict[str, Any]) -> None:
         report["levers"] = levers_summary(report, by)
         if report.get("wall_1000"):
             report["wall_1000"] = wall_summary(report["wall_1000"], by)
+            default_wall = report["wall_1000"].get("vs_card_raw", {}).get("dermkohya-default", {})
+            report[WALL_HEADLINE] = default_wall.get("speedup_wall", default_wall.get("speedup_wall_at_least"))
     raw, default = by.get(setup.raw), by.get(setup.default)
     if raw and default and raw.get("it_per_s") and default.get("it_per_s"):
         report["speedup_default_vs_card_raw"] = round(default["it_per_s"] / raw["it_per_s"], 2)
@@ -1021,9 +1024,17 @@ def main() -> int:
     parser.add_argument("--images", type=int, help="train on this many images (the bench's 72 copied round); "
                         "wall-1000: 1000")
     parser.add_argument("--gpu", help="the GPU's short name in file names (default: bench/gpu_name.py, e.g. h200)")
+    parser.add_argument("--attach-wall", type=Path, help="no run: copy this wall-1000 report's headline "
+                        f"({WALL_HEADLINE}) and summary into the report at --out")
     parser.add_argument("--merge", type=Path, nargs="+", help="no run: join these reports' variants (e.g. two wall-1000 "
                         "calls, one variant each) into --out and summarise them")
     args = parser.parse_args()
+    if args.attach_wall:
+        if not args.out:
+            parser.error("--attach-wall needs --out (the pairs report to complete)")
+        pairs = json.loads(args.out.read_text(encoding="utf-8"))
+        _write(args.out, attach_wall(pairs, json.loads(args.attach_wall.read_text(encoding="utf-8")), args.attach_wall.name))
+        return 0
     if args.merge:
         if not args.out:
             parser.error("--merge needs --out")
@@ -1172,7 +1183,7 @@ def main() -> int:
     report["harness_seconds"] = round(time.monotonic() - t0, 1)
     summarise(report)
     _write(args.out, report, places)
-    headline = ["speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall", "pairs", "levers", "wall_1000",
+    headline = ["speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall", WALL_HEADLINE, "pairs", "levers", "wall_1000",
                 "mfu_default_pct", "loss_equivalence", "overhead"]
     headline += [k for k in report if k.startswith(("speedup_vs", "speedup_default_vs_sdxl", "card_raw_failed"))]
     print(json.dumps({k: report.get(k) for k in headline}, indent=1))
@@ -1188,8 +1199,23 @@ def merge_reports(paths: list[Path]) -> dict[str, Any]:
                              for p, r in zip(paths, reports)]
     for key in ("pairs", "levers", "speedup_default_vs_card_raw", "speedup_default_vs_card_raw_wall"):
         merged.pop(key, None)
+    if merged.get("wall_1000"):
+        merged["wall_1000"]["what"] = (merged["wall_1000"]["what"].replace(", one after the other", "")
+                                       + "; merged from one report per run (merged_from)")
     summarise(merged)
     return merged
+
+
+def attach_wall(pairs: dict[str, Any], wall: dict[str, Any], wall_name: str) -> dict[str, Any]:
+    """The pairs report with the wall-clock headline of a wall-1000 report (issue #18 names both fields in
+    train-throughput-<gpu>.json): its ratio, its summary, and which file and call it came from."""
+    if not wall.get("wall_1000"):
+        raise SystemExit(f"{wall_name}: not a wall-1000 report (no wall_1000 summary); run --wall-1000 or --merge first")
+    out = dict(pairs)
+    out[WALL_HEADLINE] = wall.get(WALL_HEADLINE)
+    # its own key: `wall_1000` in a report means runs of that report, which summarise() recomputes
+    out["wall_1000_measured"] = wall["wall_1000"] | {"source": wall_name, "generated": wall.get("generated")}
+    return out
 
 
 def skip_reason(variant: Variant, done: list[dict[str, Any]], left: float, min_slot: float) -> str | None:
