@@ -129,6 +129,8 @@ VARIANTS: list[Variant] = [
             overrides={"train": {"data_loader_workers": 8}}),
     Variant("dermkohya-lowram", "dermkohya", "the default + kohya's --lowram (models loaded onto the GPU directly)",
             overrides={"kohya": {"lowram": True}}),
+    Variant("dermkohya-no-highvram", "dermkohya", "the default without kohya's --highvram (a gc.collect() and CUDA "
+            "cache release after every latent batch: start-up)", overrides={"kohya": {"highvram": False}}),
     Variant("dermkohya-vae-batch-1", "dermkohya", "the default with vae_batch_size = 1 (kohya's default: latent caching "
             "reads and encodes one image at a time; the default caches 8 at a time): start-up",
             overrides={"kohya": {"vae_batch_size": 1}}),
@@ -148,7 +150,7 @@ VARIANTS: list[Variant] = [
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
 LEVERS = ("dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
-          "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-vae-batch-1",
+          "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-no-highvram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 
 # SDXL: few variants, each ~1 min of kohya start-up (7 GB model) before its first step. The card as typed has

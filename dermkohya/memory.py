@@ -344,6 +344,11 @@ def query_gpus(timeout: float = 10.0) -> list[Gpu] | str:
 
 # --- the check --------------------------------------------------------------------------------------
 
+# [kohya] pass-through options that cannot change the peak: highvram only skips kohya's gc.collect() and CUDA cache
+# release between latent batches (the allocator reuses the same blocks; kohya releases them once caching ends)
+MEMORY_NEUTRAL_KOHYA_OPTIONS = frozenset({"highvram"})
+
+
 @dataclass
 class Verdict:
     fits: bool | None  # None: not checked, or no measurement covers the run (`line` says which)
@@ -356,7 +361,8 @@ def verdict(spec: RunSpec, run_file: Path | str, gpus: list[Gpu], table: MemoryT
     """Fit or not, against the given GPUs' free memory: a pure function of its arguments."""
     run = profile_of(spec)
     found = estimate(run, table)
-    notes = [f"[kohya] options ({', '.join(sorted(spec.kohya))}) are not part of the estimate"] if spec.kohya else []
+    outside = sorted(set(spec.kohya) - MEMORY_NEUTRAL_KOHYA_OPTIONS)
+    notes = [f"[kohya] options ({', '.join(outside)}) are not part of the estimate"] if outside else []
     if run.network == "lora_fast+graphs" and spec.dataset.enable_bucket:
         notes.append("measured with one image shape: with bucketing, every shape lora_fast captures (max_graphs) "
                      "keeps its own activations")

@@ -759,6 +759,19 @@ def test_wall_1000_ratio_and_its_lower_bound_when_card_raw_runs_out_of_time(tmp_
     merged = tt.merge_reports([one, two])
     assert merged["wall_1000"]["vs_card_raw"]["dermkohya-default"] == {"speedup_wall": 2.13}
     assert [v["call"] for v in merged["variants"]] == ["a.json", "b.json"]
+    assert merged["speedup_wall_3_epochs_1000_images"] == 2.13 and merged["wall_1000"]["what"].endswith("(merged_from)")
+    # the issue's headline field, copied into the pairs report with where it came from
+    pairs = base | {"variants": [_variant("card-raw", 3.0), _variant("dermkohya-default", 12.0)]}
+    pairs.pop("wall_1000")
+    tt.summarise(pairs)
+    attached = tt.attach_wall(pairs, merged, "train-wall-1000-h200.json")
+    assert attached["speedup_wall_3_epochs_1000_images"] == 2.13
+    assert attached["wall_1000_measured"]["source"] == "train-wall-1000-h200.json" and "wall_1000" not in attached
+    assert attached["speedup_default_vs_card_raw"] == pairs["speedup_default_vs_card_raw"] == 4.0
+    tt.summarise(attached)  # what summarise recomputes from the pairs' own runs leaves the attached figures alone
+    assert attached["speedup_wall_3_epochs_1000_images"] == 2.13
+    with pytest.raises(SystemExit, match="not a wall-1000 report"):
+        tt.attach_wall(pairs, pairs, "train-throughput-h200.json")
 
 
 def test_replicate_dataset_copies_images_and_captions_round(tmp_path: Path, data_dir: Path) -> None:

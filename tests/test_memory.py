@@ -200,6 +200,12 @@ def test_a_larger_batch_than_measured_is_told_the_measured_batch() -> None:
     assert refused.fits is False and "set [train] batch_size = 4 (≈13.9 GiB)" in refused.line
 
 
+def test_highvram_in_the_shipped_runs_is_not_called_outside_the_estimate() -> None:
+    shipped = _shipped("derm-sdxl-24gb")
+    assert shipped.kohya.get("highvram") is True  # start-up only: no gc.collect() between latent batches
+    assert not any("[kohya] options" in note for note in memory.verdict(shipped, "runs/x.toml", [H200], TABLE).notes)
+
+
 def test_kohya_pass_through_options_are_named_as_outside_the_estimate() -> None:
     passed = _with(_shipped("derm-sdxl-24gb"), kohya={"fp8_base": True})
     assert memory.verdict(passed, "runs/p.toml", [H200], TABLE).notes == [
