@@ -238,7 +238,7 @@ def cuda_graphs(dtype: str, set_to_none: bool = True, **options: str) -> dict[st
     runs = {}
     for mode in ("off", "on"):
         torch.manual_seed(0)
-        te, unet = TinyTextEncoder().cuda(), TinyUNet().cuda()
+        te, unet = TinyTextEncoder().cuda().requires_grad_(False), TinyUNet().cuda().requires_grad_(False)  # frozen, as kohya has them
         torch.manual_seed(1)
         network = lora_fast.create_network(1.0, 4, 2.0, None, te, unet, cuda_graph=mode,
                                            **(options if mode == "on" else {}))
