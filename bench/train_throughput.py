@@ -1006,7 +1006,9 @@ def main() -> int:
                         "train-throughput-sdxl-h100.json (SDXL)")
     parser.add_argument("--log", type=Path, help="kohya's combined output of every variant")
     parser.add_argument("--device-dir", type=Path, default=ROOT / ".device", help="what bench/gpu_prepare.sh made")
-    parser.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dermkohya-bench")
+    parser.add_argument("--work", type=Path, default=default_work_dir(),
+                        help="scratch folder (data, runs, outputs); default per CUDA_VISIBLE_DEVICES, so two lanes of "
+                             "one machine never share it")
     parser.add_argument("--project-root", type=Path, default=ROOT)
     parser.add_argument("--epochs", type=int, help="epochs of the 72-image set (18 steps each): SD 1.5 4, SDXL 2")
     parser.add_argument("--budget", type=float, help="seconds for everything, the model build included; variants "
@@ -1190,6 +1192,14 @@ def main() -> int:
     headline += [k for k in report if k.startswith(("speedup_vs", "speedup_default_vs_sdxl", "card_raw_failed"))]
     print(json.dumps({k: report.get(k) for k in headline}, indent=1))
     return 0
+
+
+def default_work_dir() -> Path:
+    """$TMPDIR/dermkohya-bench, or dermkohya-bench-gpu<ids> when CUDA_VISIBLE_DEVICES picks GPUs: two harnesses run
+    side by side on one machine (one GPU each) would otherwise build and delete each other's data and outputs."""
+    base = Path(os.environ.get("TMPDIR", "/tmp")) / "dermkohya-bench"
+    visible = re.sub(r"[^A-Za-z0-9]+", "-", os.environ.get("CUDA_VISIBLE_DEVICES", "")).strip("-")
+    return base.with_name(f"{base.name}-gpu{visible}") if visible else base
 
 
 def merge_reports(paths: list[Path]) -> dict[str, Any]:

@@ -774,6 +774,16 @@ def test_wall_1000_ratio_and_its_lower_bound_when_card_raw_runs_out_of_time(tmp_
         tt.attach_wall(pairs, pairs, "train-throughput-h200.json")
 
 
+def test_lanes_on_one_machine_get_their_own_work_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TMPDIR", "/scratch")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert tt.default_work_dir() == Path("/scratch/dermkohya-bench")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    one = tt.default_work_dir()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert one == Path("/scratch/dermkohya-bench-gpu1") and tt.default_work_dir() == Path("/scratch/dermkohya-bench-gpu0-1")
+
+
 def test_replicate_dataset_copies_images_and_captions_round(tmp_path: Path, data_dir: Path) -> None:
     dest = tt.replicate_dataset(data_dir, tmp_path / "many", 5)
     images = sorted((dest / "1_derm").glob("*.png"))
