@@ -417,31 +417,33 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         super().save_weights(file, dtype, metadata)
 
 
+def _choice(kwargs: dict[str, Any], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    """A network arg taken out of kohya's kwargs (values arrive as strings), one of `allowed`."""
+    value = str(kwargs.pop(name, default)).lower()
+    if value not in allowed:
+        raise ValueError(f"network_args {name}={value!r}: use one of {', '.join(allowed)}")
+    return value
+
+
+def _switch(kwargs: dict[str, Any], name: str, default: str) -> bool:
+    value = str(kwargs.pop(name, default)).lower()
+    if value not in SWITCH:
+        raise ValueError(f"network_args {name}={value!r}: use on or off")
+    return SWITCH[value]
+
+
 def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Take this module's own network_args out of kohya's kwargs (values arrive as strings)."""
-    mode = str(kwargs.pop("cuda_graph", "auto")).lower()
-    if mode not in GRAPH_MODES:
-        raise ValueError(f"network_args cuda_graph={mode!r}: use one of {', '.join(GRAPH_MODES)}")
+    mode = _choice(kwargs, "cuda_graph", "auto", GRAPH_MODES)
     try:
         max_graphs = int(kwargs.pop("max_graphs", 2))
     except ValueError:
         raise ValueError("network_args max_graphs must be a whole number (e.g. max_graphs=2)") from None
     if max_graphs < 1:
         raise ValueError("network_args max_graphs must be at least 1")
-    sync = str(kwargs.pop("grad_sync", "bucket")).lower()
-    if sync not in GRAD_SYNC_MODES:
-        raise ValueError(f"network_args grad_sync={sync!r}: use one of {', '.join(GRAD_SYNC_MODES)}")
-    sdpa = str(kwargs.pop("sdpa", "auto")).lower()
-    if sdpa not in SDPA_MODES:
-        raise ValueError(f"network_args sdpa={sdpa!r}: use one of {', '.join(SDPA_MODES)}")
-    bench = str(kwargs.pop("conv_benchmark", "off")).lower()
-    if bench not in SWITCH:
-        raise ValueError(f"network_args conv_benchmark={bench!r}: use on or off")
-    te_graph = str(kwargs.pop("te_graph", "on")).lower()
-    if te_graph not in SWITCH:
-        raise ValueError(f"network_args te_graph={te_graph!r}: use on or off")
-    return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": sync, "sdpa": sdpa,
-            "conv_benchmark": SWITCH[bench], "te_graph": SWITCH[te_graph]}
+    return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": _choice(kwargs, "grad_sync", "bucket", GRAD_SYNC_MODES),
+            "sdpa": _choice(kwargs, "sdpa", "auto", SDPA_MODES), "conv_benchmark": _switch(kwargs, "conv_benchmark", "off"),
+            "te_graph": _switch(kwargs, "te_graph", "on")}
 
 
 def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRANetwork:
