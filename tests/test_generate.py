@@ -432,6 +432,23 @@ def test_host_work_of_a_batch_overlaps_the_next_batch(tmp_path: Path, tiny: dict
     assert overlapped == [True, True, True]
 
 
+def test_the_engine_gives_the_same_pixels_with_the_schedule_read_on_the_host(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    from dermkohya.generate.engine import Engine
+    from dermkohya.generate.job import prepare_job
+
+    plan = write_plan(tmp_path, tiny, count=3)
+    plan.write_text(plan.read_text().replace("steps = 2", "steps = 4\nscheduler = \"pndm\""), encoding="utf-8")
+    job = prepare_job(plan, tmp_path / "out", write=False)
+    slots = [("melanoma", 1), ("nevus", 2), ("melanoma", 3)]
+    guarded = Engine(job, "cpu")
+    assert guarded.timesteps is not None
+    plain = Engine(job, "cpu")
+    plain.pipe.scheduler.set_timesteps, plain.pipe.scheduler.step = plain.timesteps._set_timesteps, plain.timesteps._step
+    plain.timesteps = None
+    assert np.array_equal(guarded(slots)[0], plain(slots)[0])
+    assert len(guarded.timesteps.passed) == len(guarded.pipe.scheduler.timesteps) == 5  # PLMS repeats its first step
+
+
 @pytest.mark.gpu
 def test_compiled_engine_under_cuda_graphs_matches_eager_and_repeats(tmp_path: Path, tiny: dict[str, Path]) -> None:
     """reduce-overhead (CUDA graphs) keeps a scheduler's history of outputs right: with guidance 1 the

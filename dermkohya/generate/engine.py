@@ -14,6 +14,7 @@ import numpy as np
 
 from dermkohya.networks.attention import sdpa_preference
 from dermkohya.errors import DermkohyaError
+from dermkohya.generate import host_timesteps
 from dermkohya.generate.job import Job, LoraInfo, prepare_job
 from dermkohya.generate.output import read_record
 from dermkohya.generate.plan import SCHEDULERS, image_seed
@@ -173,6 +174,7 @@ class Engine:
         self.dtype = _dtype(plan.engine.precision, device)
         pipe = load_pipeline(job, self.dtype)
         pipe.scheduler = make_scheduler(plan.sampler.scheduler, pipe.scheduler.config, plan.sampler.karras)
+        self.timesteps = host_timesteps.install(pipe.scheduler)  # PNDM/DDIM: no GPU wait inside each step
         pipe.set_progress_bar_config(disable=True)
         pipe.to(device)
         if plan.embedding:
@@ -220,7 +222,10 @@ class Engine:
             ).images
             nan = torch.isnan(images).flatten(1).any(dim=1)
             pixels = (images.float().nan_to_num(0.0) * 255).round().clamp(0, 255).to(torch.uint8)
-            return pixels.permute(0, 2, 3, 1).cpu().numpy(), nan.cpu().numpy()
+            out = pixels.permute(0, 2, 3, 1).cpu().numpy(), nan.cpu().numpy()
+        if self.timesteps is not None:
+            self.timesteps.check()
+        return out
 
     def embed(self, prompts: list[str]) -> dict[str, Any]:
         """The pipeline's embedding arguments for a batch of prompts (and the plan's negative prompt), from
