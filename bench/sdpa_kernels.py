@@ -9,7 +9,7 @@ U-Net pass, giving attention milliseconds per U-Net call per backend: what `[net
 backend are compared with the math kernel in float32, so a fast kernel that is wrong is visible.
 
     python bench/sdpa_kernels.py --out bench/results/sdpa-kernels-h200.json     # on a GPU, ~30 s
-    python bench/sdpa_kernels.py --smoke --out /tmp/sdpa.json                   # CPU, tiny shapes, math only
+    python bench/sdpa_kernels.py --smoke --out sdpa-cpu.json                    # CPU, tiny shapes, math only
 """
 
 from __future__ import annotations
