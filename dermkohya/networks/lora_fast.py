@@ -35,11 +35,11 @@ defines the result kohya's own and changes only how a step is issued:
 
 Options, through `[network] args`: `cuda_graph=auto|on|off` (auto: kohya's SD 1.x/2.x U-Net only,
 the one measured; on: any U-Net), `max_graphs=N` (default 2, one per bucket resolution; each holds
-its activations), `grad_sync=bucket|kohya` (kohya: its own per-tensor loop), `sdpa=auto|cudnn` (the
-U-Net's attention kernels: torch's order, or cuDNN's first; with kohya's `sdpa` attention) and
-`te_graph=on|off` (the text encoder's graphs), `conv_benchmark=off|on` (on: cuDNN times its convolution algorithms for the U-Net's shapes once,
-`torch.backends.cudnn.benchmark`, instead of its heuristic pick). Both change kernels only, not the
-math: results agree within the precision's rounding. Every other networks.lora argument (conv_dim,
+its activations), `grad_sync=bucket|kohya` (kohya: its own per-tensor loop), `te_graph=on|off` (the text
+encoder's graphs), `sdpa=auto|cudnn` (the U-Net's attention kernels: torch's order, or cuDNN's first; with
+kohya's `sdpa` attention) and `conv_benchmark=off|on` (on: cuDNN times its convolution algorithms for the
+U-Net's shapes once, `torch.backends.cudnn.benchmark`, instead of its heuristic pick). The last two change
+kernels only, not the math: results agree within the precision's rounding. Every other networks.lora argument (conv_dim,
 block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
