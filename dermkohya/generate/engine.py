@@ -12,12 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from dermkohya.networks.attention import sdpa_preference
 from dermkohya.errors import DermkohyaError
 from dermkohya.generate import host_timesteps
 from dermkohya.generate.job import Job, LoraInfo, prepare_job
 from dermkohya.generate.output import read_record
 from dermkohya.generate.plan import SCHEDULERS, image_seed
+from dermkohya.networks.attention import sdpa_preference
 
 
 def _dtype(precision: str, device: str) -> Any:

@@ -55,9 +55,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dermkohya.networks import grad_sync
 from dermkohya.networks.attention import KINDS as SDPA_MODES
 from dermkohya.networks.attention import sdpa_preference
-from dermkohya.networks import grad_sync
 from networks import lora as kohya_lora  # sd-scripts' networks/lora.py: kohya runs with its folder first on sys.path
 
 logger = logging.getLogger(__name__)
