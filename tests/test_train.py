@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,18 @@ def test_train_then_train_command_sh_gives_the_same_lora(tmp_path: Path, smoke_m
         train.train(Path("runs/tiny.toml"), project_root=a)
 
 
-def test_interrupted_run_resumes_from_kohyas_saved_state(tmp_path: Path, smoke_models: Path) -> None:
+FAST = """
+[network]
+module = "dermkohya.networks.lora_fast"
+"""
+
+
+@pytest.mark.parametrize("module", ["networks.lora", "lora_fast"])
+def test_interrupted_run_resumes_from_kohyas_saved_state(tmp_path: Path, smoke_models: Path, module: str) -> None:
     root = _project(tmp_path / "p", smoke_models)
+    if module == "lora_fast":  # its optimizer state in one buffer per kind (flat_state.py): saved and resumed
+        run = root / "runs" / "tiny.toml"
+        run.write_text(run.read_text().replace("[train]\n", '[train]\noptimizer_args = ["fused=True"]\n') + FAST)
 
     def stop_after_first_state(line: str) -> None:
         if "Random states saved" in line:
@@ -114,6 +125,10 @@ def test_interrupted_run_resumes_from_kohyas_saved_state(tmp_path: Path, smoke_m
     assert manifest["resumed_from"].endswith("tiny-000001-state")
     log = (root / "output" / "tiny" / "train.log").read_text()
     assert "resume training from local state" in log
+    if module == "lora_fast":
+        assert log.count("optimizer state in one buffer per kind") == 2  # the first run's and the resumed run's
+        with zipfile.ZipFile(first.saved_states[-1] / "optimizer.bin") as archive:
+            assert sum(1 for name in archive.namelist() if "/data/" in name) == 3  # exp_avg, exp_avg_sq, steps
 
 
 def test_exit_zero_without_a_lora_is_a_failure(tmp_path: Path, smoke_models: Path) -> None:

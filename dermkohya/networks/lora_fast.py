@@ -39,7 +39,9 @@ its activations), `grad_sync=bucket|kohya` (kohya: its own per-tensor loop), `te
 encoder's graphs), `sdpa=auto|cudnn` (the U-Net's attention kernels: torch's order, or cuDNN's first; with
 kohya's `sdpa` attention) and `conv_benchmark=off|on` (on: cuDNN times its convolution algorithms for the
 U-Net's shapes once, `torch.backends.cudnn.benchmark`, instead of its heuristic pick). The last two change
-kernels only, not the math: results agree within the precision's rounding. Every other networks.lora argument (conv_dim,
+kernels only, not the math: results agree within the precision's rounding. `flat_state=on|off` (on: Adam's
+state as views into one buffer per kind, so kohya's epoch-end state saves copy it in three pieces, not
+~1,600: flat_state.py; the same values and updates). Every other networks.lora argument (conv_dim,
 block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
@@ -55,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dermkohya.networks import grad_sync
+from dermkohya.networks import flat_state, grad_sync
 from dermkohya.networks.attention import KINDS as SDPA_MODES
 from dermkohya.networks.attention import sdpa_preference
 from networks import lora as kohya_lora  # sd-scripts' networks/lora.py: kohya runs with its folder first on sys.path
@@ -318,10 +320,13 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_unet_graphs: UNetGraphs | None = None
     dk_te_graphs: TextEncoderGraphs | None = None
     dk_te_graph: bool = True
+    dk_flat_state: bool = True
 
     def prepare_network(self, args: Any) -> None:
-        """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour, and
-        the calling trainer's gradient sync."""
+        """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour, the
+        calling trainer's gradient sync, and the optimizer's state layout (flat_state.py)."""
+        if self.dk_flat_state:
+            flat_state.install(self.parameters)
         if self.dk_grad_sync == "bucket":
             trainer = grad_sync.calling_trainer()
             if trainer is not None and grad_sync.install(trainer, FastLoRANetwork):
@@ -443,7 +448,7 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("network_args max_graphs must be at least 1")
     return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": _choice(kwargs, "grad_sync", "bucket", GRAD_SYNC_MODES),
             "sdpa": _choice(kwargs, "sdpa", "auto", SDPA_MODES), "conv_benchmark": _switch(kwargs, "conv_benchmark", "off"),
-            "te_graph": _switch(kwargs, "te_graph", "on")}
+            "te_graph": _switch(kwargs, "te_graph", "on"), "flat_state": _switch(kwargs, "flat_state", "on")}
 
 
 def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRANetwork:
@@ -460,6 +465,7 @@ def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRA
     network.dk_sdpa = options["sdpa"]
     network.dk_conv_benchmark = options["conv_benchmark"]
     network.dk_te_graph = options["te_graph"]
+    network.dk_flat_state = options["flat_state"]
     return network  # type: ignore[return-value]
 
 
