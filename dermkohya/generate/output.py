@@ -51,7 +51,10 @@ def read_record(png: Path) -> dict[str, Any]:
     from PIL import Image
 
     with Image.open(png) as im:
-        return json.loads(im.text["dermkohya"])
+        # png_bytes writes the chunk before the image data, where opening the file finds it; `im.text` would
+        # decode the whole image first (~7 ms at 512 px: generate's settling reads every finished image)
+        text = im.info.get("dermkohya")
+        return json.loads(text if text is not None else im.text["dermkohya"])
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
