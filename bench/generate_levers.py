@@ -258,7 +258,7 @@ def _engine_options(job: Any) -> dict[str, bool]:
     """The levers the variant's plan asked for (the engine applies them on CUDA only)."""
     engine = job.plan.engine
     return {"fuse_qkv": engine.fuse_qkv, "channels_last": engine.channels_last, "compile_vae": engine.compile and engine.compile_vae,
-            "cudnn_attention": engine.attention == "cudnn"}  # fmt: skip
+            "cudnn_attention": engine.attention == "cudnn", "conv1x1_as_mm": engine.compile and engine.conv1x1_as_mm}  # fmt: skip
 
 
 def postprocess_cost(job: Any, engine: Any, batch: tuple[Any, Any]) -> dict[str, float]:
@@ -361,6 +361,15 @@ class Budget:
             self.measured.add("compile")
 
 
+def engine_options(pairs: list[str] | None) -> dict[str, bool | str]:
+    """`--e2e-engine key=value` pairs as [engine] options of the end-to-end run's plan."""
+    options: dict[str, bool | str] = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        options[key.strip()] = {"true": True, "false": False}.get(value.strip().lower(), value.strip())
+    return options
+
+
 def lever(name: str, base: dict[str, Any] | None, other: dict[str, Any] | None, what: str) -> dict[str, Any]:
     """What one lever gave: images/s with it (`base`) and without it (`other`)."""
     if not base or not other or "images_per_s" not in base or "images_per_s" not in other:
@@ -440,10 +449,13 @@ def run(model: Path, lora: Path | None, args: argparse.Namespace, work: Path, e2
     variant(f"engine-{ro}", ro, 1)
     e2e_batches = -(-args.e2e_count // args.batch)
     e2e_mode = ro if gpu else None
+    e2e_options = engine_options(args.e2e_engine) if gpu else {}
     record = measure("generate-e2e", budget.estimate(e2e_batches, 1 if gpu else 0), lambda: e2e(
-        write_plan(work, "generate-e2e", model, lora, args, count=args.e2e_count, compile_mode=e2e_mode), "generate-e2e"))  # fmt: skip
+        write_plan(work, "generate-e2e", model, lora, args, count=args.e2e_count, compile_mode=e2e_mode, **e2e_options), "generate-e2e"))  # fmt: skip
     if record is not None:
-        out["engine"] = record | {"compile_mode": e2e_mode}
+        out["engine"] = record | {"compile_mode": e2e_mode, "engine_options": e2e_options}
+        save(assemble())  # the headline, on disk before the levers after it
+    variant(f"engine-{ro}-conv1x1-mm", ro, 1, conv1x1_as_mm=True)
     variant("engine-eager-cudnn-attention", None, attention="cudnn")
     variant("engine-eager-no-fuse-qkv", None, fuse_qkv=False)
     variant("engine-eager-no-channels-last", None, channels_last=False)
@@ -464,6 +476,7 @@ def _levers(v: dict[str, dict[str, Any]], parts: dict[str, Any] | None) -> list[
         lever("compile reduce-overhead vs eager", v.get(ro), v.get("engine-eager"), "torch.compile(mode='reduce-overhead') of the U-Net"),
         lever("compile default vs eager", v.get("engine-default"), v.get("engine-eager"), "torch.compile(fullgraph=True), default mode, U-Net only"),
         lever("compile reduce-overhead vs default", v.get(ro), v.get("engine-default"), "CUDA graphs (and the VAE decoder compiled) on top of the compiled U-Net"),
+        lever("1×1 convolutions as matmuls (reduce-overhead)", v.get(f"{ro}-conv1x1-mm"), v.get(ro), "inductor's conv_1x1_as_mm ([engine] conv1x1_as_mm)"),
         lever("compile max-autotune-no-cudagraphs vs reduce-overhead", v.get("engine-max-autotune-no-cudagraphs"), v.get(ro), "autotuned kernels, no graphs"),
         lever("fused QKV (eager)", v.get("engine-eager"), v.get("engine-eager-no-fuse-qkv"), "fuse_qkv_projections on, channels-last on"),
         lever("channels-last (eager)", v.get("engine-eager"), v.get("engine-eager-no-channels-last"), "U-Net and VAE channels-last, fused QKV on"),

@@ -170,6 +170,7 @@ def generate_record(plan: Path, out: Path, processes: int = 1) -> dict[str, Any]
         "wall_s": result.wall_s,
         "rejected": result.rejected,
         "device": result.device,
+        "loop": result.loop,
     }
 
 
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     levers.add_argument("--e2e-count", type=int, default=160, help="images of the end-to-end `generate` run (the "
                         "headline): 10 batches of 16, since its steady rate starts after the first batch and ends when "
                         "the last batch's PNGs are written (not overlapped): with 48 images that drain was a third of it")
+    levers.add_argument("--e2e-engine", action="append", metavar="KEY=VALUE",
+                        help="an [engine] option of the end-to-end run's plan (repeatable), e.g. conv1x1_as_mm=true")
     levers.add_argument("--budget", type=float, default=420, help="seconds for the suite; what does not fit is skipped and listed")
     levers.add_argument("--batch-estimate", type=float, default=6.5, help="seconds per batch assumed until one is measured")
     levers.add_argument("--variants", help="only these measurements, comma-separated (names as printed; default: all)")

@@ -401,35 +401,47 @@ def test_benchmark_levers_budget_skips_what_does_not_fit() -> None:
 
 
 def test_host_work_of_a_batch_overlaps_the_next_batch(tmp_path: Path, tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch's checks, hash and PNGs run on worker threads while the engine makes the next batch: the
-    first batch's images are finished only once the second engine call has begun (serial code would
-    wait here in vain, on the same thread)."""
-    import threading
-
+    """A batch's checks, hash and PNGs run on worker threads while the engine makes the next batch, and
+    that next batch's work is queued before they begin (their turns at the GIL cannot delay the queuing
+    while the GPU waits for it): when the first batch's images are finished, the second batch has been
+    started already."""
     from dermkohya.generate import candidates
     from dermkohya.generate.engine import Engine
 
-    calls: list[int] = []
-    second_started = threading.Event()
-    overlapped: list[bool] = []
-    call, finish = Engine.__call__, candidates.finish
+    starts: list[int] = []
+    seen_by_first_batch: list[int] = []
+    start, finish = Engine.start, candidates.finish
 
-    def spied_call(self: Engine, slots: list[Any]) -> Any:
-        calls.append(1)
-        if len(calls) == 2:
-            second_started.set()
-        return call(self, slots)
+    def spied_start(self: Engine, slots: list[Any]) -> Any:
+        pending = start(self, slots)
+        starts.append(1)
+        return pending
 
     def spied_finish(job: Any, classifier: Any, precision: str, attempt: Any, image: Any, nan: bool) -> Any:
         if attempt.item.n < 3:
-            overlapped.append(second_started.wait(timeout=20))
+            seen_by_first_batch.append(len(starts))
         return finish(job, classifier, precision, attempt, image, nan)
 
-    monkeypatch.setattr(Engine, "__call__", spied_call)
+    monkeypatch.setattr(Engine, "start", spied_start)
     monkeypatch.setattr(candidates, "finish", spied_finish)
     result = generate(write_plan(tmp_path, tiny, count=9), out=tmp_path / "out", show_progress=False)
-    assert result.complete and result.made == 9 and len(calls) == 3
-    assert overlapped == [True, True, True]
+    assert result.complete and result.made == 9 and len(starts) == 3
+    assert len(seen_by_first_batch) == 3 and min(seen_by_first_batch) >= 2
+    loop = result.loop[0]
+    assert loop["batches"] == 2 and 0 <= loop["waited_for_gpu_s"] <= loop["steady_s"] and loop["tail_s"] >= 0
+
+
+def test_a_started_batch_must_be_finished_before_the_next(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    from dermkohya.generate.engine import Engine
+    from dermkohya.generate.job import prepare_job
+
+    engine = Engine(prepare_job(write_plan(tmp_path, tiny, count=3), tmp_path / "out", write=False), "cpu")
+    slots = [("melanoma", 1), ("nevus", 2), ("melanoma", 3)]
+    pending = engine.start(slots)
+    with pytest.raises(RuntimeError, match="one batch at a time"):
+        engine.start(slots)
+    images, nans = engine.finish(pending)
+    assert np.array_equal(images, engine(slots)[0]) and not nans.any()
 
 
 def test_the_engine_gives_the_same_pixels_with_the_schedule_read_on_the_host(tmp_path: Path, tiny: dict[str, Path]) -> None:
@@ -540,3 +552,40 @@ def test_committed_plans_are_valid() -> None:
     for path in plans:
         plan, name = load_plan(path)
         assert name == path.stem and sum(quotas(plan).values()) == plan.classes.count
+
+
+def test_an_images_record_is_read_without_decoding_its_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settling reads every finished image's record: from the text chunk png_bytes writes before the image
+    data, without decoding the pixels; a file whose chunk comes after the data (rewritten by another
+    tool) is still read, by decoding it."""
+    import struct
+    import zlib
+
+    from PIL import PngImagePlugin
+
+    from dermkohya.generate.output import png_bytes
+
+    record = {"prompt": "melanoma", "negative_prompt": "", "steps": 2, "scheduler": "pndm", "guidance": 7.5, "seed": 3,
+              "width": 8, "height": 8, "loras": [], "n": 0}  # fmt: skip
+    data = png_bytes(np.zeros((8, 8, 3), dtype=np.uint8), record)
+    (tmp_path / "a.png").write_bytes(data)
+    chunks, at = [], 8
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        chunks.append(data[at : at + 12 + length])
+        at += 12 + length
+    ours = next(c for c in chunks if c[4:8] in (b"tEXt", b"iTXt") and b"dermkohya\x00" in c[8:20])
+    rest = [c for c in chunks if c is not ours]
+    moved = data[:8] + b"".join(rest[:-1]) + ours + rest[-1]  # just before IEND
+    assert zlib.crc32(ours[4:-4]) == struct.unpack(">I", ours[-4:])[0]
+    (tmp_path / "b.png").write_bytes(moved)
+
+    assert read_record(tmp_path / "b.png") == record
+    load = PngImagePlugin.PngImageFile.load
+
+    def no_decoding(self: Any) -> Any:
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", no_decoding)
+    assert read_record(tmp_path / "a.png") == record
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", load)

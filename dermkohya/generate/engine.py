@@ -6,6 +6,7 @@ whose images depend only on each slot's prompt and seed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -135,14 +136,30 @@ def load_pipeline(job: Job, dtype: Any) -> Any:
 _EMBEDDING_ARGUMENTS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
-def compile_pipeline(pipe: Any, mode: str, vae: bool) -> None:
-    """torch.compile the U-Net in `mode` (and the VAE decoder, default mode: one call per batch). Under
-    CUDA graphs (reduce-overhead) a replay overwrites the previous output, which a scheduler may keep
-    (its history of model outputs, or the output itself without guidance): the U-Net's outputs are
-    cloned, a copy of a few MB per step."""
+# torch.compile's modes as inductor options (torch._inductor.list_mode_options), so that tuning options can
+# be added per compiled module: torch.compile takes a mode or options, not both
+_MODE_OPTIONS: dict[str, dict[str, bool]] = {
+    "default": {},
+    "reduce-overhead": {"triton.cudagraphs": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True, "coordinate_descent_tuning": True},
+}
+# [engine] conv1x1_as_mm: inductor lowers 1×1 convolutions (SD 1.5's attention blocks' proj_in/proj_out, the
+# resnets' shortcuts) to matmuls, whose epilogues fuse. (Coordinate-descent tuning of inductor's kernels was
+# tried too: its first batch had not compiled after 250 s on an H200, issue #18.)
+_CONV1X1 = {"conv_1x1_as_mm": True}
+
+
+def compile_pipeline(pipe: Any, mode: str, vae: bool, conv1x1_as_mm: bool = False) -> None:
+    """torch.compile the U-Net in `mode` (and the VAE decoder, default mode: one call per batch), 1×1
+    convolutions as matmuls if asked. Under CUDA graphs (reduce-overhead) a replay overwrites the
+    previous output, which a scheduler may keep (its history of model outputs, or the output itself
+    without guidance): the U-Net's outputs are cloned, a copy of a few MB per step."""
     import torch
 
-    pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=mode)
+    if conv1x1_as_mm:
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, options=_MODE_OPTIONS[mode] | _CONV1X1)
+    else:
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=mode)
     if mode == "reduce-overhead":
         replay = pipe.unet.forward
 
@@ -155,7 +172,15 @@ def compile_pipeline(pipe: Any, mode: str, vae: bool) -> None:
 
         pipe.unet.forward = cloned
     if vae:
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, options=dict(_CONV1X1)) if conv1x1_as_mm else torch.compile(pipe.vae.decoder)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A batch whose GPU work is queued: its uint8 (B, H, W, 3) pixels and NaN flags, still on the device."""
+
+    pixels: Any
+    nan: Any
 
 
 class Engine:
@@ -190,8 +215,9 @@ class Engine:
                 pipe.unet.to(memory_format=torch.channels_last)
                 pipe.vae.to(memory_format=torch.channels_last)
             if plan.engine.compile:
-                compile_pipeline(pipe, plan.engine.compile_mode, plan.engine.compile_vae)
+                compile_pipeline(pipe, plan.engine.compile_mode, plan.engine.compile_vae, plan.engine.conv1x1_as_mm)
         self.pipe = pipe
+        self.started = False  # a batch's GPU work is queued and its images not yet fetched
         self.embeddings: dict[str, tuple[Any, ...]] = {}
         self.classifier = None
         if plan.filter.classifier:
@@ -202,11 +228,19 @@ class Engine:
         """Generate one batch of (prompt, seed) slots; uint8 (B, H, W, 3) images and a NaN flag per slot.
         A batch always has the plan's batch size (empty slots are filled with a copy of a used one) and
         image n always sits in slot n % batch size: the same shapes and position give the same pixels."""
+        return self.finish(self.start(slots))
+
+    def start(self, slots: list[tuple[str, int] | None]) -> Pending:
+        """Queue one batch's GPU work and return without waiting for it (`finish` fetches the images): the
+        caller's host work for the previous batch then runs while the GPU makes this one. On a CPU the
+        work is done by the time this returns."""
         import torch
 
         plan = self.job.plan
         if len(slots) != plan.engine.batch_size:
             raise ValueError(f"a batch has {plan.engine.batch_size} slots, got {len(slots)}")
+        if self.started:
+            raise RuntimeError("a started batch was not finished: one batch at a time (the scheduler's host timesteps are per batch)")
         filler = next(slot for slot in slots if slot is not None)
         prompts, seeds = zip(*(slot or filler for slot in slots))
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -222,7 +256,13 @@ class Engine:
             ).images
             nan = torch.isnan(images).flatten(1).any(dim=1)
             pixels = (images.float().nan_to_num(0.0) * 255).round().clamp(0, 255).to(torch.uint8)
-            out = pixels.permute(0, 2, 3, 1).cpu().numpy(), nan.cpu().numpy()
+        self.started = True
+        return Pending(pixels.permute(0, 2, 3, 1), nan)
+
+    def finish(self, pending: Pending) -> tuple[np.ndarray, np.ndarray]:
+        """The started batch's images and NaN flags on the host (waits for its GPU work)."""
+        out = pending.pixels.cpu().numpy(), pending.nan.cpu().numpy()
+        self.started = False
         if self.timesteps is not None:
             self.timesteps.check()
         return out

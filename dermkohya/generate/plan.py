@@ -125,6 +125,7 @@ class EngineSection(_Section):
         default="reduce-overhead", description="torch.compile mode of the U-Net (CUDA only); reduce-overhead replays CUDA graphs"
     )
     compile_vae: bool = Field(default=True, description="with compile: also the VAE decoder (default mode)")
+    conv1x1_as_mm: bool = Field(default=False, description="with compile: inductor lowers 1×1 convolutions to matmuls (their epilogues fuse)")
     attention: Literal["auto", "cudnn"] = Field(default="auto", description="SDPA kernels (CUDA): torch's choice, or cuDNN's first")
     channels_last: bool = True
     fuse_qkv: bool = True

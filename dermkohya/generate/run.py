@@ -24,7 +24,7 @@ from dermkohya.errors import DermkohyaError
 from dermkohya.files import write_atomic
 from dermkohya.generate import dist
 from dermkohya.generate.candidates import Attempt, Finisher, Outcome
-from dermkohya.generate.engine import Engine, device_for
+from dermkohya.generate.engine import Engine, Pending, device_for
 from dermkohya.generate.filter import settle, too_many
 from dermkohya.generate.job import REJECTED, STAGING, Job, prepare_job
 from dermkohya.generate.output import read_json, read_record
@@ -48,6 +48,9 @@ class Result:
     images_per_s: float | None
     steady_images_per_s: float | None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # per process, after its first batch: seconds, batches, the part spent waiting for the GPU (the rest is
+    # host work the GPU waited for), and the tail after its last batch (the last PNGs, settling)
+    loop: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -67,6 +70,8 @@ class _Progress:
     rejected: int = 0
     batches: int = 0
     first_batch_end: float | None = None
+    last_batch_end: float | None = None  # when the last batch's images reached the host
+    waited_s: float = 0.0  # after the first batch: time spent waiting for the GPU to finish a batch
     made_at_first_batch: int = 0
     start: float = dataclasses.field(default_factory=time.perf_counter)
     load_s: float = 0.0
@@ -109,26 +114,43 @@ def _produce(
             progress.made_at_first_batch = progress.made
         report()
 
+    def launch() -> tuple[list[Attempt | None], Pending] | None:
+        """The next batch from the slots, its GPU work queued (None: nothing to launch)."""
+        if not any(slots) or (limit is not None and progress.made >= limit):
+            return None
+        batch = [queue.popleft() if queue else None for queue in slots]
+        return batch, engine.start([(entry.item.prompt, entry.seed) if entry else None for entry in batch])
+
     precision = str(engine.dtype).removeprefix("torch.")
     finisher = Finisher(job, engine.classifier, precision, min(8, max(1, (os.cpu_count() or 1) // world - 1)))
-    in_flight: list[Future[Outcome]] | None = None
+    in_flight: list[Future[Outcome]] | None = None  # the host work of the last batch fetched
+    running = None  # the batch on the GPU
     try:
         while True:
-            launch = any(slots) and (limit is None or progress.made < limit)
-            if launch:
-                batch = [queue.popleft() if queue else None for queue in slots]
-                images, nans = engine([(entry.item.prompt, entry.seed) if entry else None for entry in batch])
-                if progress.first_batch_end is None:  # steady state: after the first batch's GPU work
-                    progress.first_batch_end = time.perf_counter()
+            if running is None:
+                if in_flight is not None:
+                    take_outcomes(in_flight)
+                    in_flight = None
+                running = launch()
+                if running is None:
+                    return not any(slots)  # False: `limit` stopped it
+            batch, pending = running
+            waited = time.perf_counter()
+            images, nans = engine.finish(pending)
+            fetched = time.perf_counter()
+            if progress.first_batch_end is None:  # steady state: after the first batch's GPU work
+                progress.first_batch_end = fetched
+            else:
+                progress.waited_s += fetched - waited
+            progress.last_batch_end = fetched
+            # the previous batch's outcomes (its rejections back in their slots) before the next batch is
+            # formed, as one batch at a time would; then that batch's GPU work is queued before this
+            # batch's host work starts on the finisher threads, so their turns at the GIL cannot hold up
+            # the queuing while the GPU waits for it
             if in_flight is not None:
                 take_outcomes(in_flight)
-                in_flight = None
-            if launch:
-                in_flight = finisher.submit(batch, images, nans)
-            elif not any(slots):
-                return True
-            elif limit is not None and progress.made >= limit:
-                return False
+            running = launch()
+            in_flight = finisher.submit(batch, images, nans)
     finally:
         finisher.close()
 
@@ -349,6 +371,15 @@ def _generate_in(plan_path: Path, *, out: Path, processes: int, limit: int | Non
     return _summarise(job, processes, time.perf_counter() - start)
 
 
+def _loop(timing: dict[str, Any]) -> dict[str, float]:
+    """One process's steady window: from its first batch's images on the host to its end."""
+    steady = timing["end"] - timing["first_batch_end"]
+    batches = timing["batches"] - 1
+    waited = timing.get("waited_s", 0.0)
+    return {"steady_s": round(steady, 3), "batches": batches, "waited_for_gpu_s": round(waited, 3),
+            "tail_s": round(timing["end"] - (timing.get("last_batch_end") or timing["end"]), 3)}  # fmt: skip
+
+
 def _summarise(job: Job, processes: int, wall_s: float) -> Result:
     timings = [t for r in range(processes) if (t := read_json(job.staging / f"timing-{r}.json"))]
     finished_records = []
@@ -380,6 +411,7 @@ def _summarise(job: Job, processes: int, wall_s: float) -> Result:
         images_per_s=made / gen_s if made and gen_s > 0 else None,
         steady_images_per_s=steady_made / steady_s if steady_made > 0 and steady_s > 0 else None,
         warnings=list(job.warnings),
+        loop=[_loop(t) for t in timings if t["first_batch_end"]],
     )
     summary = dataclasses.asdict(result) | {"out": str(job.out), "complete": result.complete}
     summary["cells"] = [{"diagnosis": d, "fst": f, "planned": q} for (d, f), q in quotas(job.plan).items()]
