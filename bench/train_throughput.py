@@ -146,10 +146,13 @@ VARIANTS: list[Variant] = [
             overrides={"network": {"args": ["conv_benchmark=on"]}}),
     Variant("dermkohya-sdpa-cudnn", "dermkohya", "lora_fast with sdpa=cudnn (the U-Net's attention tries cuDNN's "
             "kernel first)", overrides={"network": {"args": ["sdpa=cudnn"]}}),
+    Variant("dermkohya-flat-state-off", "dermkohya", "lora_fast with flat_state=off (Adam's state as torch makes "
+            "it: each epoch-end state save copies ~1,600 tensors to the host one by one)",
+            overrides={"network": {"args": ["flat_state=off"]}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-no-highvram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 
