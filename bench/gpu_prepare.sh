@@ -18,6 +18,7 @@ WHEELS=(
   pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 tomli-w==1.2.0
   peft==0.17.1 rich==14.1.0 markdown-it-py==4.0.0 mdurl==0.1.2 pygments==2.19.2 click==8.4.0  # generate (peft loads kohya LoRAs in diffusers), dermkohya CLI
   open-clip-torch==3.3.0  # only its CLIP BPE merges file, read by dermkohya.basemodel (never imported)
+  pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1  # the `gpu` tests on the device: python3 -m pytest -m gpu …
 )
 
 exclude="$(git rev-parse --git-path info/exclude)"
