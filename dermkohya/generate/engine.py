@@ -172,7 +172,7 @@ def compile_pipeline(pipe: Any, mode: str, vae: bool, conv1x1_as_mm: bool = Fals
 
         pipe.unet.forward = cloned
     if vae:
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder, options=dict(_CONV1X1)) if conv1x1_as_mm else torch.compile(pipe.vae.decoder)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, options=_CONV1X1 if conv1x1_as_mm else None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -373,11 +373,8 @@ def _generate_in(plan_path: Path, *, out: Path, processes: int, limit: int | Non
 
 def _loop(timing: dict[str, Any]) -> dict[str, float]:
     """One process's steady window: from its first batch's images on the host to its end."""
-    steady = timing["end"] - timing["first_batch_end"]
-    batches = timing["batches"] - 1
-    waited = timing.get("waited_s", 0.0)
-    return {"steady_s": round(steady, 3), "batches": batches, "waited_for_gpu_s": round(waited, 3),
-            "tail_s": round(timing["end"] - (timing.get("last_batch_end") or timing["end"]), 3)}  # fmt: skip
+    return {"steady_s": round(timing["end"] - timing["first_batch_end"], 3), "batches": timing["batches"] - 1,
+            "waited_for_gpu_s": round(timing["waited_s"], 3), "tail_s": round(timing["end"] - timing["last_batch_end"], 3)}  # fmt: skip
 
 
 def _summarise(job: Job, processes: int, wall_s: float) -> Result:

@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-PACKED = "_dermkohya_flat_state"  # set on an optimizer once packed
+PACKED = "_dermkohya_flat_state"  # set on an optimizer once the hook has looked at it
 
 
 def _scalar_dtype(fused: bool) -> torch.dtype | None:
@@ -79,7 +79,6 @@ def pack(optimizer: torch.optim.Optimizer) -> str | None:
     else:
         for state in states:
             state.setdefault("step", torch.tensor(0.0, dtype=step_dtype))
-    setattr(optimizer, PACKED, True)
     return None
 
 
