@@ -136,13 +136,6 @@ def load_pipeline(job: Job, dtype: Any) -> Any:
 _EMBEDDING_ARGUMENTS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
-# torch.compile's modes as inductor options (torch._inductor.list_mode_options), so that tuning options can
-# be added per compiled module: torch.compile takes a mode or options, not both
-_MODE_OPTIONS: dict[str, dict[str, bool]] = {
-    "default": {},
-    "reduce-overhead": {"triton.cudagraphs": True},
-    "max-autotune-no-cudagraphs": {"max_autotune": True, "coordinate_descent_tuning": True},
-}
 # [engine] conv1x1_as_mm: inductor lowers 1×1 convolutions (SD 1.5's attention blocks' proj_in/proj_out, the
 # resnets' shortcuts) to matmuls, whose epilogues fuse. (Coordinate-descent tuning of inductor's kernels was
 # tried too: its first batch had not compiled after 250 s on an H200, issue #18.)
@@ -157,7 +150,9 @@ def compile_pipeline(pipe: Any, mode: str, vae: bool, conv1x1_as_mm: bool = Fals
     import torch
 
     if conv1x1_as_mm:
-        pipe.unet = torch.compile(pipe.unet, fullgraph=True, options=_MODE_OPTIONS[mode] | _CONV1X1)
+        from torch._inductor import list_mode_options  # torch.compile takes a mode or options, not both
+
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, options=list_mode_options(mode) | _CONV1X1)
     else:
         pipe.unet = torch.compile(pipe.unet, fullgraph=True, mode=mode)
     if mode == "reduce-overhead":
