@@ -142,11 +142,15 @@ def compare(kwargs: dict[str, str], autocast: bool = False, dropout: float | Non
     }
 
 
-def saved_files() -> dict[str, object]:
+def saved_files(device: str = "cpu") -> dict[str, object]:
+    """Both networks' files (on a GPU: lora_fast copies the weights to the host in one transfer per dtype,
+    kohya tensor by tensor; the hashes in the metadata then say whether the bytes are the same)."""
     from safetensors import safe_open
 
     ref, te_r, unet_r = build(kohya_lora, {}, None)
     fast, te_f, unet_f = build(lora_fast, {}, copy.deepcopy(ref.state_dict()))
+    ref.to(device)
+    fast.to(device)
     metadata = {"ss_network_module": "dermkohya.networks.lora_fast", "ss_network_dim": "4", "ss_network_alpha": "2.0"}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,12 +162,13 @@ def saved_files() -> dict[str, object]:
                     "metadata": fh.metadata(),
                     "tensors": {k: [str(fh.get_tensor(k).dtype), list(fh.get_tensor(k).shape)] for k in fh.keys()},
                 }
+        out["state_dict_method_back"] = "state_dict" not in vars(fast)  # the save's stand-in is gone
         # a file written by lora_fast loads into kohya's own network, and back
         te, unet = TinyTextEncoder(), TinyUNet()
         loaded, _ = kohya_lora.create_network_from_weights(1.0, str(Path(tmp) / "fast.safetensors"), None, te, unet)
         loaded.apply_to(te, unet)
         info = loaded.load_weights(str(Path(tmp) / "fast.safetensors"))
-        expected = {k: v.to(torch.float16) for k, v in fast.state_dict().items()}
+        expected = {k: v.to(torch.float16).cpu() for k, v in fast.state_dict().items()}
         out["reloads_in_kohya"] = (not info.missing_keys and not info.unexpected_keys
                                    and all(torch.equal(v.to(torch.float16), expected[k]) for k, v in loaded.state_dict().items()))
         again, _ = lora_fast.create_network_from_weights(1.0, str(Path(tmp) / "kohya.safetensors"), None,
@@ -176,7 +181,7 @@ def saved_files() -> dict[str, object]:
 def option_errors() -> list[str]:
     messages = []
     for bad in ({"cuda_graph": "sometimes"}, {"max_graphs": "two"}, {"max_graphs": "0"}, {"grad_sync": "sometimes"},
-                {"sdpa": "flash"}, {"conv_benchmark": "maybe"}):
+                {"sdpa": "flash"}, {"conv_benchmark": "maybe"}, {"save_copy": "fast"}, {"channels_last": "yes"}):
         try:
             build(lora_fast, bad, None)
         except ValueError as exc:
@@ -302,5 +307,6 @@ if __name__ == "__main__":
         result["cuda_graphs"] = {dtype: cuda_graphs(dtype) for dtype in ("fp32", "fp16", "bf16")}
         result["cuda_graphs"]["fp32_grads_zeroed_in_place"] = cuda_graphs("fp32", set_to_none=False)
         result["cuda_graphs"]["fp16_cudnn_kernels"] = cuda_graphs("fp16", sdpa="cudnn", conv_benchmark="on")
+        result["files_cuda"] = saved_files("cuda")
         torch.backends.cudnn.benchmark = False
     sys.stdout.write("NETWORKS-CHECK " + json.dumps(result) + "\n")

@@ -41,14 +41,18 @@ kohya's `sdpa` attention) and `conv_benchmark=off|on` (on: cuDNN times its convo
 U-Net's shapes once, `torch.backends.cudnn.benchmark`, instead of its heuristic pick). The last two change
 kernels only, not the math: results agree within the precision's rounding. `flat_state=on|off` (on: Adam's
 state as views into one buffer per kind, so kohya's epoch-end state saves copy it in three pieces, not
-~1,600: flat_state.py; the same values and updates). Every other networks.lora argument (conv_dim,
-block_dims, dropouts, loraplus…) passes through to kohya.
+~1,600: flat_state.py; the same values and updates), `save_copy=batched|kohya` (batched: the epoch-end saves, kohya's
+LoRA file and accelerate's state, copy the weights to the host in one transfer per dtype instead of one per tensor:
+host_copy.py; the same bytes) and `channels_last=off|on` (on: the U-Net's convolution weights, and so its
+activations, in channels-last memory layout; kernels only, not the math). Every other networks.lora argument
+(conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -57,7 +61,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dermkohya.networks import flat_state, grad_sync
+from dermkohya.networks import flat_state, grad_sync, host_copy
 from dermkohya.networks.attention import KINDS as SDPA_MODES
 from dermkohya.networks.attention import sdpa_preference
 from networks import lora as kohya_lora  # sd-scripts' networks/lora.py: kohya runs with its folder first on sys.path
@@ -69,6 +73,7 @@ TRAINED_WITH_KEY = "dermkohya.trained_with"
 LOG_PREFIX = "dermkohya lora_fast:"
 GRAPH_MODES = ("auto", "on", "off")
 GRAD_SYNC_MODES = ("bucket", "kohya")
+SAVE_COPY_MODES = ("batched", "kohya")
 SWITCH = {"on": True, "off": False, "true": True, "false": False}
 # kohya's library/original_unet.py (SD 1.x/2.x) and library/sdxl_original_unet.py: graphs on in "auto".
 # SDXL verified on an H100 (bench/results/train-throughput-sdxl-h100.json): captured in 4.1 s, losses within
@@ -321,12 +326,18 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_te_graphs: TextEncoderGraphs | None = None
     dk_te_graph: bool = True
     dk_flat_state: bool = True
+    dk_save_copy: str = "batched"
+    dk_channels_last: bool = False
 
     def prepare_network(self, args: Any) -> None:
         """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour, the
         calling trainer's gradient sync, and the optimizer's state layout (flat_state.py)."""
         if self.dk_flat_state:
             flat_state.install(self.parameters)
+        if self.dk_save_copy == "batched":
+            accelerator = _calling_accelerator()
+            if accelerator is not None:
+                host_copy.install_state_hook(accelerator, self)
         if self.dk_grad_sync == "bucket":
             trainer = grad_sync.calling_trainer()
             if trainer is not None and grad_sync.install(trainer, FastLoRANetwork):
@@ -380,6 +391,9 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         """`sdpa=cudnn` and `conv_benchmark=on`: which kernels the U-Net's steps (and their captures) use."""
         if not torch.cuda.is_available():
             return
+        if self.dk_channels_last:
+            unet.to(memory_format=torch.channels_last)  # 4-D weights; later .to(dtype/device) keeps the layout
+            logger.info("%s channels_last=on: the U-Net's convolutions in channels-last layout", LOG_PREFIX)
         if self.dk_conv_benchmark:
             torch.backends.cudnn.benchmark = True  # from here on: after kohya cached the latents
             logger.info("%s conv_benchmark=on: cuDNN times its convolution algorithms per shape", LOG_PREFIX)
@@ -419,7 +433,27 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
             metadata = dict(metadata)
             metadata[TRAINED_WITH_KEY] = metadata.get("ss_network_module", __name__)
             metadata["ss_network_module"] = FILE_NETWORK_MODULE
-        super().save_weights(file, dtype, metadata)
+        if self.dk_save_copy != "batched":
+            super().save_weights(file, dtype, metadata)
+            return
+        # kohya's save_weights reads self.state_dict() once, then clones, copies and casts each tensor: handed
+        # the weights already on the host (one transfer), its copies are host copies; the file is the same
+        snapshot = host_copy.to_host(self.state_dict())
+        self.state_dict = lambda *args, **kwargs: snapshot  # an instance attribute: shadows the method
+        try:
+            super().save_weights(file, dtype, metadata)
+        finally:
+            del self.state_dict
+
+
+def _calling_accelerator(depth: int = 2) -> Any | None:
+    """The accelerator of kohya's `NetworkTrainer.train`, which calls `network.prepare_network(args)` after
+    making it (a local named `accelerator`), or None when the caller has none."""
+    try:
+        candidate = sys._getframe(depth).f_locals.get("accelerator")
+    except ValueError:
+        return None
+    return candidate if callable(getattr(candidate, "register_save_state_pre_hook", None)) else None
 
 
 def _choice(kwargs: dict[str, Any], name: str, default: str, allowed: tuple[str, ...]) -> str:
@@ -448,7 +482,9 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("network_args max_graphs must be at least 1")
     return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": _choice(kwargs, "grad_sync", "bucket", GRAD_SYNC_MODES),
             "sdpa": _choice(kwargs, "sdpa", "auto", SDPA_MODES), "conv_benchmark": _switch(kwargs, "conv_benchmark", "off"),
-            "te_graph": _switch(kwargs, "te_graph", "on"), "flat_state": _switch(kwargs, "flat_state", "on")}
+            "te_graph": _switch(kwargs, "te_graph", "on"), "flat_state": _switch(kwargs, "flat_state", "on"),
+            "save_copy": _choice(kwargs, "save_copy", "batched", SAVE_COPY_MODES),
+            "channels_last": _switch(kwargs, "channels_last", "off")}
 
 
 def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRANetwork:
@@ -466,6 +502,8 @@ def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRA
     network.dk_conv_benchmark = options["conv_benchmark"]
     network.dk_te_graph = options["te_graph"]
     network.dk_flat_state = options["flat_state"]
+    network.dk_save_copy = options["save_copy"]
+    network.dk_channels_last = options["channels_last"]
     return network  # type: ignore[return-value]
 
 
