@@ -18,6 +18,12 @@ file and the process is kohya's training script (`train_network.py`, `sdxl_train
   sync waits), and beside it `<name>.collapsed.txt`: one `frame;frame;… count` line per stack
   (flamegraph.pl / speedscope input). Nothing is written while kohya trains.
 
+With `DERMKOHYA_STEP_PROFILE_KERNELS=1` it samples nothing: torch's profiler records the GPU's kernels and
+copies (those inside CUDA graphs included) over the window's steps, synchronised only at its two ends, and the
+JSON gets `kernels`: the window's wall time against the time the GPU was busy, the idle gaps, the kernels by
+category (GEMM, convolution, attention, layout transforms, normalisation, elementwise…) and the top kernels,
+per step. Stopping the profiler costs the step after the window a few seconds (its records are processed).
+
 `summarise()` reads the JSON back for bench/train_throughput.py's report.
 """
 
@@ -40,6 +46,7 @@ ENV_OUT = "DERMKOHYA_STEP_PROFILE"
 ENV_STEPS = "DERMKOHYA_STEP_PROFILE_STEPS"
 ENV_MS = "DERMKOHYA_STEP_PROFILE_MS"
 ENV_SYNC = "DERMKOHYA_STEP_PROFILE_SYNC"
+ENV_KERNELS = "DERMKOHYA_STEP_PROFILE_KERNELS"
 SCRIPTS = ("train_network.py", "sdxl_train_network.py")
 KOHYA_FILES = ("train_network.py", "train_util.py", "lora_fast")  # their lines, inclusive: where the loop spends
 STEP_BAR = "steps"
@@ -96,8 +103,12 @@ def _stack(frame: Any) -> tuple[tuple[str, str], ...]:
 class StepProfiler:
     """Samples the main thread; counts each stack per phase; times steps and the GPU wait at each step's end."""
 
-    def __init__(self, out: Path, first: int, last: int, interval_s: float, sync: bool) -> None:
+    def __init__(self, out: Path, first: int, last: int, interval_s: float, sync: bool, kernels: bool = False) -> None:
         self.out, self.first, self.last, self.interval_s, self.sync = out, first, last, interval_s, sync
+        self.kernels = kernels  # torch's profiler over the window instead of sampling
+        self.kernel_profiler: Any = None
+        self.kernel_window_start = 0.0
+        self.kernel_report: dict[str, Any] | None = None
         self.t0 = time.perf_counter()
         self.main = threading.main_thread().ident
         self.step = 0
@@ -133,9 +144,31 @@ class StepProfiler:
             self.step += 1
             self.steps.append({"step": self.step, "t_s": round(now, 5),
                                "gpu_wait_ms": None if wait is None else round(wait * 1e3, 3)})
+        if self.kernels and self.step in (self.first, self.last):
+            self._kernel_window()
         if self.step == self.last:  # the window is over: sampling stops, the file is written at exit
             self.stopped = True
             sys.setswitchinterval(self.switch_interval)
+
+    def _kernel_window(self) -> None:
+        """At step `first`: start torch's profiler (CUDA activity only); at step `last`: stop it and summarise."""
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            self.kernel_report = {"error": "no CUDA device"}
+            return
+        try:
+            torch.cuda.synchronize()
+            if self.step == self.first:
+                self.kernel_profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                self.kernel_profiler.start()
+                self.kernel_window_start = time.perf_counter()
+            elif self.kernel_profiler is not None:
+                wall = time.perf_counter() - self.kernel_window_start
+                self.kernel_profiler.stop()
+                self.kernel_report = kernel_summary(_kernel_records(self.kernel_profiler), wall, self.last - self.first)
+                self.kernel_profiler = None
+        except Exception as exc:  # never break kohya's run
+            self.kernel_report = {"error": f"{type(exc).__name__}: {exc}"}
 
     def on_gc(self, stage: str, info: dict[str, Any]) -> None:
         if stage == "start":
@@ -195,6 +228,7 @@ class StepProfiler:
             "phases": {name: phase_summary(counter, self.gc_s[name]) for name, counter in self.stacks.items()},
             "step_timing": step_timing(steps, self.first, self.last),
             "steps": steps,
+            **({"kernels": self.kernel_report} if self.kernels else {}),
         }
 
     def close(self) -> None:
@@ -321,6 +355,92 @@ def _patch_tqdm(profiler: StepProfiler) -> None:
     bar.update = update
 
 
+def _patch_tqdm_when_imported(profiler: StepProfiler, poll_s: float = 0.05) -> None:
+    """Without the sampler thread (kernels mode): wrap tqdm's update as soon as kohya has imported it."""
+
+    def poll() -> None:
+        while not getattr(getattr(sys.modules.get("tqdm.std"), "tqdm", None), "update", None) or not getattr(
+                sys.modules["tqdm.std"].tqdm.update, "_dermkohya_profiled", False):
+            _patch_tqdm(profiler)
+            time.sleep(poll_s)
+
+    threading.Thread(target=poll, name="dermkohya-step-profile-tqdm", daemon=True).start()
+
+
+def _kernel_records(profiler: Any) -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of every GPU activity (kernels, copies, sets) torch's profiler recorded."""
+    from torch.autograd import DeviceType
+
+    return [(e.name, e.time_range.start, e.time_range.end) for e in profiler.events()
+            if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start]
+
+
+# (category, lower-case substrings of a kernel's name): the first that matches names it; ordered from the most specific
+KERNEL_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("copies and sets", ("memcpy", "memset")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd", "precomputed")),
+    ("GEMM", ("gemm", "cutlass", "cublas", "nvjet", "xmma", "sm90_", "sm80_", "ampere_", "hopper")),
+    ("layout transforms", ("nchwtonhwc", "nhwctonchw", "transpose", "permute", "copy_kernel", "contiguous")),
+    ("normalisation", ("norm",)),
+    ("optimizer (multi-tensor)", ("multi_tensor", "adam", "foreach")),
+    ("reductions", ("reduce",)),
+]
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, needles in KERNEL_CATEGORIES:
+        if any(n in low for n in needles):
+            return category
+    return "elementwise and other"
+
+
+def kernel_summary(records: list[tuple[str, float, float]], wall_s: float, steps: int, top: int = 25) -> dict[str, Any]:
+    """The window's GPU time: busy (the union of all activity) against wall, idle gaps, categories, top kernels;
+    times per step in ms."""
+    per_step = 1e3 / max(steps, 1)
+    spans = sorted((start, end) for _, start, end in records)
+    busy_us, gaps = 0.0, []
+    cur_start = cur_end = None
+    for start, end in spans:
+        if cur_end is None or start > cur_end:
+            if cur_end is not None:
+                busy_us += cur_end - cur_start
+                gaps.append(start - cur_end)
+            cur_start, cur_end = start, end
+        else:
+            cur_end = max(cur_end, end)
+    if cur_end is not None:
+        busy_us += cur_end - cur_start
+    by_name: dict[str, list[float]] = {}
+    by_category: Counter[str] = Counter()
+    for name, start, end in records:
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += end - start
+        entry[1] += 1
+        by_category[kernel_category(name)] += end - start
+    kernel_us = sum(by_category.values())
+    big_gaps = sorted(gaps, reverse=True)
+    return {
+        "steps": steps, "activities": len(records),
+        "wall_ms_per_step": round(wall_s * per_step, 3),
+        "gpu_busy_ms_per_step": round(busy_us * per_step / 1e6, 3),
+        "gpu_busy_fraction_of_wall": round(busy_us / 1e6 / wall_s, 4) if wall_s > 0 else None,
+        "kernel_ms_per_step": round(kernel_us * per_step / 1e6, 3),
+        "idle_gaps_over_50us_per_step": round(sum(1 for g in gaps if g > 50) / max(steps, 1), 2),
+        "idle_ms_in_gaps_over_50us_per_step": round(sum(g for g in gaps if g > 50) * per_step / 1e6, 3),
+        "largest_gaps_ms": [round(g / 1e3, 3) for g in big_gaps[:10]],
+        "categories_ms_per_step": [[c, round(us * per_step / 1e6, 3), round(us / kernel_us, 4) if kernel_us else None]
+                                   for c, us in by_category.most_common()],
+        "top_kernels": [[name[:160], kernel_category(name), round(us * per_step / 1e6, 3), round(n / max(steps, 1), 2)]
+                        for name, (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+        "what": "per step, ms: wall between the window's step ends; GPU busy = the union of all recorded kernels, "
+                "copies and sets; kernel = their sum (overlaps counted twice); top_kernels: name, category, ms per "
+                "step, launches per step",
+    }
+
+
 def parse_window(text: str) -> tuple[int, int]:
     first, _, last = text.partition(":")
     a, b = int(first), int(last)
@@ -340,6 +460,12 @@ def install() -> StepProfiler | None:
     except ValueError as exc:
         print(f"dermkohya step_profile: {exc}; profiling off", file=sys.stderr)
         return None
+    if os.environ.get(ENV_KERNELS) == "1":  # torch's profiler over the window; no sampler, no per-step sync
+        profiler = StepProfiler(Path(out), first, last, interval, sync=False, kernels=True)
+        profiler.stopped = False
+        atexit.register(profiler.close)
+        _patch_tqdm_when_imported(profiler)
+        return profiler
     profiler = StepProfiler(Path(out), first, last, interval, os.environ.get(ENV_SYNC, "1") == "1")
     # the sampler needs the GIL: with the default 5 ms switch interval, pure-Python work shorter than that is
     # never sampled while GIL-releasing waits always are; a short interval makes the main thread yield in time
@@ -360,8 +486,11 @@ def summarise(path: Path, top: int = 12) -> dict[str, Any] | None:
     phases = {name: {"samples": p["samples"], "gc_s": p["gc_s"], "categories": p["categories"],
                      "top_inclusive": p["top_inclusive"][:top], "top_self": p["top_self"][:top]}
               for name, p in data["phases"].items()}
-    return {"complete": data["complete"], "window": data["window"], "interval_ms": data["interval_ms"],
-            "sampler_cpu_s": data["sampler_cpu_s"], "step_timing": data["step_timing"], "phases": phases}
+    out = {"complete": data["complete"], "window": data["window"], "interval_ms": data["interval_ms"],
+           "sampler_cpu_s": data["sampler_cpu_s"], "step_timing": data["step_timing"], "phases": phases}
+    if "kernels" in data:
+        out["kernels"] = data["kernels"]
+    return out
 
 
 def describe(name: str, profile: dict[str, Any], top: int = 15) -> str:
@@ -369,6 +498,14 @@ def describe(name: str, profile: dict[str, Any], top: int = 15) -> str:
     timing = profile["step_timing"]
     out = [f"== {name} (complete: {profile['complete']}, {profile['samples']} samples every {profile['interval_ms']} ms)",
            "   steps " + ", ".join(f"{k} {v}" for k, v in timing.items())]
+    kernels = profile.get("kernels") or {}
+    if "categories_ms_per_step" in kernels:
+        out.append("-- GPU, per step: " + ", ".join(f"{k} {kernels[k]}" for k in (
+            "wall_ms_per_step", "gpu_busy_ms_per_step", "gpu_busy_fraction_of_wall", "idle_ms_in_gaps_over_50us_per_step")))
+        out += [f"   {ms:8.3f} ms  {share * 100:5.1f} %  {category}" for category, ms, share in kernels["categories_ms_per_step"]]
+        out += [f"   {ms:8.3f} ms  {n:6.1f}x  [{category}] {kname}" for kname, category, ms, n in kernels["top_kernels"][:top]]
+    elif kernels:
+        out.append(f"-- GPU: {kernels}")
     for phase, data in profile["phases"].items():
         out.append(f"-- {phase}: {data['samples']} samples, GC {data['gc_s']} s")
         out += [f"   {share * 100:5.1f} %  {category}" for category, _, share in data["categories"]]

@@ -149,10 +149,15 @@ VARIANTS: list[Variant] = [
     Variant("dermkohya-flat-state-off", "dermkohya", "lora_fast with flat_state=off (Adam's state as torch makes "
             "it: each epoch-end state save copies ~1,600 tensors to the host one by one)",
             overrides={"network": {"args": ["flat_state=off"]}}),
+    Variant("dermkohya-save-copy-kohya", "dermkohya", "lora_fast with save_copy=kohya (each epoch end's LoRA file and "
+            "state copy the weights to the host tensor by tensor, as kohya does, not in one transfer per dtype)",
+            overrides={"network": {"args": ["save_copy=kohya"]}}),
+    Variant("dermkohya-channels-last", "dermkohya", "lora_fast with channels_last=on (the U-Net's convolutions in "
+            "channels-last memory layout)", overrides={"network": {"args": ["channels_last=on"]}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-no-highvram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 
@@ -185,6 +190,10 @@ SDXL_VARIANTS: list[Variant] = [
     Variant("sdxl-dermkohya-24gb", "dermkohya", "runs/derm-sdxl-24gb.toml's settings (gradient checkpointing, "
             "kohya's networks.lora): the memory saver for 24 GB cards",
             overrides={"train": {"gradient_checkpointing": True}, "network": {"module": "networks.lora", "args": []}}),
+    Variant("sdxl-dermkohya-channels-last", "dermkohya", "runs/derm-sdxl.toml + channels_last=on (the U-Net's "
+            "convolutions in channels-last memory layout)",
+            overrides={"train": {"gradient_checkpointing": False},
+                       "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on", "channels_last=on"]}}),
 ]
 
 
@@ -514,6 +523,7 @@ class Profiling:
     names: frozenset[str]
     steps: str = "20:60"
     interval_ms: float = 5.0
+    kind: str = "stacks"  # or "kernels": torch's profiler over the window (step_profile.py)
 
     def path(self, variant: str) -> Path | None:
         return self.folder / f"{self.stem}-profile-{variant}.json" if variant in self.names else None
@@ -553,6 +563,7 @@ class profiling:  # noqa: N801 — a context manager, read as a clause
         self.path.unlink(missing_ok=True)
         env = {step_profile.ENV_OUT: str(self.path), step_profile.ENV_STEPS: self.setup.steps,
                step_profile.ENV_MS: str(self.setup.interval_ms),
+               step_profile.ENV_KERNELS: "1" if self.setup.kind == "kernels" else "0",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(PROFILE_SITE), os.environ.get("PYTHONPATH")]))}
         for key, value in env.items():
             self.saved[key] = os.environ.get(key)
@@ -1027,7 +1038,11 @@ def main() -> int:
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
                         help="run bench/step_profile.py inside kohya's process for every variant but the -repeat ones "
                              "(on with --preset pairs); files <out>-profile.json and <out>-profile.collapsed.txt.gz")
-    parser.add_argument("--profile-steps", default=None, help="first:last steps of the profiled window (20:60)")
+    parser.add_argument("--profile-steps", default=None, help="first:last steps of the profiled window (20:60; "
+                        "kernels: 24:34, inside the second epoch)")
+    parser.add_argument("--profile-kind", choices=("stacks", "kernels"), default="stacks",
+                        help="stacks: bench/step_profile.py samples kohya's Python stacks; kernels: torch's profiler "
+                             "records the GPU's kernels over the window (GPU busy vs wall, categories, top kernels)")
     parser.add_argument("--images", type=int, help="train on this many images (the bench's 72 copied round); "
                         "wall-1000: 1000")
     parser.add_argument("--gpu", help="the GPU's short name in file names (default: bench/gpu_name.py, e.g. h200)")
@@ -1104,9 +1119,9 @@ def main() -> int:
     sampler = GpuSampler()
     epochs = 1 if args.smoke else args.epochs
     profile = args.profile if args.profile is not None else preset.profile
-    steps = args.profile_steps or ("1:4" if args.smoke else "20:60")
+    steps = args.profile_steps or ("1:4" if args.smoke else "24:34" if args.profile_kind == "kernels" else "20:60")
     profiling_setup = Profiling(work / "profiles", args.out.stem, frozenset(
-        n for n in names if not n.endswith("-repeat")), steps) if profile else None
+        n for n in names if not n.endswith("-repeat")), steps, kind=args.profile_kind) if profile else None
     bench = Bench(root, work, data_dir, model_dir, tokenizers, epochs, args.smoke, sampler, log,
                   warmup=1 if args.smoke else family.warmup, family=family.family, profile=profiling_setup)
 

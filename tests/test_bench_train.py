@@ -673,6 +673,39 @@ def test_step_profile_categories() -> None:
     assert step_profile.categorise(stack("train_network.py:train", "somewhere.py:f")) == "other"
 
 
+def test_kernel_summary_unions_overlaps_counts_gaps_and_names_categories() -> None:
+    records = [  # (name, start µs, end µs) over 2 steps
+        ("sm90_xmma_gemm_f16f16_f32", 0.0, 100.0),
+        ("sm90_xmma_fprop_implicit_gemm_f16", 50.0, 150.0),  # overlaps the GEMM: busy counts it once
+        ("nchwToNhwcKernel", 300.0, 320.0),  # after a 150 µs gap
+        ("flash_fwd_kernel", 320.0, 420.0),  # back to back: no gap
+        ("Memcpy DtoH (Device -> Pageable)", 430.0, 440.0),  # a 10 µs gap: under the 50 µs threshold
+        ("void at::native::vectorized_elementwise_kernel", 1000.0, 1100.0),  # after a 560 µs gap
+    ]
+    out = step_profile.kernel_summary(records, wall_s=0.004, steps=2)
+    assert out["gpu_busy_ms_per_step"] == round((150 + 120 + 10 + 100) / 2 / 1e3, 3)
+    assert out["kernel_ms_per_step"] == round((100 + 100 + 20 + 100 + 10 + 100) / 2 / 1e3, 3)
+    assert out["gpu_busy_fraction_of_wall"] == round(380e-6 / 0.004, 4)
+    assert out["idle_gaps_over_50us_per_step"] == 1.0 and out["largest_gaps_ms"][:2] == [0.56, 0.15]
+    categories = {c: ms for c, ms, _ in out["categories_ms_per_step"]}
+    assert categories == {"GEMM": 0.05, "convolution": 0.05, "layout transforms": 0.01, "attention": 0.05,
+                          "copies and sets": 0.005, "elementwise and other": 0.05}
+    assert out["top_kernels"][0][2] == 0.05 and out["top_kernels"][0][3] == 0.5
+    text = step_profile.describe("k", {"complete": True, "samples": 0, "interval_ms": 5.0, "phases": {},
+                                       "step_timing": {}, "kernels": out})
+    assert "gpu_busy_ms_per_step 0.19," in text and "[layout transforms] nchwToNhwcKernel" in text
+
+
+def test_kernel_mode_profiles_nothing_on_a_cpu_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(step_profile.ENV_KERNELS, "1")
+    out = _run_stand_in(tmp_path, "train_network.py")
+    data = json.loads(out.read_text(encoding="utf-8"))
+    # no sampler in this mode: the steps are still timed through kohya's bar, and the GPU part says why it is empty
+    assert data["complete"] and data["samples"] == 0 and [s["step"] for s in data["steps"]][:25] == list(range(1, 26))
+    assert data["kernels"] == {"error": "no CUDA device"}
+    assert step_profile.summarise(out)["kernels"] == {"error": "no CUDA device"}
+
+
 def test_profiling_sets_kohyas_env_only_while_a_profiled_variant_runs(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
