@@ -359,8 +359,8 @@ def _patch_tqdm_when_imported(profiler: StepProfiler, poll_s: float = 0.05) -> N
     """Without the sampler thread (kernels mode): wrap tqdm's update as soon as kohya has imported it."""
 
     def poll() -> None:
-        while not getattr(getattr(sys.modules.get("tqdm.std"), "tqdm", None), "update", None) or not getattr(
-                sys.modules["tqdm.std"].tqdm.update, "_dermkohya_profiled", False):
+        while not getattr(getattr(getattr(sys.modules.get("tqdm.std"), "tqdm", None), "update", None),
+                          "_dermkohya_profiled", False):
             _patch_tqdm(profiler)
             time.sleep(poll_s)
 
