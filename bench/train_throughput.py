@@ -154,10 +154,13 @@ VARIANTS: list[Variant] = [
             overrides={"network": {"args": ["save_copy=kohya"]}}),
     Variant("dermkohya-channels-last", "dermkohya", "lora_fast with channels_last=on (the U-Net's convolutions in "
             "channels-last memory layout)", overrides={"network": {"args": ["channels_last=on"]}}),
+    Variant("dermkohya-flat-weights-off", "dermkohya", "lora_fast with flat_weights=off (each LoRA tensor its own "
+            "graph input: autocast casts each weight, and each gradient is cast back, one kernel per tensor)",
+            overrides={"network": {"args": ["flat_weights=off"]}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-flat-weights-off", "dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-no-highvram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 

@@ -231,11 +231,17 @@ def te_dispatch() -> dict[str, object]:
             "unpacked": bool(torch.equal(graphs.unpack(model_output), hidden) and torch.equal(graphs.unpack((hidden,)), hidden))}
 
 
-def cuda_graphs(dtype: str, set_to_none: bool = True, **options: str) -> dict[str, object]:
+def cuda_graphs(dtype: str, set_to_none: bool = True, flat: bool = False, **options: str) -> dict[str, object]:
     """On a GPU: the same LoRA trained for several steps through graph replay (cuda_graph=on) and through
     the eager path (cuda_graph=off), from the same weights and inputs, under autocast as kohya trains
     (kohya zeroes gradients with set_to_none=True; False is checked too: .grad must not alias a graph buffer).
-    `options` (sdpa, conv_benchmark) go to the replayed network only: the eager one is the reference."""
+    `options` (sdpa, conv_benchmark) go to the replayed network only: the eager one is the reference. `flat`: the
+    replayed network is prepared as kohya's trainer prepares it, with an accelerator (flat_weights=on then takes
+    effect: one weight input per graph)."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
     autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     ref, _, _ = build(kohya_lora, {}, None)
     torch.manual_seed(3)
@@ -247,10 +253,14 @@ def cuda_graphs(dtype: str, set_to_none: bool = True, **options: str) -> dict[st
         torch.manual_seed(1)
         network = lora_fast.create_network(1.0, 4, 2.0, None, te, unet, cuda_graph=mode,
                                            **(options if mode == "on" else {}))
+        if flat and mode == "on":
+            accelerator = Accelerator()  # noqa: F841 — kohya's train() has one by this name: prepare_network finds it
+            network.prepare_network(SimpleNamespace())
         network.apply_to(te, unet, True, True)
         te_graphs = None
         if mode == "on":  # the tiny encoder is not CLIPTextModel: its graphs installed by hand, as apply_to does
-            te_graphs = lora_fast.TextEncoderGraphs(te, network.text_encoder_loras, max_graphs=2)
+            te_graphs = lora_fast.TextEncoderGraphs(te, network.text_encoder_loras, max_graphs=2,
+                                                    flat_weights=network._flat_weights())
             te.forward = te_graphs
         network.load_state_dict(copy.deepcopy(state))
         network.cuda().requires_grad_(True)
@@ -265,6 +275,8 @@ def cuda_graphs(dtype: str, set_to_none: bool = True, **options: str) -> dict[st
             loss = out.float().pow(2).mean()
             loss.backward()
             grads.append({n: p.grad.detach().float().cpu().clone() for n, p in network.named_parameters()})
+            if step_no == 2:
+                storages = {p.grad.untyped_storage().data_ptr() for p in network.parameters()}
             optimizer.step()
             optimizer.zero_grad(set_to_none=set_to_none)  # kohya's order: step, then zero
             outs.append(out.detach().float().cpu())
@@ -274,11 +286,14 @@ def cuda_graphs(dtype: str, set_to_none: bool = True, **options: str) -> dict[st
                       "state": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
                       "replays": graphs.replays if graphs else 0, "off_reason": graphs.off_reason if graphs else "not installed",
                       "te_replays": te_graphs.replays if te_graphs else 0,
-                      "te_off_reason": te_graphs.off_reason if te_graphs else "not installed"}
+                      "te_off_reason": te_graphs.off_reason if te_graphs else "not installed",
+                      "flat": bool(graphs and graphs.flat), "te_flat": bool(te_graphs and te_graphs.flat),
+                      "grad_storages": len(storages)}
     on, off = runs["on"], runs["off"]
     return {
         "replays": on["replays"], "off_reason": on["off_reason"], "eager_replays": off["replays"],
         "te_replays": on["te_replays"], "te_off_reason": on["te_off_reason"],
+        "flat": on["flat"], "te_flat": on["te_flat"], "grad_storages": on["grad_storages"],
         "out_diffs": [float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])],
         "grad_diffs": [max_diff(a, b) for a, b in zip(on["grads"], off["grads"])],
         "out_diff": max(float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])),
@@ -307,6 +322,9 @@ if __name__ == "__main__":
         result["cuda_graphs"] = {dtype: cuda_graphs(dtype) for dtype in ("fp32", "fp16", "bf16")}
         result["cuda_graphs"]["fp32_grads_zeroed_in_place"] = cuda_graphs("fp32", set_to_none=False)
         result["cuda_graphs"]["fp16_cudnn_kernels"] = cuda_graphs("fp16", sdpa="cudnn", conv_benchmark="on")
+        for dtype in ("fp32", "fp16", "bf16"):
+            result["cuda_graphs"][f"{dtype}_flat_weights"] = cuda_graphs(dtype, flat=True)
+        result["cuda_graphs"]["fp16_flat_weights_grads_zeroed_in_place"] = cuda_graphs("fp16", set_to_none=False, flat=True)
         result["files_cuda"] = saved_files("cuda")
         torch.backends.cudnn.benchmark = False
     sys.stdout.write("NETWORKS-CHECK " + json.dumps(result) + "\n")

@@ -111,12 +111,19 @@ def test_text_encoder_graphs_run_eagerly_without_cuda_and_rebuild_kohyas_output(
 
 @pytest.mark.kohya
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["fp32", "fp16", "bf16", "fp32_grads_zeroed_in_place", "fp16_cudnn_kernels"])
+@pytest.mark.parametrize("case", ["fp32", "fp16", "bf16", "fp32_grads_zeroed_in_place", "fp16_cudnn_kernels",
+                                  "fp32_flat_weights", "fp16_flat_weights", "bf16_flat_weights",
+                                  "fp16_flat_weights_grads_zeroed_in_place"])
 def test_graph_replay_trains_like_the_eager_path(result: dict, case: str) -> None:
-    """Six optimizer steps replayed from CUDA graphs land on the eager path's outputs, gradients and weights."""
+    """Six optimizer steps replayed from CUDA graphs land on the eager path's outputs, gradients and weights;
+    with flat_weights (a network prepared as kohya's trainer does) through one weight input per graph."""
     r = result["cuda_graphs"][case]
     print(json.dumps({"case": case, **r}))  # the measured figures, in the test log
-    if case == "fp32_grads_zeroed_in_place":  # graphs would count the gradient twice: eager from the 2nd step
+    flat = "flat_weights" in case
+    assert r["flat"] is flat and r["te_flat"] is flat
+    if flat and "zeroed" not in case:  # every gradient a view of the graph's one gradient buffer
+        assert r["grad_storages"] == 2  # the U-Net's graph and the text encoder's
+    if "zeroed_in_place" in case:  # graphs would count the gradient twice: eager from the 2nd step
         assert r["off_reason"].startswith("gradients still set") and r["replays"] == 1
     else:
         assert r["off_reason"] is None and r["replays"] == 6 and r["eager_replays"] == 0
@@ -317,7 +324,7 @@ def test_capture_over_aliases_trains_as_the_eager_path_under_gloo_ddp(tmp_path: 
 
 @pytest.mark.kohya
 def test_ddp_harness_reports_each_dead_process_traceback(tmp_path: Path) -> None:
-    """A check whose processes die (here: no sd-scripts where SD_SCRIPTS_DIR points) comes back with each
+    """A check whose processes die (here: no sd-scripts where SD_SCRIPTS_DIR points) comes back with each dead
     process's full traceback in the JSON, not only the launcher's tail."""
     env = kohya.kohya_env()
     env["PYTHONPATH"] = os.pathsep.join([str(DDP_HARNESS.parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -328,5 +335,7 @@ def test_ddp_harness_reports_each_dead_process_traceback(tmp_path: Path) -> None
     assert done.returncode == 1 and out.is_file(), done.stderr[-3000:]
     report = json.loads(out.read_text(encoding="utf-8"))["check"]
     assert not report["ok"] and report["returncode"] != 0 and "selftest" not in report
-    assert set(report["tracebacks"]) == {"rank0", "rank1"}
+    # the process that dies first is always there; torchrun then stops the other (SIGTERM: no Python exception),
+    # which under load can come before that one reached its own failure (seen: rank1 only)
+    assert report["tracebacks"] and set(report["tracebacks"]) <= {"rank0", "rank1"}
     assert all("Traceback" in tb and "train_network" in tb for tb in report["tracebacks"].values())
