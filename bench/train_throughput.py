@@ -150,8 +150,11 @@ VARIANTS: list[Variant] = [
             "it: each epoch-end state save copies ~1,600 tensors to the host one by one)",
             overrides={"network": {"args": ["flat_state=off"]}}),
     Variant("dermkohya-save-copy-kohya", "dermkohya", "lora_fast with save_copy=kohya (each epoch end's LoRA file and "
-            "state copy the weights to the host tensor by tensor, as kohya does, not in one transfer per dtype)",
-            overrides={"network": {"args": ["save_copy=kohya"]}}),
+            "state copy the weights to the host tensor by tensor, as kohya does, not in one transfer per dtype; "
+            "flat_weights then off)", overrides={"network": {"args": ["save_copy=kohya"]}}),
+    Variant("dermkohya-save-copy-batched", "dermkohya", "lora_fast with save_copy=batched (each epoch end's LoRA file "
+            "cast, hashed and written before training goes on, not on the writer thread)",
+            overrides={"network": {"args": ["save_copy=batched"]}}),
     Variant("dermkohya-channels-last", "dermkohya", "lora_fast with channels_last=on (the U-Net's convolutions in "
             "channels-last memory layout)", overrides={"network": {"args": ["channels_last=on"]}}),
     Variant("dermkohya-flat-weights-off", "dermkohya", "lora_fast with flat_weights=off (each LoRA tensor its own "
@@ -160,7 +163,7 @@ VARIANTS: list[Variant] = [
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-flat-weights-off", "dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-flat-weights-off", "dermkohya-save-copy-batched", "dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-no-highvram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 

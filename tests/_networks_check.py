@@ -148,21 +148,25 @@ def saved_files(device: str = "cpu") -> dict[str, object]:
     from safetensors import safe_open
 
     ref, te_r, unet_r = build(kohya_lora, {}, None)
-    fast, te_f, unet_f = build(lora_fast, {}, copy.deepcopy(ref.state_dict()))
-    ref.to(device)
-    fast.to(device)
+    fast, te_f, unet_f = build(lora_fast, {}, copy.deepcopy(ref.state_dict()))  # save_copy=background
+    batched, _, _ = build(lora_fast, {"save_copy": "batched"}, copy.deepcopy(ref.state_dict()))
+    for network in (ref, fast, batched):
+        network.to(device)
     metadata = {"ss_network_module": "dermkohya.networks.lora_fast", "ss_network_dim": "4", "ss_network_alpha": "2.0"}
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, network in (("kohya", ref), ("fast", fast)):
+        for name, network in (("kohya", ref), ("fast", fast), ("fast_batched", batched)):
             path = Path(tmp) / f"{name}.safetensors"
             network.save_weights(str(path), torch.float16, dict(metadata))
+            if name == "fast":
+                out["background_written_by"] = fast.dk_saver.thread.name if fast.dk_saver.thread else None
+                fast.wait_for_saves()
             with safe_open(str(path), framework="pt") as fh:
                 out[name] = {
                     "metadata": fh.metadata(),
                     "tensors": {k: [str(fh.get_tensor(k).dtype), list(fh.get_tensor(k).shape)] for k in fh.keys()},
                 }
-        out["state_dict_method_back"] = "state_dict" not in vars(fast)  # the save's stand-in is gone
+        out["nothing_left_beside"] = sorted(p.name for p in Path(tmp).iterdir())
         # a file written by lora_fast loads into kohya's own network, and back
         te, unet = TinyTextEncoder(), TinyUNet()
         loaded, _ = kohya_lora.create_network_from_weights(1.0, str(Path(tmp) / "fast.safetensors"), None, te, unet)

@@ -67,18 +67,24 @@ def test_saved_file_is_a_networks_lora_file(result: dict) -> None:
     }
     assert files["reloads_in_kohya"] and files["from_weights_adopted"] == "FastLoRANetwork"
     assert files["metadata_arg_untouched"]  # kohya's metadata dict is reused for later saves
-    assert files["state_dict_method_back"]
+    # save_copy=background wrote on its writer thread, batched in the caller: both kohya's file, byte for byte
+    # (kohya's own hashes of the tensor bytes), and no partial file or writing folder left
+    assert files["background_written_by"] == "dermkohya-lora-save"
+    assert files["fast_batched"]["metadata"] == meta_f and files["fast_batched"]["tensors"] == files["fast"]["tensors"]
+    assert files["nothing_left_beside"] == ["fast.safetensors", "fast_batched.safetensors", "kohya.safetensors"]
 
 
 @pytest.mark.kohya
 @pytest.mark.gpu
 def test_saved_file_from_the_gpu_is_kohyas_bytes(result: dict) -> None:
-    """save_copy=batched (the default): one host transfer per dtype, and the same tensors as kohya's
+    """save_copy=background (the default) and batched: one host transfer per dtype, and the same tensors as kohya's
     tensor-by-tensor copies: kohya's own hashes of the tensor bytes agree."""
     files = result["files_cuda"]
-    meta_k, meta_f = files["kohya"]["metadata"], files["fast"]["metadata"]
-    assert meta_f["sshs_model_hash"] == meta_k["sshs_model_hash"] and meta_f["sshs_legacy_hash"] == meta_k["sshs_legacy_hash"]
-    assert files["fast"]["tensors"] == files["kohya"]["tensors"] and files["state_dict_method_back"]
+    meta_k = files["kohya"]["metadata"]
+    for name in ("fast", "fast_batched"):
+        meta_f = files[name]["metadata"]
+        assert meta_f["sshs_model_hash"] == meta_k["sshs_model_hash"] and meta_f["sshs_legacy_hash"] == meta_k["sshs_legacy_hash"]
+        assert files[name]["tensors"] == files["kohya"]["tensors"]
 
 
 @pytest.mark.kohya
@@ -89,7 +95,7 @@ def test_bad_options_name_the_argument(result: dict) -> None:
     assert "grad_sync='sometimes'" in errors[3] and "bucket, kohya" in errors[3]
     assert "sdpa='flash'" in errors[4] and "auto, cudnn" in errors[4]
     assert "conv_benchmark='maybe'" in errors[5] and "on or off" in errors[5]
-    assert "save_copy='fast'" in errors[6] and "batched, kohya" in errors[6]
+    assert "save_copy='fast'" in errors[6] and "background, batched, kohya" in errors[6]
     assert "channels_last='yes'" in errors[7] and "on or off" in errors[7]
 
 

@@ -41,13 +41,15 @@ kohya's `sdpa` attention) and `conv_benchmark=off|on` (on: cuDNN times its convo
 U-Net's shapes once, `torch.backends.cudnn.benchmark`, instead of its heuristic pick). The last two change
 kernels only, not the math: results agree within the precision's rounding. `flat_state=on|off` (on: Adam's
 state as views into one buffer per kind, so kohya's epoch-end state saves copy it in three pieces, not
-~1,600: flat_state.py; the same values and updates), `save_copy=batched|kohya` (batched: the epoch-end saves, kohya's
-LoRA file and accelerate's state, copy the weights to the host in one transfer per dtype instead of one per tensor:
-host_copy.py; the same bytes) and `channels_last=off|on` (on: the U-Net's convolution weights, and so its
+~1,600: flat_state.py; the same values and updates), `save_copy=background|batched|kohya` (batched: the epoch-end
+saves, kohya's LoRA file and accelerate's state, copy the weights to the host in one transfer per dtype instead of one
+per tensor: host_copy.py; background, the default: that, and kohya's LoRA file then cast, hashed and written on a
+thread while training goes on, moved into place when whole: background_save.py; kohya: its own copies. The same
+bytes in every mode) and `channels_last=off|on` (on: the U-Net's convolution weights, and so its
 activations, in channels-last memory layout; kernels only, not the math; measured 0.98x on an H200: cuDNN's
 transposes go, GroupNorm's copies come) and `flat_weights=on|off` (on: each graph's LoRA weights as views into one
 buffer, its one weight input: one cast and one gradient a step instead of one per tensor; flat_weights.py; one
-process, with save_copy=batched). Every other networks.lora argument
+process, with save_copy background or batched). Every other networks.lora argument
 (conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
@@ -65,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from dermkohya.networks import flat_state, flat_weights, grad_sync, host_copy
+from dermkohya.networks.background_save import BackgroundSaver
 from dermkohya.networks.flat_weights import FlatWeights
 from dermkohya.networks.attention import KINDS as SDPA_MODES
 from dermkohya.networks.attention import sdpa_preference
@@ -77,7 +80,7 @@ TRAINED_WITH_KEY = "dermkohya.trained_with"
 LOG_PREFIX = "dermkohya lora_fast:"
 GRAPH_MODES = ("auto", "on", "off")
 GRAD_SYNC_MODES = ("bucket", "kohya")
-SAVE_COPY_MODES = ("batched", "kohya")
+SAVE_COPY_MODES = ("background", "batched", "kohya")
 SWITCH = {"on": True, "off": False, "true": True, "false": False}
 # kohya's library/original_unet.py (SD 1.x/2.x) and library/sdxl_original_unet.py: graphs on in "auto".
 # SDXL verified on an H100 (bench/results/train-throughput-sdxl-h100.json): captured in 4.1 s, losses within
@@ -375,7 +378,8 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_te_graphs: TextEncoderGraphs | None = None
     dk_te_graph: bool = True
     dk_flat_state: bool = True
-    dk_save_copy: str = "batched"
+    dk_save_copy: str = "background"
+    dk_saver: BackgroundSaver | None = None
     dk_flat_weights: bool = True
     dk_state_hook: bool = False  # host_copy's save-state hook is on accelerate: shared weight storage saves safely
     dk_channels_last: bool = False
@@ -385,7 +389,7 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         calling trainer's gradient sync, and the optimizer's state layout (flat_state.py)."""
         if self.dk_flat_state:
             flat_state.install(self.parameters)
-        if self.dk_save_copy == "batched":
+        if self.dk_save_copy != "kohya":
             accelerator = _calling_accelerator()
             if accelerator is not None:
                 self.dk_state_hook = host_copy.install_state_hook(accelerator, self) is not None
@@ -480,10 +484,10 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         logger.info("%s fused LoRA layers; U-Net training step as CUDA graphs (captured at the first step)", LOG_PREFIX)
 
     def _flat_weights(self) -> bool:
-        """flat_weights=on takes effect with the save-state hook on (save_copy=batched): accelerate's safetensors save
+        """flat_weights=on takes effect with the save-state hook on (save_copy not kohya): accelerate's safetensors save
         keeps one of several tensors sharing a storage, the hook hands it host copies of their own."""
         if self.dk_flat_weights and not self.dk_state_hook:
-            logger.info("%s flat_weights off: it needs save_copy=batched and kohya's accelerator", LOG_PREFIX)
+            logger.info("%s flat_weights off: it needs save_copy=background or batched, and kohya's accelerator", LOG_PREFIX)
         return self.dk_flat_weights and self.dk_state_hook
 
     def save_weights(self, file: str, dtype: Any, metadata: dict[str, str] | None) -> None:
@@ -491,17 +495,34 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
             metadata = dict(metadata)
             metadata[TRAINED_WITH_KEY] = metadata.get("ss_network_module", __name__)
             metadata["ss_network_module"] = FILE_NETWORK_MODULE
-        if self.dk_save_copy != "batched":
+        if self.dk_save_copy == "kohya":
             super().save_weights(file, dtype, metadata)
             return
-        # kohya's save_weights reads self.state_dict() once, then clones, copies and casts each tensor: handed
-        # the weights already on the host (one transfer), its copies are host copies; the file is the same
-        snapshot = host_copy.to_host(self.state_dict())
-        self.state_dict = lambda *args, **kwargs: snapshot  # an instance attribute: shadows the method
-        try:
-            super().save_weights(file, dtype, metadata)
-        finally:
-            del self.state_dict
+        # kohya's save_weights on a copy of the weights on the host (one transfer): it reads state_dict() once,
+        # then casts, hashes and writes; the same file
+        snapshot = _HostWeights(host_copy.to_host(self.state_dict()))
+        if self.dk_save_copy == "batched":
+            kohya_lora.LoRANetwork.save_weights(snapshot, file, dtype, metadata)  # type: ignore[arg-type]
+            return
+        if self.dk_saver is None:
+            self.dk_saver = BackgroundSaver()
+        self.dk_saver.submit(lambda path: kohya_lora.LoRANetwork.save_weights(snapshot, path, dtype, metadata), file)
+
+    def wait_for_saves(self) -> None:
+        """Until the LoRA file being written in the background is in place (save_copy=background); raises its
+        failure. kohya never needs to: the process waits for the writer before it ends."""
+        if self.dk_saver is not None:
+            self.dk_saver.wait()
+
+
+class _HostWeights:
+    """What kohya's `LoRANetwork.save_weights` reads of its network: `state_dict()`, here a host copy."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.weights)  # kohya replaces its entries with cast copies
 
 
 def _calling_accelerator(depth: int = 2) -> Any | None:
@@ -541,7 +562,7 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"cuda_graph": mode, "max_graphs": max_graphs, "grad_sync": _choice(kwargs, "grad_sync", "bucket", GRAD_SYNC_MODES),
             "sdpa": _choice(kwargs, "sdpa", "auto", SDPA_MODES), "conv_benchmark": _switch(kwargs, "conv_benchmark", "off"),
             "te_graph": _switch(kwargs, "te_graph", "on"), "flat_state": _switch(kwargs, "flat_state", "on"),
-            "save_copy": _choice(kwargs, "save_copy", "batched", SAVE_COPY_MODES),
+            "save_copy": _choice(kwargs, "save_copy", "background", SAVE_COPY_MODES),
             "channels_last": _switch(kwargs, "channels_last", "off"), "flat_weights": _switch(kwargs, "flat_weights", "on")}
 
 
