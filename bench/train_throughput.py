@@ -626,7 +626,7 @@ class Bench:
 
     def run_file(self, variant: Variant) -> Path:
         data = bench_run_data(self.root / "runs" / self.setup.run_file, self.family, self.data_dir, self.smoke)
-        data["name"] = "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", variant.name)
+        data["name"] = "bench-" + re.sub(r"[^A-Za-z0-9._-]", "-", variant.name) + lane_suffix()
         data["train"]["epochs"] = self.epochs
         data.setdefault("sample", {}).pop("every_n_epochs", None)
         data["sample"].pop("every_n_steps", None)
@@ -1218,12 +1218,16 @@ def main() -> int:
     return 0
 
 
-def default_work_dir() -> Path:
-    """$TMPDIR/dermkohya-bench, or dermkohya-bench-gpu<ids> when CUDA_VISIBLE_DEVICES picks GPUs: two harnesses run
-    side by side on one machine (one GPU each) would otherwise build and delete each other's data and outputs."""
-    base = Path(os.environ.get("TMPDIR", "/tmp")) / "dermkohya-bench"
+def lane_suffix() -> str:
+    """"-gpu<ids>" when CUDA_VISIBLE_DEVICES picks GPUs, else "": two harnesses run side by side on one machine (one GPU
+    each) get their own scratch folder and run names (a run's lock would otherwise refuse the second's variant)."""
     visible = re.sub(r"[^A-Za-z0-9]+", "-", os.environ.get("CUDA_VISIBLE_DEVICES", "")).strip("-")
-    return base.with_name(f"{base.name}-gpu{visible}") if visible else base
+    return f"-gpu{visible}" if visible else ""
+
+
+def default_work_dir() -> Path:
+    """$TMPDIR/dermkohya-bench, or dermkohya-bench-gpu<ids> (`lane_suffix`)."""
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"dermkohya-bench{lane_suffix()}"
 
 
 def merge_reports(paths: list[Path]) -> dict[str, Any]:

@@ -807,7 +807,14 @@ def test_wall_1000_ratio_and_its_lower_bound_when_card_raw_runs_out_of_time(tmp_
         tt.attach_wall(pairs, pairs, "train-throughput-h200.json")
 
 
-def test_lanes_on_one_machine_get_their_own_work_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lanes_on_one_machine_get_their_own_work_folder_and_run_names(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                      data_dir: Path) -> None:
+    bench = _bench(tmp_path, data_dir)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # two lanes running the same variant: a run lock each
+    lane1 = tomllib.loads(bench.run_file(tt.VARIANTS[1]).read_text(encoding="utf-8"))["name"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    lane0 = tomllib.loads(bench.run_file(tt.VARIANTS[1]).read_text(encoding="utf-8"))["name"]
+    assert (lane0, lane1) == ("bench-dermkohya-default-gpu0", "bench-dermkohya-default-gpu1")
     monkeypatch.setenv("TMPDIR", "/scratch")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert tt.default_work_dir() == Path("/scratch/dermkohya-bench")
