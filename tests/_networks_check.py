@@ -12,6 +12,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -179,6 +180,9 @@ def saved_files(device: str = "cpu") -> dict[str, object]:
                                                          TinyTextEncoder(), TinyUNet())
         out["from_weights_adopted"] = type(again).__name__
     out["metadata_arg_untouched"] = metadata["ss_network_module"] == "dermkohya.networks.lora_fast"
+    uploading, _, _ = build(lora_fast, {}, None)
+    uploading.prepare_network(SimpleNamespace(huggingface_repo_id="someone/lora"))
+    out["uploads_save_in_the_caller"] = uploading.dk_save_copy
     return out
 
 
@@ -242,8 +246,6 @@ def cuda_graphs(dtype: str, set_to_none: bool = True, flat: bool = False, **opti
     `options` (sdpa, conv_benchmark) go to the replayed network only: the eager one is the reference. `flat`: the
     replayed network is prepared as kohya's trainer prepares it, with an accelerator (flat_weights=on then takes
     effect: one weight input per graph)."""
-    from types import SimpleNamespace
-
     from accelerate import Accelerator
 
     autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]

@@ -72,6 +72,7 @@ def test_saved_file_is_a_networks_lora_file(result: dict) -> None:
     assert files["background_written_by"] == "dermkohya-lora-save"
     assert files["fast_batched"]["metadata"] == meta_f and files["fast_batched"]["tensors"] == files["fast"]["tensors"]
     assert files["nothing_left_beside"] == ["fast.safetensors", "fast_batched.safetensors", "kohya.safetensors"]
+    assert files["uploads_save_in_the_caller"] == "batched"  # kohya uploads right after save_weights returns
 
 
 @pytest.mark.kohya

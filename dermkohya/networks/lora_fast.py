@@ -44,8 +44,8 @@ state as views into one buffer per kind, so kohya's epoch-end state saves copy i
 ~1,600: flat_state.py; the same values and updates), `save_copy=background|batched|kohya` (batched: the epoch-end
 saves, kohya's LoRA file and accelerate's state, copy the weights to the host in one transfer per dtype instead of one
 per tensor: host_copy.py; background, the default: that, and kohya's LoRA file then cast, hashed and written on a
-thread while training goes on, moved into place when whole: background_save.py; kohya: its own copies. The same
-bytes in every mode) and `channels_last=off|on` (on: the U-Net's convolution weights, and so its
+thread while training goes on, moved into place when whole: background_save.py, batched when kohya uploads to the
+Hub; kohya: its own copies. The same bytes in every mode) and `channels_last=off|on` (on: the U-Net's convolution weights, and so its
 activations, in channels-last memory layout; kernels only, not the math; measured 0.98x on an H200: cuDNN's
 transposes go, GroupNorm's copies come) and `flat_weights=on|off` (on: each graph's LoRA weights as views into one
 buffer, its one weight input: one cast and one gradient a step instead of one per tensor; flat_weights.py; one
@@ -389,6 +389,9 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         calling trainer's gradient sync, and the optimizer's state layout (flat_state.py)."""
         if self.dk_flat_state:
             flat_state.install(self.parameters)
+        if self.dk_save_copy == "background" and getattr(args, "huggingface_repo_id", None):
+            self.dk_save_copy = "batched"  # kohya uploads each file right after save_weights returns
+            logger.info("%s save_copy=batched: kohya uploads each saved file to the Hub at once", LOG_PREFIX)
         if self.dk_save_copy != "kohya":
             accelerator = _calling_accelerator()
             if accelerator is not None:
