@@ -21,8 +21,9 @@ defines the result kohya's own and changes only how a step is issued:
   torch_compile or deepspeed, no CUDA, or a failed capture (logged once, then eager for the rest of
   the run).
 * The capture runs over alias leaves of the LoRA weights (`p.detach().requires_grad_()`: the same
-  storage, autograd state of their own), passed to the graphed step as explicit inputs; a replay is
-  called with the weights themselves, so autograd hands the graph's gradients to the real parameters.
+  storage, autograd state of their own; with flat_weights, one alias of their shared buffer), passed to the
+  graphed step as explicit inputs; a replay is called with the weights themselves (or their buffer), so
+  autograd hands the graph's gradients to the real parameters.
   The parameters' own AccumulateGrad nodes never enter a capture: DDP keeps those alive from its
   construction, bound to the stream it was built on (the default stream), and a capture that reached
   them synchronised with the default stream and failed (issue #18, 2 × H200). A capture that fails
@@ -33,24 +34,28 @@ defines the result kohya's own and changes only how a step is issued:
   averages the gradients after backward, tensor by tensor (`all_reduce_network`). With
   `grad_sync=bucket` (the default) the trainer does that in one collective instead (`grad_sync.py`).
 
-Options, through `[network] args`: `cuda_graph=auto|on|off` (auto: kohya's SD 1.x/2.x U-Net only,
-the one measured; on: any U-Net), `max_graphs=N` (default 2, one per bucket resolution; each holds
-its activations), `grad_sync=bucket|kohya` (kohya: its own per-tensor loop), `te_graph=on|off` (the text
-encoder's graphs), `sdpa=auto|cudnn` (the U-Net's attention kernels: torch's order, or cuDNN's first; with
-kohya's `sdpa` attention) and `conv_benchmark=off|on` (on: cuDNN times its convolution algorithms for the
-U-Net's shapes once, `torch.backends.cudnn.benchmark`, instead of its heuristic pick). The last two change
-kernels only, not the math: results agree within the precision's rounding. `flat_state=on|off` (on: Adam's
-state as views into one buffer per kind, so kohya's epoch-end state saves copy it in three pieces, not
-~1,600: flat_state.py; the same values and updates), `save_copy=background|batched|kohya` (batched: the epoch-end
-saves, kohya's LoRA file and accelerate's state, copy the weights to the host in one transfer per dtype instead of one
-per tensor: host_copy.py; background, the default: that, and kohya's LoRA file then cast, hashed and written on a
-thread while training goes on, moved into place when whole: background_save.py, batched when kohya uploads to the
-Hub; kohya: its own copies. The same bytes in every mode) and `channels_last=off|on` (on: the U-Net's convolution weights, and so its
-activations, in channels-last memory layout; kernels only, not the math; measured 0.98x on an H200: cuDNN's
-transposes go, GroupNorm's copies come) and `flat_weights=on|off` (on: each graph's LoRA weights as views into one
-buffer, its one weight input: one cast and one gradient a step instead of one per tensor; flat_weights.py; one
-process, with save_copy background or batched). Every other networks.lora argument
-(conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
+Options, through `[network] args` (the first value is the default):
+
+* `cuda_graph=auto|on|off`: auto graphs kohya's SD 1.x/2.x and SDXL U-Nets (the ones measured); on, any U-Net.
+* `max_graphs=N` (2): one graph per bucket resolution, each holding its activations.
+* `te_graph=on|off`: the text encoder's graphs.
+* `flat_weights=on|off`: each graph's LoRA weights as views into one buffer, its one weight input: one cast and
+  one gradient a step instead of one per tensor (flat_weights.py). One process, and not with save_copy=kohya.
+* `grad_sync=bucket|kohya`: several processes' gradients in one collective, or kohya's per-tensor loop.
+* `flat_state=on|off`: Adam's state as views into one buffer per kind, so kohya's epoch-end state saves copy it
+  in three pieces, not ~1,600 (flat_state.py; the same values and updates).
+* `save_copy=background|batched|kohya`: batched copies the weights to the host in one transfer per dtype for the
+  epoch-end saves, kohya's LoRA file and accelerate's state (host_copy.py); background does that and writes the
+  LoRA file on a thread while training goes on, moved into place when whole (background_save.py; batched when
+  kohya uploads to the Hub); kohya, its own copies tensor by tensor. The same bytes in every mode.
+* `sdpa=auto|cudnn`: the U-Net's attention kernels, torch's order or cuDNN's first (kohya's `sdpa` attention).
+* `conv_benchmark=off|on`: cuDNN times its convolution algorithms for the U-Net's shapes once
+  (`torch.backends.cudnn.benchmark`) instead of its heuristic pick.
+* `channels_last=off|on`: the U-Net's convolution weights, and so its activations, in channels-last layout
+  (0.98x on an H200: cuDNN's transposes go, GroupNorm's copies come).
+
+The last three change kernels only, not the math: results agree within the precision's rounding. Every other
+networks.lora argument (conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
 from __future__ import annotations
