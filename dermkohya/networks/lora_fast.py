@@ -71,9 +71,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dermkohya.networks import flat_state, flat_weights, grad_sync, host_copy
-from dermkohya.networks.background_save import BackgroundSaver
-from dermkohya.networks.flat_weights import FlatWeights
+from dermkohya.networks import background_save, flat_state, flat_weights, grad_sync, host_copy
 from dermkohya.networks.attention import KINDS as SDPA_MODES
 from dermkohya.networks.attention import sdpa_preference
 from networks import lora as kohya_lora  # sd-scripts' networks/lora.py: kohya runs with its folder first on sys.path
@@ -144,7 +142,7 @@ class UNetGraphs:
         self.loras = list(loras)
         self.max_graphs = max_graphs
         self.use_flat = flat_weights  # the LoRA weights as one graph input (flat_weights.py), one process only
-        self.flat: FlatWeights | None = None
+        self.flat: flat_weights.FlatWeights | None = None
         self.graphs: dict[tuple[Any, ...], Any] = {}
         self.off_reason: str | None = None
         self.output_type: type | None = None
@@ -236,16 +234,19 @@ class UNetGraphs:
                     LOG_PREFIX, self.label, _shapes(args), time.perf_counter() - started)
         return graphed
 
-    def _flat(self, step: torch.nn.Module) -> FlatWeights | None:
+    def _flat(self, step: torch.nn.Module) -> flat_weights.FlatWeights | None:
         """The LoRA weights in one buffer, made at the first capture (later signatures share it), or None."""
         if self.flat is not None or not self.use_flat:
             return self.flat
+        reason = None
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             reason = "several processes"
         else:
-            reason = flat_weights.why_not([p for p in step.parameters()])
+            try:
+                self.flat = flat_weights.FlatWeights(step)
+            except ValueError as exc:  # parameters that cannot share a buffer: it says which
+                reason = str(exc)
         if reason is None:
-            self.flat = FlatWeights(step)
             logger.info("%s %s LoRA weights in one buffer: one cast, one gradient per step (flat_weights=on)",
                         LOG_PREFIX, self.label)
         else:
@@ -314,7 +315,7 @@ def capture_over_aliases(module: torch.nn.Module, sample_args: tuple[torch.Tenso
     return replay
 
 
-def capture_over_flat(module: torch.nn.Module, sample_args: tuple[torch.Tensor, ...], flat: FlatWeights,
+def capture_over_flat(module: torch.nn.Module, sample_args: tuple[torch.Tensor, ...], flat: flat_weights.FlatWeights,
                       make_graphed: Callable[..., Any] | None = None, **options: Any) -> Callable[..., Any]:
     """`capture_over_aliases` with one weight input: the buffer `flat` holds the module's parameters (views), so
     the graphs take an alias of it and a replay the buffer itself, whose gradient flat_weights.py hands out."""
@@ -384,7 +385,7 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_te_graph: bool = True
     dk_flat_state: bool = True
     dk_save_copy: str = "background"
-    dk_saver: BackgroundSaver | None = None
+    dk_saver: background_save.BackgroundSaver | None = None
     dk_flat_weights: bool = True
     dk_state_hook: bool = False  # host_copy's save-state hook is on accelerate: shared weight storage saves safely
     dk_channels_last: bool = False
@@ -513,7 +514,7 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
             kohya_lora.LoRANetwork.save_weights(snapshot, file, dtype, metadata)  # type: ignore[arg-type]
             return
         if self.dk_saver is None:
-            self.dk_saver = BackgroundSaver()
+            self.dk_saver = background_save.BackgroundSaver()
         self.dk_saver.submit(lambda path: kohya_lora.LoRANetwork.save_weights(snapshot, path, dtype, metadata), file)
 
     def wait_for_saves(self) -> None:
