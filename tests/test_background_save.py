@@ -1,5 +1,6 @@
 """kohya's LoRA file written on a writer thread (dermkohya/networks/background_save.py): whole files under their
-final names only, a failure raised by the next save, and a failure at the end of a run an exit status of 1."""
+final names only, writes in the order submitted, a failure raised by the next save, a failure at the end of a run
+an exit status of 1, and safetensors' bytes written without holding the GIL."""
 
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ def test_a_failed_write_is_raised_by_the_next_save_and_leaves_no_file(tmp_path: 
         raise OSError(28, "No space left on device")
 
     saver.submit(fail, str(tmp_path / "a.safetensors"))
+    saver.threads[-1].join()  # the write has failed: the next save says so
     with pytest.raises(RuntimeError, match=r"saving .*a\.safetensors failed: OSError: .*No space left"):
         saver.submit(lambda path: Path(path).write_bytes(b"b"), str(tmp_path / "b.safetensors"))
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / WRITING_DIR).exists()
@@ -77,3 +79,30 @@ def test_the_process_waits_for_the_last_write_and_a_failure_exits_1(tmp_path: Pa
     else:
         assert done.returncode == 1 and not target.exists()
         assert f"saving {target} failed: OSError: disk gone" in done.stderr
+
+
+def test_writes_run_in_the_order_submitted_and_at_most_two_wait(tmp_path: Path) -> None:
+    saver = BackgroundSaver()
+    order: list[str] = []
+    release = threading.Event()
+    saver.submit_job(lambda: (release.wait(10), order.append("lora")), "lora")
+    saver.submit_job(lambda: order.append("state"), "state")
+    assert len(saver.threads) == 2 and order == []  # both pending behind the held write
+    release.set()
+    saver.submit_job(lambda: order.append("next lora"), "next lora")  # waited for the oldest, not for all
+    saver.wait()
+    assert order == ["lora", "state", "next lora"] and not saver.threads
+
+
+def test_safetensors_on_the_writer_thread_are_the_same_bytes_as_save_file(tmp_path: Path) -> None:
+    import safetensors.torch as st
+    import torch
+
+    BackgroundSaver()  # routes save_file on the writer thread
+    tensors = {"b": torch.arange(6, dtype=torch.float16).reshape(2, 3), "a": torch.ones(4)}
+    st.save_file(tensors, str(tmp_path / "caller.safetensors"), {"k": "v"})
+    saver = BackgroundSaver()
+    saver.submit(lambda path: st.save_file(tensors, path, {"k": "v"}), str(tmp_path / "writer.safetensors"))
+    saver.wait()
+    assert st.save_file.__wrapped__ is not st.save_file
+    assert (tmp_path / "writer.safetensors").read_bytes() == (tmp_path / "caller.safetensors").read_bytes()

@@ -128,7 +128,9 @@ def test_interrupted_run_resumes_from_kohyas_saved_state(tmp_path: Path, smoke_m
     if module == "lora_fast":
         assert log.count("optimizer state in one buffer per kind") == 2  # the first run's and the resumed run's
         with zipfile.ZipFile(first.saved_states[-1] / "optimizer.bin") as archive:
-            assert sum(1 for name in archive.namelist() if "/data/" in name) == 3  # exp_avg, exp_avg_sq, steps
+            # exp_avg, exp_avg_sq and steps in a few records (the writer thread's host copy joins same-dtype ones),
+            # not ~1,600
+            assert 1 <= sum(1 for name in archive.namelist() if "/data/" in name) <= 3
 
 
 def test_exit_zero_without_a_lora_is_a_failure(tmp_path: Path, smoke_models: Path) -> None:

@@ -22,20 +22,22 @@ from typing import Any
 import torch
 
 
-def to_host(tensors: Mapping[str, torch.Tensor], own_storage: bool = False) -> dict[str, torch.Tensor]:
+def to_host(tensors: Mapping[str, torch.Tensor], own_storage: bool = False,
+            copy_host: bool = False) -> dict[str, torch.Tensor]:
     """`tensors` on the host, detached, in the same order; one device-to-host copy per (device, dtype) group
-    of device tensors. Host tensors are detached as they are (kohya and accelerate copy or write them)."""
+    of device tensors. Host tensors are detached as they are (kohya and accelerate copy or write them), or with
+    `copy_host` copied the same way: one copy per dtype."""
     out: dict[str, Any] = {}
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "cpu":
+        if not isinstance(tensor, torch.Tensor) or (tensor.device.type == "cpu" and not copy_host):
             out[name] = tensor.detach() if isinstance(tensor, torch.Tensor) else tensor
         else:
             groups.setdefault((tensor.device, tensor.dtype), []).append(name)
             out[name] = None  # keeps the order; filled below
     for names in groups.values():
         parts = [tensors[name].detach() for name in names]
-        host = torch.cat([p.reshape(-1) for p in parts]).cpu()
+        host = torch.cat([p.reshape(-1) for p in parts]).cpu()  # a new buffer, on the host as on a device
         for name, part, view in zip(names, parts, host.split([p.numel() for p in parts])):
             view = view.view(part.shape)
             out[name] = view.clone() if own_storage else view
