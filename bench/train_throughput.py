@@ -153,17 +153,19 @@ VARIANTS: list[Variant] = [
             "state copy the weights to the host tensor by tensor, as kohya does, not in one transfer per dtype; "
             "flat_weights then off)", overrides={"network": {"args": ["save_copy=kohya"]}}),
     Variant("dermkohya-save-copy-batched", "dermkohya", "lora_fast with save_copy=batched (each epoch end's LoRA file "
-            "cast, hashed and written before training goes on, not on the writer thread)",
+            "and accelerate's state written before training goes on, not on the writer thread)",
             overrides={"network": {"args": ["save_copy=batched"]}}),
     Variant("dermkohya-channels-last", "dermkohya", "lora_fast with channels_last=on (the U-Net's convolutions in "
             "channels-last memory layout)", overrides={"network": {"args": ["channels_last=on"]}}),
+    Variant("dermkohya-norms-half", "dermkohya", "lora_fast with norms=half (the U-Net's GroupNorm and LayerNorm in "
+            "fp16 under autocast, not cast up to fp32 and back)", overrides={"network": {"args": ["norms=half"]}}),
     Variant("dermkohya-flat-weights-off", "dermkohya", "lora_fast with flat_weights=off (each LoRA tensor its own "
             "graph input: autocast casts each weight, and each gradient is cast back, one kernel per tensor)",
             overrides={"network": {"args": ["flat_weights=off"]}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-flat-weights-off", "dermkohya-save-copy-batched", "dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-norms-half", "dermkohya-flat-weights-off", "dermkohya-save-copy-batched", "dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-no-highvram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 
@@ -196,6 +198,14 @@ SDXL_VARIANTS: list[Variant] = [
     Variant("sdxl-dermkohya-24gb", "dermkohya", "runs/derm-sdxl-24gb.toml's settings (gradient checkpointing, "
             "kohya's networks.lora): the memory saver for 24 GB cards",
             overrides={"train": {"gradient_checkpointing": True}, "network": {"module": "networks.lora", "args": []}}),
+    Variant("sdxl-dermkohya-norms-half", "dermkohya", "runs/derm-sdxl.toml + norms=half (the U-Net's GroupNorm and "
+            "LayerNorm in fp16 under autocast)",
+            overrides={"train": {"gradient_checkpointing": False},
+                       "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on", "norms=half"]}}),
+    Variant("sdxl-dermkohya-save-copy-batched", "dermkohya", "runs/derm-sdxl.toml + save_copy=batched (each epoch "
+            "end's LoRA file and accelerate's state written before training goes on, not on the writer thread)",
+            overrides={"train": {"gradient_checkpointing": False},
+                       "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on", "save_copy=batched"]}}),
     Variant("sdxl-dermkohya-channels-last", "dermkohya", "runs/derm-sdxl.toml + channels_last=on (the U-Net's "
             "convolutions in channels-last memory layout)",
             overrides={"train": {"gradient_checkpointing": False},
@@ -856,6 +866,8 @@ def torch_compile_summary(compiled: dict[str, Any], eager: dict[str, Any] | None
 PAIRS = (("card-raw", "dermkohya-default"), ("card-raw-repeat", "dermkohya-default-repeat"))
 PAIR_TARGET = 4.0  # issue #18: the default at ≥ 4× card-raw's it/s, the lower of two back-to-back pairs
 DEFAULTS = ("dermkohya-default", "dermkohya-default-repeat")
+SDXL_LEVERS = ("sdxl-dermkohya-norms-half", "sdxl-dermkohya-save-copy-batched", "sdxl-dermkohya-channels-last")
+SDXL_DEFAULTS = ("sdxl-dermkohya-default",)
 
 
 def pairs_summary(by: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -881,9 +893,10 @@ def levers_summary(report: dict[str, Any], by: dict[str, dict[str, Any]]) -> dic
     not) in the same call: it/s ratio and start-up difference."""
     out: dict[str, Any] = {}
     for variant in report["variants"]:
-        if variant["name"] not in LEVERS or not variant.get("it_per_s"):
+        if variant["name"] not in LEVERS + SDXL_LEVERS or not variant.get("it_per_s"):
             continue
-        refs = [by[n] for n in DEFAULTS if by.get(n, {}).get("it_per_s")]
+        defaults = SDXL_DEFAULTS if variant["name"] in SDXL_LEVERS else DEFAULTS
+        refs = [by[n] for n in defaults if by.get(n, {}).get("it_per_s")]
         same = [r for r in refs if bool(r.get("profiled")) == bool(variant.get("profiled"))] or refs
         if not same:
             continue
@@ -895,6 +908,10 @@ def levers_summary(report: dict[str, Any], by: dict[str, dict[str, Any]]) -> dic
         if variant.get("startup_s") is not None and starts:
             entry["startup_s"] = variant["startup_s"]
             entry["startup_s_minus_default"] = round(variant["startup_s"] - statistics.fmean(starts), 1)
+        ends = [r["epoch_boundary_s_mean"] for r in same if r.get("epoch_boundary_s_mean") is not None]
+        if variant.get("epoch_boundary_s_mean") is not None and ends:  # what an epoch end costs beyond a step
+            entry["epoch_boundary_s_mean"] = variant["epoch_boundary_s_mean"]
+            entry["default_epoch_boundary_s_mean"] = round(statistics.fmean(ends), 3)
         step = (variant.get("step_profile") or {}).get("step_timing", {})
         if step.get("step_ms_median") is not None:
             entry["step_ms_median_profiled"] = step["step_ms_median"]

@@ -189,7 +189,7 @@ def saved_files(device: str = "cpu") -> dict[str, object]:
 def option_errors() -> list[str]:
     messages = []
     for bad in ({"cuda_graph": "sometimes"}, {"max_graphs": "two"}, {"max_graphs": "0"}, {"grad_sync": "sometimes"},
-                {"sdpa": "flash"}, {"conv_benchmark": "maybe"}, {"save_copy": "fast"}, {"channels_last": "yes"}):
+                {"sdpa": "flash"}, {"conv_benchmark": "maybe"}, {"save_copy": "fast"}, {"channels_last": "yes"}, {"norms": "fp32"}):
         try:
             build(lora_fast, bad, None)
         except ValueError as exc:

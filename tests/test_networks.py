@@ -91,13 +91,14 @@ def test_saved_file_from_the_gpu_is_kohyas_bytes(result: dict) -> None:
 @pytest.mark.kohya
 def test_bad_options_name_the_argument(result: dict) -> None:
     errors = result["option_errors"]
-    assert len(errors) == 8
+    assert len(errors) == 9
     assert "cuda_graph" in errors[0] and all("max_graphs" in e for e in errors[1:3])
     assert "grad_sync='sometimes'" in errors[3] and "bucket, kohya" in errors[3]
     assert "sdpa='flash'" in errors[4] and "auto, cudnn" in errors[4]
     assert "conv_benchmark='maybe'" in errors[5] and "on or off" in errors[5]
     assert "save_copy='fast'" in errors[6] and "background, batched, kohya" in errors[6]
     assert "channels_last='yes'" in errors[7] and "on or off" in errors[7]
+    assert "norms='fp32'" in errors[8] and "autocast, half" in errors[8]
 
 
 @pytest.mark.kohya

@@ -46,15 +46,22 @@ Options, through `[network] args` (the first value is the default):
   in three pieces, not ~1,600 (flat_state.py; the same values and updates).
 * `save_copy=background|batched|kohya`: batched copies the weights to the host in one transfer per dtype for the
   epoch-end saves, kohya's LoRA file and accelerate's state (host_copy.py); background does that and writes the
-  LoRA file on a thread while training goes on, moved into place when whole (background_save.py; batched when
-  kohya uploads to the Hub); kohya, its own copies tensor by tensor. The same bytes in every mode.
+  LoRA file and accelerate's state folder on a thread while training goes on, each moved into place when whole
+  (background_save.py, background_state.py; in the caller when kohya uploads to the Hub, and the state too with
+  several processes or kohya's save_last_n_*); kohya, its own copies tensor by tensor. The same bytes in every
+  mode.
 * `sdpa=auto|cudnn`: the U-Net's attention kernels, torch's order or cuDNN's first (kohya's `sdpa` attention).
 * `conv_benchmark=off|on`: cuDNN times its convolution algorithms for the U-Net's shapes once
   (`torch.backends.cudnn.benchmark`) instead of its heuristic pick.
 * `channels_last=off|on`: the U-Net's convolution weights, and so its activations, in channels-last layout
   (0.98x on an H200: cuDNN's transposes go, GroupNorm's copies come).
+* `norms=autocast|half`: the U-Net's GroupNorm and LayerNorm as autocast runs them (in fp32: the fp16 input cast
+  up, the output cast back by the next layer) or in the weights' half precision (fp16 or bf16 in and out; torch's
+  kernels still sum the mean and variance in fp32). Half changes rounding, not the math: measured against
+  kohya's loss before it is a default.
 
-The last three change kernels only, not the math: results agree within the precision's rounding. Every other
+sdpa, conv_benchmark and channels_last change kernels only, not the math: results agree within the precision's
+rounding. Every other
 networks.lora argument (conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
@@ -71,7 +78,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dermkohya.networks import background_save, flat_state, flat_weights, grad_sync, host_copy
+from dermkohya.networks import (background_save, background_state, flat_state, flat_weights, grad_sync, half_norms,
+                                host_copy)
 from dermkohya.networks.attention import KINDS as SDPA_MODES
 from dermkohya.networks.attention import sdpa_preference
 from networks import lora as kohya_lora  # sd-scripts' networks/lora.py: kohya runs with its folder first on sys.path
@@ -84,6 +92,7 @@ LOG_PREFIX = "dermkohya lora_fast:"
 GRAPH_MODES = ("auto", "on", "off")
 GRAD_SYNC_MODES = ("bucket", "kohya")
 SAVE_COPY_MODES = ("background", "batched", "kohya")
+NORM_MODES = ("autocast", "half")
 SWITCH = {"on": True, "off": False, "true": True, "false": False}
 # kohya's library/original_unet.py (SD 1.x/2.x) and library/sdxl_original_unet.py: graphs on in "auto".
 # SDXL verified on an H100 (bench/results/train-throughput-sdxl-h100.json): captured in 4.1 s, losses within
@@ -389,6 +398,7 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_flat_weights: bool = True
     dk_state_hook: bool = False  # host_copy's save-state hook is on accelerate: shared weight storage saves safely
     dk_channels_last: bool = False
+    dk_norms: str = "autocast"
 
     def prepare_network(self, args: Any) -> None:
         """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour, the
@@ -402,6 +412,13 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
             accelerator = _calling_accelerator()
             if accelerator is not None:
                 self.dk_state_hook = host_copy.install_state_hook(accelerator, self) is not None
+            if accelerator is not None and self.dk_save_copy == "background":
+                why = background_state.install(accelerator, self._saver(), args)
+                if why is None:
+                    logger.info("%s accelerate's state written on the writer thread, moved into place when whole",
+                                LOG_PREFIX)
+                else:
+                    logger.info("%s accelerate's state written by accelerate in the caller: %s", LOG_PREFIX, why)
         if self.dk_grad_sync == "bucket":
             trainer = grad_sync.calling_trainer()
             if trainer is not None and grad_sync.install(trainer, FastLoRANetwork):
@@ -458,6 +475,10 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         if self.dk_channels_last:
             unet.to(memory_format=torch.channels_last)  # 4-D weights; later .to(dtype/device) keeps the layout
             logger.info("%s channels_last=on: the U-Net's convolutions in channels-last layout", LOG_PREFIX)
+        if self.dk_norms == "half":
+            count = half_norms.install(unet)
+            logger.info("%s norms=half: the U-Net's %d GroupNorm/LayerNorm layers in half precision under autocast",
+                        LOG_PREFIX, count)
         if self.dk_conv_benchmark:
             torch.backends.cudnn.benchmark = True  # from here on: after kohya cached the latents
             logger.info("%s conv_benchmark=on: cuDNN times its convolution algorithms per shape", LOG_PREFIX)
@@ -513,12 +534,15 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         if self.dk_save_copy == "batched":
             kohya_lora.LoRANetwork.save_weights(snapshot, file, dtype, metadata)  # type: ignore[arg-type]
             return
+        self._saver().submit(lambda path: kohya_lora.LoRANetwork.save_weights(snapshot, path, dtype, metadata), file)
+
+    def _saver(self) -> background_save.BackgroundSaver:
         if self.dk_saver is None:
             self.dk_saver = background_save.BackgroundSaver()
-        self.dk_saver.submit(lambda path: kohya_lora.LoRANetwork.save_weights(snapshot, path, dtype, metadata), file)
+        return self.dk_saver
 
     def wait_for_saves(self) -> None:
-        """Until the LoRA file being written in the background is in place (save_copy=background); raises its
+        """Until the files being written in the background are in place (save_copy=background); raises a
         failure. kohya never needs to: the process waits for the writer before it ends."""
         if self.dk_saver is not None:
             self.dk_saver.wait()
@@ -572,7 +596,8 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
             "sdpa": _choice(kwargs, "sdpa", "auto", SDPA_MODES), "conv_benchmark": _switch(kwargs, "conv_benchmark", "off"),
             "te_graph": _switch(kwargs, "te_graph", "on"), "flat_state": _switch(kwargs, "flat_state", "on"),
             "save_copy": _choice(kwargs, "save_copy", "background", SAVE_COPY_MODES),
-            "channels_last": _switch(kwargs, "channels_last", "off"), "flat_weights": _switch(kwargs, "flat_weights", "on")}
+            "channels_last": _switch(kwargs, "channels_last", "off"), "flat_weights": _switch(kwargs, "flat_weights", "on"),
+            "norms": _choice(kwargs, "norms", "autocast", NORM_MODES)}
 
 
 def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRANetwork:
@@ -593,6 +618,7 @@ def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRA
     network.dk_save_copy = options["save_copy"]
     network.dk_channels_last = options["channels_last"]
     network.dk_flat_weights = options["flat_weights"]
+    network.dk_norms = options["norms"]
     return network  # type: ignore[return-value]
 
 
