@@ -157,15 +157,16 @@ VARIANTS: list[Variant] = [
             overrides={"network": {"args": ["save_copy=batched"]}}),
     Variant("dermkohya-channels-last", "dermkohya", "lora_fast with channels_last=on (the U-Net's convolutions in "
             "channels-last memory layout)", overrides={"network": {"args": ["channels_last=on"]}}),
-    Variant("dermkohya-norms-half", "dermkohya", "lora_fast with norms=half (the U-Net's GroupNorm and LayerNorm in "
-            "fp16 under autocast, not cast up to fp32 and back)", overrides={"network": {"args": ["norms=half"]}}),
+    Variant("dermkohya-norms-autocast", "dermkohya", "lora_fast with norms=autocast (the U-Net's GroupNorm and "
+            "LayerNorm in fp32 as autocast runs them: the default before norms=half)",
+            overrides={"network": {"args": ["norms=autocast"]}}),
     Variant("dermkohya-flat-weights-off", "dermkohya", "lora_fast with flat_weights=off (each LoRA tensor its own "
             "graph input: autocast casts each weight, and each gradient is cast back, one kernel per tensor)",
             overrides={"network": {"args": ["flat_weights=off"]}}),
     Variant("card-raw-repeat", "raw", "card-raw again, after everything else (drift check)"),
     Variant("dermkohya-default-repeat", "dermkohya", "dermkohya-default again (drift check)"),
 ]
-LEVERS = ("dermkohya-norms-half", "dermkohya-flat-weights-off", "dermkohya-save-copy-batched", "dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
+LEVERS = ("dermkohya-norms-autocast", "dermkohya-flat-weights-off", "dermkohya-save-copy-batched", "dermkohya-save-copy-kohya", "dermkohya-channels-last", "dermkohya-flat-state-off", "dermkohya-te-eager", "dermkohya-conv-benchmark", "dermkohya-sdpa-cudnn", "dermkohya-adamw-foreach", "dermkohya-unet-only", "dermkohya-no-clip", "dermkohya-no-save-state",
           "dermkohya-workers-0", "dermkohya-workers-8", "dermkohya-lowram", "dermkohya-no-highvram", "dermkohya-vae-batch-1",
           "dermkohya-vae-batch-16")
 
@@ -198,10 +199,14 @@ SDXL_VARIANTS: list[Variant] = [
     Variant("sdxl-dermkohya-24gb", "dermkohya", "runs/derm-sdxl-24gb.toml's settings (gradient checkpointing, "
             "kohya's networks.lora): the memory saver for 24 GB cards",
             overrides={"train": {"gradient_checkpointing": True}, "network": {"module": "networks.lora", "args": []}}),
-    Variant("sdxl-dermkohya-norms-half", "dermkohya", "runs/derm-sdxl.toml + norms=half (the U-Net's GroupNorm and "
-            "LayerNorm in fp16 under autocast)",
+    Variant("sdxl-dermkohya-norms-autocast", "dermkohya", "runs/derm-sdxl.toml + norms=autocast (the U-Net's "
+            "GroupNorm and LayerNorm in fp32 as autocast runs them: the default before norms=half)",
             overrides={"train": {"gradient_checkpointing": False},
-                       "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on", "norms=half"]}}),
+                       "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on", "norms=autocast"]}}),
+    Variant("sdxl-dermkohya-te-eager", "dermkohya", "runs/derm-sdxl.toml + te_graph=off (SDXL's two text encoders "
+            "eager: the default before their graphs)",
+            overrides={"train": {"gradient_checkpointing": False},
+                       "network": {"module": "dermkohya.networks.lora_fast", "args": ["cuda_graph=on", "te_graph=off"]}}),
     Variant("sdxl-dermkohya-save-copy-batched", "dermkohya", "runs/derm-sdxl.toml + save_copy=batched (each epoch "
             "end's LoRA file and accelerate's state written before training goes on, not on the writer thread)",
             overrides={"train": {"gradient_checkpointing": False},
@@ -866,7 +871,7 @@ def torch_compile_summary(compiled: dict[str, Any], eager: dict[str, Any] | None
 PAIRS = (("card-raw", "dermkohya-default"), ("card-raw-repeat", "dermkohya-default-repeat"))
 PAIR_TARGET = 4.0  # issue #18: the default at ≥ 4× card-raw's it/s, the lower of two back-to-back pairs
 DEFAULTS = ("dermkohya-default", "dermkohya-default-repeat")
-SDXL_LEVERS = ("sdxl-dermkohya-norms-half", "sdxl-dermkohya-save-copy-batched", "sdxl-dermkohya-channels-last")
+SDXL_LEVERS = ("sdxl-dermkohya-norms-autocast", "sdxl-dermkohya-te-eager", "sdxl-dermkohya-save-copy-batched", "sdxl-dermkohya-channels-last")
 SDXL_DEFAULTS = ("sdxl-dermkohya-default",)
 
 

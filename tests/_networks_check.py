@@ -218,25 +218,95 @@ def cpu_dispatch() -> dict[str, object]:
 
 
 def te_dispatch() -> dict[str, object]:
-    """TextEncoderGraphs without CUDA: the eager forward, unchanged; and the output objects it rebuilds around a
-    graph's tensor (transformers' CLIP output, a tuple, a tensor) read back as kohya reads them (`[0]`)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+    """TextEncoderGraphs without CUDA: the eager forward, unchanged; the keyword calls a graph is captured for
+    (SD 1.x/2.x's none, SDXL's output_hidden_states/return_dict) and the rest; and each of SDXL's two encoders
+    gets exactly its own LoRA layers."""
     _, te, _ = build(lora_fast, {}, None)
     graphs = lora_fast.TextEncoderGraphs(te, [m for m in te.modules() if isinstance(m, lora_fast.FusedLoRAModule)] or
                                          [te], max_graphs=2)
     tokens = torch.randn(2, 5, 16)
     eager = te(tokens)
-    hidden = torch.randn(2, 5, 16)
-    rebuilt = {}
-    for kind in (BaseModelOutputWithPooling, tuple, torch.Tensor):
-        graphs.output_type = kind
-        out = graphs.repack(hidden)
-        rebuilt[kind.__name__] = bool(torch.equal(out if kind is torch.Tensor else out[0], hidden))
-    model_output = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=hidden[:, 0])
+    accepts = {name: graphs.accepts(kwargs) for name, kwargs in {
+        "none": {}, "sdxl": {"output_hidden_states": True, "return_dict": True}, "tuple": {"return_dict": False},
+        "attention_mask": {"attention_mask": None}, "output_attentions": {"output_attentions": True}}.items()}
+    torch.manual_seed(0)
+    te1, te2, unet = TinyTextEncoder(), TinyTextEncoder(), TinyUNet()
+    network = lora_fast.create_network(1.0, 4, 2.0, None, [te1, te2], unet)
+    network.apply_to([te1, te2], unet, True, True)
+    split = [lora_fast.loras_of(te, network.text_encoder_loras) for te in (te1, te2)]
     return {"eager_diff": float((graphs(tokens) - eager).abs().max()), "eager_calls": graphs.eager_calls,
-            "replays": graphs.replays, "rebuilt": rebuilt,
-            "unpacked": bool(torch.equal(graphs.unpack(model_output), hidden) and torch.equal(graphs.unpack((hidden,)), hidden))}
+            "replays": graphs.replays, "accepts": accepts,
+            "split": [sorted({lora.lora_name.split("_")[1] for lora in loras}) for loras in split],
+            "split_sizes": [len(loras) for loras in split], "te_loras": len(network.text_encoder_loras)}
+
+
+def sdxl_text_encoder_graphs(dtype: str, flat: bool = False) -> dict[str, object]:
+    """On a GPU: SDXL's two text encoders (transformers' CLIPTextModel and CLIPTextModelWithProjection, tiny and
+    random) called as kohya's SDXL strategy calls them (output_hidden_states=True, return_dict=True; it reads
+    hidden_states[-2], last_hidden_state and the projection), trained six steps through graph replay and through
+    the eager path from the same weights and inputs."""
+    from accelerate import Accelerator
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    autocast_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    config = CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                            num_attention_heads=2, max_position_embeddings=8, projection_dim=16, eos_token_id=63)
+    runs = {}
+    for mode in ("off", "on"):
+        torch.manual_seed(0)
+        te1 = CLIPTextModel(config).cuda().requires_grad_(False)
+        te2 = CLIPTextModelWithProjection(config).cuda().requires_grad_(False)
+        unet = TinyUNet().cuda().requires_grad_(False)
+        torch.manual_seed(1)
+        network = lora_fast.create_network(1.0, 4, 2.0, None, [te1, te2], unet, cuda_graph=mode)
+        if flat and mode == "on":
+            accelerator = Accelerator()  # noqa: F841 — kohya's train() has one by this name: prepare_network finds it
+            network.prepare_network(SimpleNamespace())
+        network.apply_to([te1, te2], unet, True, True)
+        torch.manual_seed(2)
+        for p in network.parameters():  # lora_up starts at zero: give every LoRA a gradient of its own
+            torch.nn.init.normal_(p, std=0.1)
+        network.cuda().requires_grad_(True)
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.05)
+        outs, losses, grads = [], [], []
+        for step_no in range(6):
+            torch.manual_seed(10 + step_no)
+            ids = torch.randint(0, 62, (2, 8), device="cuda")
+            ids[:, -1] = 63  # the end token: where the pooled output is read
+            latents = torch.randn(2, 8, 6, 6, device="cuda")
+            with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=autocast_dtype is not None):
+                out1 = te1(ids, output_hidden_states=True, return_dict=True)
+                out2 = te2(ids, output_hidden_states=True, return_dict=True)
+                cond = torch.cat([out1["hidden_states"][-2], out2["hidden_states"][-2]], dim=-1)
+                out = unet(latents, cond)
+            loss = (out.float().pow(2).mean() + out2["text_embeds"].float().pow(2).mean()
+                    + 0.1 * out2["last_hidden_state"].float().pow(2).mean())
+            loss.backward()
+            grads.append({n: p.grad.detach().float().cpu().clone() for n, p in network.named_parameters()})
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            outs.append(torch.cat([out.detach().float().flatten().cpu(), out2["text_embeds"].detach().float().flatten().cpu()]))
+            losses.append(float(loss))
+        te_graphs = network.dk_te_graphs_all if mode == "on" else []
+        runs[mode] = {"outs": outs, "losses": losses, "grads": grads,
+                      "state": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
+                      "te_replays": [g.replays for g in te_graphs], "te_off": [g.off_reason for g in te_graphs],
+                      "te_flat": [bool(g.flat) for g in te_graphs], "types": [type(out1).__name__, type(out2).__name__],
+                      "hidden_states": [len(out1["hidden_states"]), len(out2["hidden_states"])]}
+    on, off = runs["on"], runs["off"]
+    return {
+        "te_replays": on["te_replays"], "te_off": on["te_off"], "te_flat": on["te_flat"],
+        "types": on["types"], "types_eager": off["types"], "hidden_states": on["hidden_states"],
+        "hidden_states_eager": off["hidden_states"],
+        "out_diff": max(float((a - b).abs().max()) for a, b in zip(on["outs"], off["outs"])),
+        "out_scale": max(float(a.abs().max()) for a in off["outs"]),
+        "grad_diffs": [max_diff(a, b) for a, b in zip(on["grads"], off["grads"])],
+        "grad_scale": max(float(v.abs().max()) for g in off["grads"] for v in g.values()),
+        "te_grads_nonzero": all(float(v.abs().max()) > 0 for k, v in on["grads"][0].items() if k.startswith("lora_te")),
+        "loss_on": on["losses"], "loss_off": off["losses"],
+        "weight_diff": max_diff(on["state"], off["state"]),
+        "weight_scale": max(float(v.abs().max()) for v in off["state"].values()),
+    }
 
 
 def cuda_graphs(dtype: str, set_to_none: bool = True, flat: bool = False, **options: str) -> dict[str, object]:
@@ -331,6 +401,8 @@ if __name__ == "__main__":
         for dtype in ("fp32", "fp16", "bf16"):
             result["cuda_graphs"][f"{dtype}_flat_weights"] = cuda_graphs(dtype, flat=True)
         result["cuda_graphs"]["fp16_flat_weights_grads_zeroed_in_place"] = cuda_graphs("fp16", set_to_none=False, flat=True)
+        result["sdxl_te_graphs"] = {dtype: sdxl_text_encoder_graphs(dtype) for dtype in ("fp32", "fp16", "bf16")}
+        result["sdxl_te_graphs"]["fp16_flat_weights"] = sdxl_text_encoder_graphs("fp16", flat=True)
         result["files_cuda"] = saved_files("cuda")
         torch.backends.cudnn.benchmark = False
     sys.stdout.write("NETWORKS-CHECK " + json.dumps(result) + "\n")

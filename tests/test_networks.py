@@ -98,7 +98,7 @@ def test_bad_options_name_the_argument(result: dict) -> None:
     assert "conv_benchmark='maybe'" in errors[5] and "on or off" in errors[5]
     assert "save_copy='fast'" in errors[6] and "background, batched, kohya" in errors[6]
     assert "channels_last='yes'" in errors[7] and "on or off" in errors[7]
-    assert "norms='fp32'" in errors[8] and "autocast, half" in errors[8]
+    assert "norms='fp32'" in errors[8] and "half, autocast" in errors[8]
 
 
 @pytest.mark.kohya
@@ -110,11 +110,32 @@ def test_graph_dispatcher_runs_eagerly_without_cuda(result: dict) -> None:
 
 
 @pytest.mark.kohya
-def test_text_encoder_graphs_run_eagerly_without_cuda_and_rebuild_kohyas_output(result: dict) -> None:
+def test_text_encoder_graphs_run_eagerly_without_cuda_and_split_sdxls_two_encoders(result: dict) -> None:
     r = result["te_dispatch"]
     assert r["eager_calls"] == 1 and r["replays"] == 0 and r["eager_diff"] == 0.0
-    assert r["rebuilt"] == {"BaseModelOutputWithPooling": True, "tuple": True, "Tensor": True}
-    assert r["unpacked"]
+    assert r["accepts"] == {"none": True, "sdxl": True, "tuple": True, "attention_mask": False, "output_attentions": False}
+    assert r["split"] == [["te1"], ["te2"]]  # each encoder graphs its own LoRA layers, all of them
+    assert sum(r["split_sizes"]) == r["te_loras"] and min(r["split_sizes"]) > 0
+
+
+@pytest.mark.kohya
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["fp32", "fp16", "bf16", "fp16_flat_weights"])
+def test_sdxl_text_encoder_keyword_calls_replay_like_the_eager_path(result: dict, case: str) -> None:
+    """kohya's SDXL calls (output_hidden_states=True, return_dict=True) replayed from graphs: transformers' output
+    objects, every hidden state, and six steps of training landing where the eager path does."""
+    r = result["sdxl_te_graphs"][case]
+    print(json.dumps({"case": case, **r}))
+    assert r["te_replays"] == [6, 6] and r["te_off"] == [None, None]
+    assert r["te_flat"] == [case.endswith("flat_weights")] * 2
+    assert r["types"] == r["types_eager"] == ["BaseModelOutputWithPooling", "CLIPTextModelOutput"]
+    assert r["hidden_states"] == r["hidden_states_eager"] == [4, 4]
+    assert r["te_grads_nonzero"]
+    tolerance = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}[case.split("_")[0]]
+    assert r["out_diff"] <= tolerance * r["out_scale"]
+    assert max(r["grad_diffs"]) <= tolerance * r["grad_scale"]
+    assert r["weight_diff"] <= tolerance * r["weight_scale"]
+    assert all(abs(a - b) <= tolerance * max(abs(b), 1e-8) for a, b in zip(r["loss_on"], r["loss_off"]))
 
 
 @pytest.mark.kohya

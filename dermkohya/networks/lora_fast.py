@@ -55,10 +55,10 @@ Options, through `[network] args` (the first value is the default):
   (`torch.backends.cudnn.benchmark`) instead of its heuristic pick.
 * `channels_last=off|on`: the U-Net's convolution weights, and so its activations, in channels-last layout
   (0.98x on an H200: cuDNN's transposes go, GroupNorm's copies come).
-* `norms=autocast|half`: the U-Net's GroupNorm and LayerNorm as autocast runs them (in fp32: the fp16 input cast
-  up, the output cast back by the next layer) or in the weights' half precision (fp16 or bf16 in and out; torch's
-  kernels still sum the mean and variance in fp32). Half changes rounding, not the math: measured against
-  kohya's loss before it is a default.
+* `norms=half|autocast`: the U-Net's GroupNorm and LayerNorm in the weights' half precision (fp16 or bf16 in and
+  out; torch's kernels still sum the mean and variance in fp32: half_norms.py), or as autocast runs them (in
+  fp32: the fp16 input cast up, the output cast back by the next layer, kohya's way). Half changes rounding, not
+  the math: 1.12x on an H200, kohya's loss within the bench's loss check.
 
 sdpa, conv_benchmark and channels_last change kernels only, not the math: results agree within the precision's
 rounding. Every other
@@ -92,13 +92,13 @@ LOG_PREFIX = "dermkohya lora_fast:"
 GRAPH_MODES = ("auto", "on", "off")
 GRAD_SYNC_MODES = ("bucket", "kohya")
 SAVE_COPY_MODES = ("background", "batched", "kohya")
-NORM_MODES = ("autocast", "half")
+NORM_MODES = ("half", "autocast")
 SWITCH = {"on": True, "off": False, "true": True, "false": False}
 # kohya's library/original_unet.py (SD 1.x/2.x) and library/sdxl_original_unet.py: graphs on in "auto".
 # SDXL verified on an H100 (bench/results/train-throughput-sdxl-h100.json): captured in 4.1 s, losses within
 # 8e-6 of networks.lora over 36 steps, same file layout.
 VERIFIED_UNETS = ("UNet2DConditionModel", "SdxlUNet2DConditionModel")
-VERIFIED_TEXT_ENCODERS = ("CLIPTextModel",)  # transformers' CLIP, as kohya loads SD 1.x/2.x's
+VERIFIED_TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")  # transformers' CLIP: SD 1.x/2.x, SDXL
 
 
 class FusedLoRAModule(kohya_lora.LoRAModule):
@@ -125,13 +125,14 @@ class _UNetStep(torch.nn.Module):
     weights (the frozen U-Net is not registered), so `capture_over_aliases` makes exactly those the
     graphed step's weight inputs."""
 
-    def __init__(self, graphs: UNetGraphs) -> None:
+    def __init__(self, graphs: UNetGraphs, kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.loras = torch.nn.ModuleList(graphs.loras)
         object.__setattr__(self, "_graphs", graphs)
+        object.__setattr__(self, "_kwargs", dict(kwargs or {}))
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        out = self._graphs.eager(*args)
+    def forward(self, *args: torch.Tensor) -> Any:
+        out = self._graphs.eager(*args, **self._kwargs)
         self._graphs.output_type = type(out)
         return self._graphs.unpack(out)
 
@@ -164,9 +165,13 @@ class UNetGraphs:
         if graphed is None:
             self.eager_calls += 1
             return self.eager(*args, **kwargs)
-        out = graphed(*args)
+        out = graphed(*args)  # the keyword arguments are the graph's own: part of its key
         self.replays += 1
         return self.repack(out)
+
+    def accepts(self, kwargs: dict[str, Any]) -> bool:
+        """Keyword arguments a graph can be captured for (the U-Net: return_dict=True only)."""
+        return all(key == "return_dict" and value is True for key, value in kwargs.items())
 
     def unpack(self, out: Any) -> torch.Tensor:
         """The tensor a graph returns, from what the module's forward returns."""
@@ -184,7 +189,7 @@ class UNetGraphs:
         if self.flat is not None and not self.flat.intact():
             self._turn_off("the LoRA weights were moved out of their buffer (flat_weights)")
             return None
-        if any(key != "return_dict" or value is not True for key, value in kwargs.items()):
+        if not self.accepts(kwargs):
             return None
         if not args or not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args):
             return None
@@ -201,6 +206,7 @@ class UNetGraphs:
             tuple(sorted({lora.multiplier for lora in self.loras})),
             self.loras[0].lora_up.weight.requires_grad,
             *((tuple(a.shape), a.dtype, a.requires_grad, a.device) for a in args),
+            tuple(sorted(kwargs.items())),
         )
         graphed = self.graphs.get(key, _NOT_SEEN)
         if graphed is _NOT_SEEN:
@@ -208,12 +214,12 @@ class UNetGraphs:
                 logger.info("%s input %s beyond max_graphs=%d: eager for it", LOG_PREFIX, _shapes(args), self.max_graphs)
                 graphed = None
             else:
-                graphed = self._capture(args)
+                graphed = self._capture(args, kwargs)
             if self.off_reason is None:
                 self.graphs[key] = graphed
         return graphed
 
-    def _capture(self, args: tuple[torch.Tensor, ...]) -> Any:
+    def _capture(self, args: tuple[torch.Tensor, ...], kwargs: dict[str, Any]) -> Any:
         reason = self.why_not()
         if reason is not None:
             self._turn_off(reason)
@@ -223,7 +229,7 @@ class UNetGraphs:
         started = time.perf_counter()
         failure = None
         try:
-            step = _UNetStep(self)
+            step = _UNetStep(self, kwargs)
             flat = self._flat(step)
             with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
                                 enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False):
@@ -273,29 +279,37 @@ class UNetGraphs:
 
 
 class TextEncoderGraphs(UNetGraphs):
-    """The text encoder's `forward` while its LoRA trains (SD 1.x/2.x: `text_encoder(tokens)[0]`), replayed as a
-    pair of graphs like the U-Net's: a step then launches four graphs instead of the ~1,400 kernels of CLIP's
-    twelve layers, their 72 LoRA layers and their backward. Any keyword argument (kohya's clip_skip asks for
-    hidden states; SDXL always does) runs eagerly. The graph returns the last hidden state; the output object
-    is rebuilt around it (`[0]` is what kohya reads)."""
+    """A text encoder's `forward` while its LoRA trains, replayed as a pair of graphs like the U-Net's: a step then
+    launches four graphs instead of the ~1,400 kernels of CLIP's twelve layers, their 72 LoRA layers and their
+    backward (SDXL's two encoders: ~5,000). One graph per call signature, keyword arguments included: SD 1.x/2.x's
+    `text_encoder(tokens)`, SDXL's `text_encoder(tokens, output_hidden_states=True, return_dict=True)` (kohya
+    reads `hidden_states[11]`, `hidden_states[-2]` and `last_hidden_state`). The graph returns transformers'
+    whole output object, its tensors the graph's outputs (torch's graphs flatten and rebuild it, and give the
+    outputs kohya does not read a zero gradient, as autograd does); any other keyword argument runs eagerly."""
 
     label = "text encoder"
 
-    def unpack(self, out: Any) -> torch.Tensor:
-        return out if isinstance(out, torch.Tensor) else out[0]
+    def accepts(self, kwargs: dict[str, Any]) -> bool:
+        return all(key in ("return_dict", "output_hidden_states") and isinstance(value, bool)
+                   for key, value in kwargs.items())
 
-    def repack(self, out: torch.Tensor) -> Any:
-        if self.output_type is None or issubclass(self.output_type, torch.Tensor):
-            return out
-        if issubclass(self.output_type, tuple):
-            return (out,)
-        return self.output_type(last_hidden_state=out)
+    def unpack(self, out: Any) -> Any:
+        return out
+
+    def repack(self, out: Any) -> Any:
+        return out
 
     def why_not(self) -> str | None:
         lora_params = {id(p) for lora in self.loras for p in lora.parameters()}
         if any(p.requires_grad and id(p) not in lora_params for p in self.unet.parameters()):
             return "text encoder weights other than the LoRA train (gradient checkpointing's embeddings?)"
         return why_not_graph(self.unet)
+
+
+def loras_of(module: torch.nn.Module, loras: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The LoRA layers applied to layers of `module` (kohya's LoRAModule keeps the layer's forward, bound to it)."""
+    inside = {id(m) for m in module.modules()}
+    return [lora for lora in loras if id(getattr(getattr(lora, "org_forward", None), "__self__", None)) in inside]
 
 
 def capture_over_aliases(module: torch.nn.Module, sample_args: tuple[torch.Tensor, ...],
@@ -390,7 +404,8 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_conv_benchmark: bool = False
     dk_off_reason: str | None = None
     dk_unet_graphs: UNetGraphs | None = None
-    dk_te_graphs: TextEncoderGraphs | None = None
+    dk_te_graphs: TextEncoderGraphs | None = None  # the first text encoder's (SDXL: dk_te_graphs_all has both)
+    dk_te_graphs_all: list[TextEncoderGraphs] = []
     dk_te_graph: bool = True
     dk_flat_state: bool = True
     dk_save_copy: str = "background"
@@ -398,7 +413,7 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_flat_weights: bool = True
     dk_state_hook: bool = False  # host_copy's save-state hook is on accelerate: shared weight storage saves safely
     dk_channels_last: bool = False
-    dk_norms: str = "autocast"
+    dk_norms: str = "half"
 
     def prepare_network(self, args: Any) -> None:
         """kohya calls this with its parsed arguments before `apply_to`: settings graphs cannot honour, the
@@ -445,28 +460,37 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
             self._install_text_encoder_graphs(text_encoder)
 
     def _install_text_encoder_graphs(self, text_encoder: Any) -> None:
-        """Graphs for SD 1.x/2.x's one CLIP text encoder too (`te_graph=on`, the default), in one process only:
-        with several, kohya hands the text encoder to DDP, whose hooks a capture must not reach."""
-        encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        """Graphs for the text encoders too (`te_graph=on`, the default): SD 1.x/2.x's one CLIP, SDXL's two, each
+        with its own LoRA layers, in one process only: with several, kohya hands the text encoders to DDP, whose
+        hooks a capture must not reach."""
+        encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
         reason = None
         if not self.dk_te_graph:
             reason = "te_graph=off"
-        elif len(encoders) != 1 or type(encoders[0]).__name__ not in VERIFIED_TEXT_ENCODERS:
+        elif any(type(e).__name__ not in VERIFIED_TEXT_ENCODERS for e in encoders):
             reason = f"{', '.join(type(e).__name__ for e in encoders)} is not verified with graphs"
         elif torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             reason = "several processes (DDP)"
+        owned = [loras_of(encoder, self.text_encoder_loras) for encoder in encoders]
+        if reason is None and sum(map(len, owned)) != len(self.text_encoder_loras):  # each LoRA in one graph
+            reason = "LoRA layers not found in exactly one text encoder"
         if reason is not None:
             logger.info("%s text encoder eager (%s)", LOG_PREFIX, reason)
             return
-        encoder = encoders[0]
-        graphs = TextEncoderGraphs(encoder, self.text_encoder_loras, self.dk_max_graphs, self._flat_weights())
+        self.dk_te_graphs_all = []
+        for index, (encoder, loras) in enumerate(zip(encoders, owned)):
+            if not loras:
+                continue
+            graphs = TextEncoderGraphs(encoder, loras, self.dk_max_graphs, self._flat_weights())
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return graphs(*args, **kwargs)
+            def forward(*args: Any, graphs: TextEncoderGraphs = graphs, **kwargs: Any) -> Any:
+                return graphs(*args, **kwargs)
 
-        encoder.forward = forward
-        self.dk_te_graphs = graphs
-        logger.info("%s text encoder forward+backward as CUDA graphs too (captured at the first step)", LOG_PREFIX)
+            encoder.forward = forward
+            self.dk_te_graphs_all.append(graphs)
+            logger.info("%s text encoder%s forward+backward as CUDA graphs too (captured at the first step)",
+                        LOG_PREFIX, f" {index + 1}" if len(encoders) > 1 else "")
+        self.dk_te_graphs = self.dk_te_graphs_all[0] if self.dk_te_graphs_all else None
 
     def _install_kernel_choices(self, unet: Any) -> None:
         """`sdpa=cudnn` and `conv_benchmark=on`: which kernels the U-Net's steps (and their captures) use."""
@@ -597,7 +621,7 @@ def _options(kwargs: dict[str, Any]) -> dict[str, Any]:
             "te_graph": _switch(kwargs, "te_graph", "on"), "flat_state": _switch(kwargs, "flat_state", "on"),
             "save_copy": _choice(kwargs, "save_copy", "background", SAVE_COPY_MODES),
             "channels_last": _switch(kwargs, "channels_last", "off"), "flat_weights": _switch(kwargs, "flat_weights", "on"),
-            "norms": _choice(kwargs, "norms", "autocast", NORM_MODES)}
+            "norms": _choice(kwargs, "norms", "half", NORM_MODES)}
 
 
 def _adopt(network: kohya_lora.LoRANetwork, options: dict[str, Any]) -> FastLoRANetwork:
