@@ -927,9 +927,9 @@ def levers_summary(report: dict[str, Any], by: dict[str, dict[str, Any]]) -> dic
 def summarise(report: dict[str, Any]) -> None:
     setup = FAMILIES[report.get("family", "sd15")]
     by = _by_name(report["variants"])
+    report["levers"] = levers_summary(report, by)
     if setup.family == "sd15":
         report["pairs"] = pairs_summary(by)
-        report["levers"] = levers_summary(report, by)
         if report.get("wall_1000"):
             report["wall_1000"] = wall_summary(report["wall_1000"], by)
             default_wall = report["wall_1000"].get("vs_card_raw", {}).get("dermkohya-default", {})

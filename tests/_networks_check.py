@@ -282,7 +282,11 @@ def sdxl_text_encoder_graphs(dtype: str, flat: bool = False) -> dict[str, object
             loss = (out.float().pow(2).mean() + out2["text_embeds"].float().pow(2).mean()
                     + 0.1 * out2["last_hidden_state"].float().pow(2).mean())
             loss.backward()
-            grads.append({n: p.grad.detach().float().cpu().clone() for n, p in network.named_parameters()})
+            # eager: no gradient for the LoRA layers only the unread outputs depend on (te1's last layer, as in
+            # kohya's SDXL), the graphs a zero one
+            unused = sorted(n for n, p in network.named_parameters() if p.grad is None)
+            grads.append({n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu().clone()
+                          for n, p in network.named_parameters()})
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             outs.append(torch.cat([out.detach().float().flatten().cpu(), out2["text_embeds"].detach().float().flatten().cpu()]))
@@ -292,7 +296,7 @@ def sdxl_text_encoder_graphs(dtype: str, flat: bool = False) -> dict[str, object
                       "state": {k: v.detach().float().cpu() for k, v in network.state_dict().items()},
                       "te_replays": [g.replays for g in te_graphs], "te_off": [g.off_reason for g in te_graphs],
                       "te_flat": [bool(g.flat) for g in te_graphs], "types": [type(out1).__name__, type(out2).__name__],
-                      "hidden_states": [len(out1["hidden_states"]), len(out2["hidden_states"])]}
+                      "hidden_states": [len(out1["hidden_states"]), len(out2["hidden_states"])], "unused": unused}
     on, off = runs["on"], runs["off"]
     return {
         "te_replays": on["te_replays"], "te_off": on["te_off"], "te_flat": on["te_flat"],
@@ -302,7 +306,8 @@ def sdxl_text_encoder_graphs(dtype: str, flat: bool = False) -> dict[str, object
         "out_scale": max(float(a.abs().max()) for a in off["outs"]),
         "grad_diffs": [max_diff(a, b) for a, b in zip(on["grads"], off["grads"])],
         "grad_scale": max(float(v.abs().max()) for g in off["grads"] for v in g.values()),
-        "te_grads_nonzero": all(float(v.abs().max()) > 0 for k, v in on["grads"][0].items() if k.startswith("lora_te")),
+        "unused_eager": off["unused"], "unused_graphs": on["unused"],
+        "te_zero_grads": [k for k, v in on["grads"][0].items() if k.startswith("lora_te") and float(v.abs().max()) == 0],
         "loss_on": on["losses"], "loss_off": off["losses"],
         "weight_diff": max_diff(on["state"], off["state"]),
         "weight_scale": max(float(v.abs().max()) for v in off["state"].values()),

@@ -148,7 +148,9 @@ def _deferred(writes: list[tuple[str, Any, str, dict[str, Any]]]) -> Iterator[No
     accelerate_save = checkpointing.save
 
     def save(obj: Any, f: Any, save_on_each_node: bool = False, safe_serialization: bool = False) -> None:
-        if safe_serialization:
+        if isinstance(obj, host_copy.HostCopy):  # the network's weights, copied for this save by the hook
+            writes.append(("safetensors" if safe_serialization else "torch", dict(obj), os.fspath(f), {}))
+        elif safe_serialization:
             if isinstance(obj, OrderedDict):  # as accelerate's save: tensors sharing a storage saved once
                 obj = clean_state_dict_for_safetensors(obj)
             writes.append(("safetensors", dict(to_host_tree(obj, own_storage=True)), os.fspath(f), {}))

@@ -284,8 +284,10 @@ class TextEncoderGraphs(UNetGraphs):
     backward (SDXL's two encoders: ~5,000). One graph per call signature, keyword arguments included: SD 1.x/2.x's
     `text_encoder(tokens)`, SDXL's `text_encoder(tokens, output_hidden_states=True, return_dict=True)` (kohya
     reads `hidden_states[11]`, `hidden_states[-2]` and `last_hidden_state`). The graph returns transformers'
-    whole output object, its tensors the graph's outputs (torch's graphs flatten and rebuild it, and give the
-    outputs kohya does not read a zero gradient, as autograd does); any other keyword argument runs eagerly."""
+    whole output object, its tensors the graph's outputs (torch's graphs flatten and rebuild it); any other
+    keyword argument runs eagerly. The outputs kohya does not read get a zero gradient, so the LoRA layers that
+    feed only them (the first SDXL encoder's last layer) get a zero gradient where the eager path leaves none:
+    their lora_up stays zero either way, and AdamW's weight decay shrinks their lora_down by lr x decay a step."""
 
     label = "text encoder"
 
