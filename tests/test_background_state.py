@@ -189,3 +189,23 @@ def test_a_ctrl_c_while_accelerate_saves_comes_after_the_write_is_queued(tmp_pat
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     saver.wait()  # what the process does before it ends
     assert (tmp_path / "e1-state" / "optimizer.bin").is_file() and (tmp_path / "e1-state" / "train_state.json").is_file()
+
+
+def test_another_threads_torch_save_writes_at_once_while_accelerates_are_deferred(tmp_path: Path) -> None:
+    run = _training(tmp_path)
+    saver = BackgroundSaver()
+    background_state.install(run.accelerator, saver, SimpleNamespace())
+    lora = tmp_path / "epoch1.pt"  # kohya's LoRA as .pt, written on the writer thread meanwhile
+    seen: dict[str, bool] = {}
+
+    def meanwhile(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        writer = threading.Thread(target=lambda: torch.save({"w": torch.ones(2)}, lora))
+        writer.start()
+        writer.join()
+        seen["written_at_once"] = lora.is_file()
+
+    run.accelerator.register_save_state_pre_hook(meanwhile)
+    run.accelerator.save_state(str(tmp_path / "e1-state"))
+    saver.wait()
+    assert seen == {"written_at_once": True} and torch.equal(torch.load(lora)["w"], torch.ones(2))
+    assert (tmp_path / "e1-state" / "optimizer.bin").is_file() and torch.save is background_state._TORCH_SAVE

@@ -145,9 +145,12 @@ def _deferred(writes: list[tuple[str, Any, str, dict[str, Any]]]) -> Iterator[No
     import accelerate.checkpointing as checkpointing
     from accelerate.utils import clean_state_dict_for_safetensors
 
-    accelerate_save = checkpointing.save
+    accelerate_save, torch_save_before = checkpointing.save, torch.save
+    caller = threading.current_thread()  # the writer thread may call torch.save meanwhile (a .pt LoRA): as it was
 
     def save(obj: Any, f: Any, save_on_each_node: bool = False, safe_serialization: bool = False) -> None:
+        if threading.current_thread() is not caller:
+            return accelerate_save(obj, f, save_on_each_node=save_on_each_node, safe_serialization=safe_serialization)
         if isinstance(obj, host_copy.HostCopy):  # the network's weights, copied for this save by the hook
             writes.append(("safetensors" if safe_serialization else "torch", dict(obj), os.fspath(f), {}))
         elif safe_serialization:
@@ -158,8 +161,9 @@ def _deferred(writes: list[tuple[str, Any, str, dict[str, Any]]]) -> Iterator[No
             writes.append(("torch", to_host_tree(obj), os.fspath(f), {}))
 
     def torch_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        if args or not isinstance(f, (str, os.PathLike)):  # not a call of accelerate's: as it was
-            return _TORCH_SAVE(obj, f, *args, **kwargs)
+        if threading.current_thread() is not caller or args or not isinstance(f, (str, os.PathLike)):
+            # not a call of accelerate's: as it was
+            return torch_save_before(obj, f, *args, **kwargs)
         writes.append(("torch", to_host_tree(obj), os.fspath(f), kwargs))
 
     checkpointing.save = save
@@ -168,7 +172,7 @@ def _deferred(writes: list[tuple[str, Any, str, dict[str, Any]]]) -> Iterator[No
         yield
     finally:
         checkpointing.save = accelerate_save
-        torch.save = _TORCH_SAVE
+        torch.save = torch_save_before
 
 
 def to_host_tree(obj: Any, own_storage: bool = False) -> Any:
