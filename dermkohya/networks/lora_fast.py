@@ -61,8 +61,7 @@ Options, through `[network] args` (the first value is the default):
   the math: 1.12x on an H200, kohya's loss within the bench's loss check.
 
 sdpa, conv_benchmark and channels_last change kernels only, not the math: results agree within the precision's
-rounding. Every other
-networks.lora argument (conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
+rounding. Every other networks.lora argument (conv_dim, block_dims, dropouts, loraplus…) passes through to kohya.
 """
 
 from __future__ import annotations
@@ -281,7 +280,7 @@ class UNetGraphs:
 class TextEncoderGraphs(UNetGraphs):
     """A text encoder's `forward` while its LoRA trains, replayed as a pair of graphs like the U-Net's: a step then
     launches four graphs instead of the ~1,400 kernels of CLIP's twelve layers, their 72 LoRA layers and their
-    backward (SDXL's two encoders: ~5,000). One graph per call signature, keyword arguments included: SD 1.x/2.x's
+    backward (SDXL's two encoders, 12 and 32 layers, many more). One graph per call signature, keyword arguments included: SD 1.x/2.x's
     `text_encoder(tokens)`, SDXL's `text_encoder(tokens, output_hidden_states=True, return_dict=True)` (kohya
     reads `hidden_states[11]`, `hidden_states[-2]` and `last_hidden_state`). The graph returns transformers'
     whole output object, its tensors the graph's outputs (torch's graphs flatten and rebuild it); any other
@@ -407,7 +406,7 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
     dk_off_reason: str | None = None
     dk_unet_graphs: UNetGraphs | None = None
     dk_te_graphs: TextEncoderGraphs | None = None  # the first text encoder's (SDXL: dk_te_graphs_all has both)
-    dk_te_graphs_all: list[TextEncoderGraphs] = []
+    dk_te_graphs_all: tuple[TextEncoderGraphs, ...] = ()
     dk_te_graph: bool = True
     dk_flat_state: bool = True
     dk_save_copy: str = "background"
@@ -479,7 +478,7 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
         if reason is not None:
             logger.info("%s text encoder eager (%s)", LOG_PREFIX, reason)
             return
-        self.dk_te_graphs_all = []
+        installed = []
         for index, (encoder, loras) in enumerate(zip(encoders, owned)):
             if not loras:
                 continue
@@ -489,13 +488,15 @@ class FastLoRANetwork(kohya_lora.LoRANetwork):
                 return graphs(*args, **kwargs)
 
             encoder.forward = forward
-            self.dk_te_graphs_all.append(graphs)
+            installed.append(graphs)
             logger.info("%s text encoder%s forward+backward as CUDA graphs too (captured at the first step)",
                         LOG_PREFIX, f" {index + 1}" if len(encoders) > 1 else "")
-        self.dk_te_graphs = self.dk_te_graphs_all[0] if self.dk_te_graphs_all else None
+        self.dk_te_graphs_all = tuple(installed)
+        self.dk_te_graphs = installed[0] if installed else None
 
     def _install_kernel_choices(self, unet: Any) -> None:
-        """`sdpa=cudnn` and `conv_benchmark=on`: which kernels the U-Net's steps (and their captures) use."""
+        """`channels_last`, `norms`, `conv_benchmark` and `sdpa`: which kernels the U-Net's steps (and their
+        captures) use."""
         if not torch.cuda.is_available():
             return
         if self.dk_channels_last:
