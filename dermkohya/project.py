@@ -112,7 +112,8 @@ def kohya_import_dir(root: Path) -> Path:
 
 
 def kohya_side_files() -> dict[str, bytes]:
-    """What kohya imports of dermkohya: the package's __init__ and networks/ (stdlib, torch and sd-scripts only)."""
+    """What kohya imports of dermkohya: the package's __init__ and networks/ (stdlib, torch, sd-scripts and the
+    accelerate and safetensors sd-scripts' requirements pin only)."""
     package = _package_dir()
     files = {"dermkohya/__init__.py": (package / "__init__.py").read_bytes()}
     for path in sorted((package / "networks").rglob("*.py")):

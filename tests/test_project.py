@@ -129,8 +129,10 @@ def test_render_outside_the_checkout_gives_kohya_a_copy_of_only_the_kohya_side_f
     copy = root / project.KOHYA_IMPORT_DIR
     names = sorted(p.relative_to(copy).as_posix() for p in copy.rglob("*.py"))
     assert names == sorted(project.kohya_side_files()) and "dermkohya/networks/lora_fast.py" in names
-    # kohya's environment has stdlib, torch and sd-scripts (`networks`, `library`), never dermkohya's dependencies
-    allowed = set(sys.stdlib_module_names) | {"torch", "networks", "library", "dermkohya", "__future__"}
+    # kohya's environment has stdlib, torch, sd-scripts (`networks`, `library`) and what sd-scripts' requirements.txt
+    # pins for it that these files use (accelerate, safetensors), never dermkohya's own dependencies
+    allowed = set(sys.stdlib_module_names) | {"torch", "networks", "library", "dermkohya", "__future__",
+                                              "accelerate", "safetensors"}
     for path in copy.rglob("*.py"):
         assert _imports(path) <= allowed, f"{path.relative_to(copy)} imports {_imports(path) - allowed}"
     stale = copy / "dermkohya" / "networks" / "gone.py"
