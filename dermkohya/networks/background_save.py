@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 WRITING_DIR = ".dermkohya-writing"  # beside the file: the same filesystem, so the move is atomic
 THREAD_NAME = "dermkohya-lora-save"
 MAX_PENDING = 2
+_FOLDERS = threading.Lock()  # a writing folder made by the caller is never removed by the writer meanwhile
 
 
 class BackgroundSaver:
@@ -55,7 +56,7 @@ class BackgroundSaver:
         self._raise_failure()
         final = Path(file)
         folder = final.parent / WRITING_DIR
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folder(folder)
         partial = folder / final.name
 
         def job() -> None:
@@ -66,10 +67,7 @@ class BackgroundSaver:
                 partial.unlink(missing_ok=True)
                 raise
             finally:
-                try:
-                    folder.rmdir()  # only if empty
-                except OSError:
-                    pass
+                remove_if_empty(folder)
 
         self.submit_job(job, file)
 
@@ -115,6 +113,19 @@ class BackgroundSaver:
             what, exc = self.failure
             print(f"dermkohya lora_fast: saving {what} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             os._exit(1)
+
+
+def make_folder(folder: Path) -> None:
+    with _FOLDERS:
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def remove_if_empty(folder: Path) -> None:
+    with _FOLDERS:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): another write uses it
+            pass
 
 
 def on_writer_thread() -> bool:
