@@ -46,7 +46,7 @@ def to_host(tensors: Mapping[str, torch.Tensor], own_storage: bool = False,
         else:
             groups.setdefault((tensor.device, tensor.dtype), []).append(name)
             out[name] = None  # keeps the order; filled below
-    for (device, _), names in groups.items():
+    for names in groups.values():
         parts = [tensors[name].detach() for name in names]
         host = _host_buffer(torch.cat([p.reshape(-1) for p in parts]))  # a new buffer, on the host as on a device
         for name, part, view in zip(names, parts, host.split([p.numel() for p in parts])):
