@@ -770,6 +770,18 @@ def test_pairs_count_the_lower_and_levers_compare_like_with_like() -> None:
     assert report["pairs"]["speedup_lower"] == 4.06 and report["pairs"]["meets_target"] is True
 
 
+def test_sdxl_levers_compare_with_the_sdxl_default_and_carry_the_epoch_end() -> None:
+    report = _report() | {"family": "sdxl"}
+    report["variants"] = [
+        _variant("sdxl-card-raw", 0.7), _variant("sdxl-dermkohya-default", 2.8, epoch_boundary_s_mean=2.4),
+        _variant("sdxl-dermkohya-te-eager", 1.4, epoch_boundary_s_mean=2.7), _variant("dermkohya-default", 9.0),
+    ]
+    tt.summarise(report)
+    lever = report["levers"]["sdxl-dermkohya-te-eager"]
+    assert lever["reference"] == ["sdxl-dermkohya-default"] and lever["ratio_vs_default"] == 0.5
+    assert (lever["epoch_boundary_s_mean"], lever["default_epoch_boundary_s_mean"]) == (2.7, 2.4)
+
+
 def test_wall_1000_ratio_and_its_lower_bound_when_card_raw_runs_out_of_time(tmp_path: Path) -> None:
     base = _report() | {"wall_1000": {"what": "whole runs", "images": 1000, "epochs": 3, "target": 2.0}}
     finished = base | {"variants": [_variant("dermkohya-default", 7.0, wall_s=150.0, steps=750, total_steps=750),
